@@ -1,0 +1,37 @@
+# PrisMesh: two commands for a user (`make demo`, `make test`); each sets itself up.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.prismesh-installed
+NPM_STAMP := node_modules/.prismesh-installed
+OUT    ?= out/demo
+
+.PHONY: setup demo test lint clean bench
+
+setup: $(STAMP) $(NPM_STAMP)
+	@$(BIN)/python -m chain.toolchain install-bridge
+
+# CPU torch is taken first by its exact version so that no multi-GB CUDA build is pulled on a CPU host.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+$(NPM_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+demo: setup
+	$(BIN)/prismesh demo --out $(OUT)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache out
