@@ -1,0 +1,159 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity 0.8.28;
+
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+
+/// @title PrisMesh participant registry
+/// @notice A client is its key pair: its address registers with the hash of an institution
+///         descriptor, and governance approves, suspends or revokes it. Governance and
+///         aggregator roles live here too, so every contract asks one place who may do what.
+contract Registry is AccessControl {
+    /// @notice Role that approves, suspends and revokes clients and creates tasks.
+    bytes32 public constant GOVERNANCE_ROLE = keccak256("GOVERNANCE_ROLE");
+    /// @notice Role that may submit aggregates and fail rounds on the Coordinator.
+    bytes32 public constant AGGREGATOR_ROLE = keccak256("AGGREGATOR_ROLE");
+
+    /// @notice Lifecycle of a client. Revoked is final: the address can never take part again.
+    enum ClientStatus {
+        None,
+        Pending,
+        Approved,
+        Suspended,
+        Revoked
+    }
+
+    /// @notice What the registry holds for one client.
+    struct Client {
+        ClientStatus status;
+        uint64 registeredAt;
+        uint64 updatedAt;
+        bytes32 descriptorHash;
+    }
+
+    mapping(address => Client) private _clients;
+    uint256 private _clientCount;
+
+    /// @notice A descriptor hash of zero was given.
+    error EmptyDescriptor();
+    /// @notice The address is already registered (in any status, revoked included).
+    error AlreadyRegistered(address client, ClientStatus status);
+    /// @notice The address never registered.
+    error NotRegistered(address client);
+    /// @notice The requested transition is not allowed from the client's current status.
+    error InvalidStatusTransition(address client, ClientStatus from, ClientStatus to);
+
+    /// @notice A new client registered and awaits approval.
+    event ClientRegistered(address indexed client, bytes32 descriptorHash);
+    /// @notice A client changed the hash of its institution descriptor.
+    event DescriptorUpdated(address indexed client, bytes32 descriptorHash);
+    /// @notice Governance moved a client to a new status.
+    event ClientStatusChanged(
+        address indexed client, ClientStatus from, ClientStatus to, address indexed by
+    );
+
+    /// @param governance Account that receives the admin, governance and (initially) no
+    ///        aggregator role; it grants AGGREGATOR_ROLE with grantRole.
+    constructor(address governance) {
+        _grantRole(DEFAULT_ADMIN_ROLE, governance);
+        _grantRole(GOVERNANCE_ROLE, governance);
+    }
+
+    /// @notice Register the caller as a client with the hash of its institution descriptor.
+    /// @param descriptorHash keccak256 of the canonical descriptor document (non-zero).
+    function register(bytes32 descriptorHash) external {
+        if (descriptorHash == bytes32(0)) revert EmptyDescriptor();
+        Client storage c = _clients[msg.sender];
+        if (c.status != ClientStatus.None) revert AlreadyRegistered(msg.sender, c.status);
+        c.status = ClientStatus.Pending;
+        c.registeredAt = uint64(block.timestamp);
+        c.updatedAt = uint64(block.timestamp);
+        c.descriptorHash = descriptorHash;
+        _clientCount += 1;
+        emit ClientRegistered(msg.sender, descriptorHash);
+    }
+
+    /// @notice Replace the caller's descriptor hash (pending, approved or suspended clients).
+    /// @param descriptorHash The new non-zero descriptor hash.
+    function updateDescriptor(bytes32 descriptorHash) external {
+        if (descriptorHash == bytes32(0)) revert EmptyDescriptor();
+        Client storage c = _clients[msg.sender];
+        if (c.status == ClientStatus.None) revert NotRegistered(msg.sender);
+        if (c.status == ClientStatus.Revoked) {
+            revert InvalidStatusTransition(msg.sender, c.status, c.status);
+        }
+        c.descriptorHash = descriptorHash;
+        c.updatedAt = uint64(block.timestamp);
+        emit DescriptorUpdated(msg.sender, descriptorHash);
+    }
+
+    /// @notice Approve a pending client, or reinstate a suspended one.
+    /// @param client The client's address.
+    function approve(address client) external onlyRole(GOVERNANCE_ROLE) {
+        _transition(client, ClientStatus.Approved);
+    }
+
+    /// @notice Suspend an approved client; it cannot join, commit or reveal until reinstated.
+    /// @param client The client's address.
+    function suspend(address client) external onlyRole(GOVERNANCE_ROLE) {
+        _transition(client, ClientStatus.Suspended);
+    }
+
+    /// @notice Revoke a client for good (from pending, approved or suspended).
+    /// @param client The client's address.
+    function revoke(address client) external onlyRole(GOVERNANCE_ROLE) {
+        _transition(client, ClientStatus.Revoked);
+    }
+
+    /// @notice The stored record of `client` (status None when it never registered).
+    /// @param client The client's address.
+    function getClient(address client) external view returns (Client memory) {
+        return _clients[client];
+    }
+
+    /// @notice The status of `client`.
+    /// @param client The client's address.
+    function statusOf(address client) external view returns (ClientStatus) {
+        return _clients[client].status;
+    }
+
+    /// @notice Whether `client` is approved (may join tasks, commit and reveal).
+    /// @param client The client's address.
+    function isApproved(address client) external view returns (bool) {
+        return _clients[client].status == ClientStatus.Approved;
+    }
+
+    /// @notice Whether `account` holds the aggregator role.
+    /// @param account The account to check.
+    function isAggregator(address account) external view returns (bool) {
+        return hasRole(AGGREGATOR_ROLE, account);
+    }
+
+    /// @notice Whether `account` holds the governance role.
+    /// @param account The account to check.
+    function isGovernance(address account) external view returns (bool) {
+        return hasRole(GOVERNANCE_ROLE, account);
+    }
+
+    /// @notice Number of addresses that ever registered.
+    function clientCount() external view returns (uint256) {
+        return _clientCount;
+    }
+
+    function _transition(address client, ClientStatus to) private {
+        Client storage c = _clients[client];
+        ClientStatus from = c.status;
+        if (from == ClientStatus.None) revert NotRegistered(client);
+        bool ok;
+        if (to == ClientStatus.Approved) {
+            ok = from == ClientStatus.Pending || from == ClientStatus.Suspended;
+        } else if (to == ClientStatus.Suspended) {
+            ok = from == ClientStatus.Approved;
+        } else if (to == ClientStatus.Revoked) {
+            ok = from != ClientStatus.Revoked;
+        }
+        if (!ok) revert InvalidStatusTransition(client, from, to);
+        c.status = to;
+        c.updatedAt = uint64(block.timestamp);
+        emit ClientStatusChanged(client, from, to, msg.sender);
+    }
+}
