@@ -61,6 +61,28 @@ def _excluded(lora_config: Mapping[str, Any], name: str) -> bool:
     return any(name == e or name.endswith(f".{e}") for e in ex)
 
 
+def _layer_ok(lora_config: Mapping[str, Any], name: str) -> bool:
+    only = lora_config.get("layers_to_transform")
+    if only is None or only == []:
+        return True
+    only = [only] if isinstance(only, int) else only
+    match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    return match is not None and int(match["idx"]) in set(only)
+
+
+def selects(lora_config: Mapping[str, Any], name: str) -> bool:
+    """Whether ``lora_config`` puts LoRA on module ``name`` (e.g. ``model.layers.0.mlp.up_proj``),
+    by PEFT's rules: ``target_modules``, ``exclude_modules`` and ``layers_to_transform``."""
+    tm = lora_config.get("target_modules")
+    if not tm:
+        return False
+    return (
+        _targets(lora_config, name)
+        and not _excluded(lora_config, name)
+        and _layer_ok(lora_config, name)
+    )
+
+
 def expected_lora_shapes(
     model_config: Mapping[str, Any], lora_config: Mapping[str, Any]
 ) -> dict[str, tuple[int, ...]]:
@@ -101,24 +123,20 @@ def expected_lora_shapes(
     if tm is None or (not isinstance(tm, str) and len(tm) == 0):
         raise ValueError("LoRA config has no target_modules")
     if not isinstance(tm, str):
-        unknown = sorted(set(tm) - set(_DECODER_LINEARS))
+        unknown = sorted(t for t in tm if t.rsplit(".", 1)[-1] not in _DECODER_LINEARS)
         if unknown:
             raise ValueError(
                 f"target_modules {unknown} are not among the decoder's LoRA-able linears "
                 f"{sorted(_DECODER_LINEARS)}"
             )
-    only = lora_config.get("layers_to_transform")
-    if isinstance(only, int):
-        only = [only]
-    layer_ids = [i for i in range(layers) if not only or i in set(only)]
     use_dora = bool(lora_config.get("use_dora", False))
     lora_bias = bool(lora_config.get("lora_bias", False))
 
     shapes: dict[str, tuple[int, ...]] = {}
-    for i in layer_ids:
+    for i in range(layers):
         for proj, (parent, w_in, w_out) in _DECODER_LINEARS.items():
             name = f"model.layers.{i}.{parent}.{proj}"
-            if not _targets(lora_config, name) or _excluded(lora_config, name):
+            if not selects(lora_config, name):
                 continue
             r, _ = module_rank_alpha(lora_config, name)
             prefix = PEFT_KEY_PREFIX + name
@@ -145,8 +163,6 @@ def delta_norm(adapter: Adapter, module: str) -> float:
 
 
 def _normalize(key: str, value: Any) -> Any:
-    if key == "layers_to_transform" and isinstance(value, int):
-        value = [value]
     if isinstance(value, (list, tuple, set, frozenset)):
         value = sorted(value)
     if key == "lora_alpha" and value is not None:
@@ -163,13 +179,11 @@ def _config_reasons(cfg: Mapping[str, Any], task: Mapping[str, Any]) -> list[str
     defaults: dict[str, Any] = {
         "r": None,
         "lora_alpha": 8,
-        "target_modules": None,
         "use_rslora": False,
         "use_dora": False,
         "lora_bias": False,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "layers_to_transform": None,
     }
     for key, default in defaults.items():
         if key not in task:
@@ -201,6 +215,19 @@ def verify_adapter(
     within it. Each reason names the field, tensor or module at fault.
     """
     reasons = _config_reasons(adapter.config, lora_config)
+    # target_modules may be spelled differently (names, a regex, the "all-linear" PEFT resolves
+    # to full names): what matters is that the adapter's config selects the expected modules.
+    modules = sorted(
+        k[len(PEFT_KEY_PREFIX) : -len(LORA_A_SUFFIX)]
+        for k in expected_shapes
+        if k.endswith(LORA_A_SUFFIX) and k.startswith(PEFT_KEY_PREFIX)
+    )
+    unselected = [m for m in modules if not selects(adapter.config, m)]
+    if unselected:
+        reasons.append(
+            f"config target_modules={_normalize('target_modules', adapter.config.get('target_modules'))!r} "
+            f"does not select {len(unselected)} expected module(s), e.g. {unselected[0]}"
+        )
     tensors = adapter.tensors
     expected = {k: tuple(int(d) for d in v) for k, v in expected_shapes.items()}
     reasons += _named("missing tensor", sorted(set(expected) - set(tensors)))
