@@ -342,6 +342,9 @@ class Importer:
     def __init__(self, options: ImportOptions | None = None, sink: BlockSink | None = None):
         self.options = options or ImportOptions()
         self.sink = sink
+        # Called with (path, Added) for each file and directory, children before parents,
+        # which is the order ``ipfs add -r`` prints them in.
+        self.on_added: Callable[[Path, Added], None] | None = None
         self.blocks = 0
         self.bytes_stored = 0
 
@@ -426,9 +429,7 @@ class Importer:
     def add_directory(self, path: Path) -> Added:
         entries: list[tuple[str, Added]] = []
         with os.scandir(path) as it:
-            names = sorted(
-                (e.name for e in it), key=lambda n: n.encode("utf-8", "surrogateescape")
-            )
+            names = sorted((e.name for e in it), key=lambda n: n.encode("utf-8", "surrogateescape"))
         for name in names:
             if name.startswith(".") and not self.options.include_hidden:
                 continue
@@ -456,12 +457,16 @@ class Importer:
         except FileNotFoundError:
             raise UnixFSError(f"no such file or directory: {path}") from None
         if stat_mod.S_ISLNK(st.st_mode):
-            return self.add_symlink(os.readlink(path))
-        if stat_mod.S_ISDIR(st.st_mode):
-            return self.add_directory(path)
-        if stat_mod.S_ISREG(st.st_mode):
-            return self.add_file(path)
-        raise UnixFSError(f"unrecognized file type for {path}")
+            added = self.add_symlink(os.readlink(path))
+        elif stat_mod.S_ISDIR(st.st_mode):
+            added = self.add_directory(path)
+        elif stat_mod.S_ISREG(st.st_mode):
+            added = self.add_file(path)
+        else:
+            raise UnixFSError(f"unrecognized file type for {path}")
+        if self.on_added is not None:
+            self.on_added(path, added)
+        return added
 
 
 class _Chunks:
