@@ -188,7 +188,11 @@ def bridge_path() -> Path:
 
 def _solcjs_long_version(module: Path) -> str:
     out = subprocess.run(
-        [node_executable(), "-e", f"process.stdout.write(require({json.dumps(str(module))}).version())"],
+        [
+            node_executable(),
+            "-e",
+            f"process.stdout.write(require({json.dumps(str(module))}).version())",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

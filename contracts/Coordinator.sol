@@ -213,7 +213,7 @@ contract Coordinator {
         uint64 revealDeadline
     );
     /// @notice A round's stored phase moved forward.
-    event PhaseChanged(uint256 indexed taskId, uint32 indexed round, Phase from, Phase to);
+    event PhaseChanged(uint256 indexed taskId, uint32 indexed round, Phase previous, Phase current);
     /// @notice A client committed to its update.
     event UpdateCommitted(
         uint256 indexed taskId, uint32 indexed round, address indexed client, bytes32 commitment

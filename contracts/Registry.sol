@@ -40,7 +40,7 @@ contract Registry is AccessControl {
     /// @notice The address never registered.
     error NotRegistered(address client);
     /// @notice The requested transition is not allowed from the client's current status.
-    error InvalidStatusTransition(address client, ClientStatus from, ClientStatus to);
+    error InvalidStatusTransition(address client, ClientStatus current, ClientStatus requested);
 
     /// @notice A new client registered and awaits approval.
     event ClientRegistered(address indexed client, bytes32 descriptorHash);
@@ -48,7 +48,7 @@ contract Registry is AccessControl {
     event DescriptorUpdated(address indexed client, bytes32 descriptorHash);
     /// @notice Governance moved a client to a new status.
     event ClientStatusChanged(
-        address indexed client, ClientStatus from, ClientStatus to, address indexed by
+        address indexed client, ClientStatus previous, ClientStatus current, address indexed by
     );
 
     /// @param governance Account that receives the admin, governance and (initially) no

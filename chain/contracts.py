@@ -1,0 +1,1273 @@
+"""Typed web3.py clients for the PrisMesh contracts; reverts become named Python exceptions.
+
+Every transaction is signed locally by the client's ``LocalAccount`` (no unlocked node
+accounts), so the same code runs on anvil, the embedded chain and a real network. A revert
+raises a ``ContractRevert`` subclass named after the Solidity custom error (or OpenZeppelin's),
+with the error's arguments as a dict, e.g. ``WrongPhase(taskId=1, round=2, expected=Phase.REVEAL,
+actual=Phase.COMMIT)``.
+
+The commitment a client submits is ``keccak256(abi.encode(cid, sha256, numSamples, salt,
+sender))`` with ABI types ``(string, bytes32, uint64, bytes32, address)``; ``make_commitment``
+computes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, get_type_hints
+
+from eth_abi import decode as abi_decode
+from eth_abi import encode as abi_encode
+from eth_account.signers.local import LocalAccount
+from eth_tester.exceptions import TransactionFailed as TesterTransactionFailed
+from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.exceptions import ContractLogicError, Web3RPCError
+from web3.types import TxReceipt
+
+if TYPE_CHECKING:
+    from chain.deploy import Manifest
+
+# ------------------------------------------------------------------------------- enums
+
+
+class ClientStatus(IntEnum):
+    """Registry.ClientStatus."""
+
+    NONE = 0
+    PENDING = 1
+    APPROVED = 2
+    SUSPENDED = 3
+    REVOKED = 4
+
+
+class TaskStatus(IntEnum):
+    """Coordinator.TaskStatus."""
+
+    NONE = 0
+    CREATED = 1
+    RUNNING = 2
+    COMPLETED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+
+class Phase(IntEnum):
+    """Coordinator.Phase (ordered: a round's phase only increases)."""
+
+    NONE = 0
+    OPEN = 1
+    COMMIT = 2
+    REVEAL = 3
+    AGGREGATING = 4
+    FINALIZED = 5
+    FAILED = 6
+
+
+# Which error/event argument names carry which enum, so decoded values come back typed.
+_ENUM_ARGS: dict[str, dict[str, type[IntEnum]]] = {
+    "InvalidStatusTransition": {"current": ClientStatus, "requested": ClientStatus},
+    "AlreadyRegistered": {"status": ClientStatus},
+    "ClientNotApproved": {"status": ClientStatus},
+    "WrongTaskStatus": {"expected": TaskStatus, "actual": TaskStatus},
+    "WrongPhase": {"expected": Phase, "actual": Phase},
+}
+
+METRIC_SCALE = 1_000_000
+MAX_PARTICIPANTS = 32
+
+# ------------------------------------------------------------------------------ errors
+
+
+class ContractRevert(Exception):
+    """A contract call reverted. ``error_name`` is the Solidity error's name and ``args`` (also
+    ``error_args``) its decoded arguments by name."""
+
+    def __init__(
+        self,
+        error_name: str,
+        args: dict[str, Any] | None = None,
+        *,
+        contract: str | None = None,
+        function: str | None = None,
+        data: bytes | None = None,
+    ) -> None:
+        self.error_name = error_name
+        self.error_args: dict[str, Any] = dict(args or {})
+        self.contract = contract
+        self.function = function
+        self.data = data
+        super().__init__(self._message())
+
+    @property  # type: ignore[override]
+    def args(self) -> dict[str, Any]:  # noqa: D401 - mirrors the Solidity error's arguments
+        """The error's arguments by name (shadows ``BaseException.args`` on purpose)."""
+        return self.error_args
+
+    def _message(self) -> str:
+        inner = ", ".join(f"{k}={_fmt(v)}" for k, v in self.error_args.items())
+        where = ""
+        if self.contract or self.function:
+            where = f" in {self.contract or '?'}.{self.function or '?'}"
+        return f"{self.error_name}({inner}){where}"
+
+    def __str__(self) -> str:
+        return self._message()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_revert,
+            (type(self), self.error_name, self.error_args, self.contract, self.function, self.data),
+        )
+
+
+def _rebuild_revert(
+    cls: type[ContractRevert], name: str, args: dict, contract: Any, function: Any, data: Any
+) -> ContractRevert:
+    return cls(name, args, contract=contract, function=function, data=data)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, IntEnum):
+        return f"{type(v).__name__}.{v.name}"
+    if isinstance(v, (bytes, bytearray)):
+        return "0x" + bytes(v).hex()
+    if isinstance(v, str):
+        return v if v.startswith("0x") else repr(v)
+    return repr(v)
+
+
+class RevertWithReason(ContractRevert):
+    """``require(cond, "reason")`` / ``revert("reason")``: Solidity's ``Error(string)``."""
+
+
+class PanicRevert(ContractRevert):
+    """Solidity ``Panic(uint256)`` (overflow, division by zero, assert...)."""
+
+
+class UnknownRevert(ContractRevert):
+    """A revert whose data matches no known error (``args['data']`` holds it)."""
+
+
+class TransactionFailed(ContractRevert):
+    """A mined transaction failed and replaying it gave no revert data (e.g. out of gas)."""
+
+
+# Registry
+class EmptyDescriptor(ContractRevert): ...
+
+
+class AlreadyRegistered(ContractRevert): ...
+
+
+class NotRegistered(ContractRevert): ...
+
+
+class InvalidStatusTransition(ContractRevert): ...
+
+
+# Coordinator
+class NotGovernance(ContractRevert): ...
+
+
+class NotAggregator(ContractRevert): ...
+
+
+class NotAuthorizedToFail(ContractRevert): ...
+
+
+class InvalidTaskParameter(ContractRevert): ...
+
+
+class UnknownTask(ContractRevert): ...
+
+
+class WrongTaskStatus(ContractRevert): ...
+
+
+class ClientNotApproved(ContractRevert): ...
+
+
+class AlreadyParticipant(ContractRevert): ...
+
+
+class TaskFull(ContractRevert): ...
+
+
+class NotParticipant(ContractRevert): ...
+
+
+class NotEnoughParticipants(ContractRevert): ...
+
+
+class UnknownRound(ContractRevert): ...
+
+
+class WrongPhase(ContractRevert): ...
+
+
+class CommitDeadlinePassed(ContractRevert): ...
+
+
+class RevealDeadlinePassed(ContractRevert): ...
+
+
+class AlreadyCommitted(ContractRevert): ...
+
+
+class AlreadyRevealed(ContractRevert): ...
+
+
+class NotCommitted(ContractRevert): ...
+
+
+class CommitmentMismatch(ContractRevert): ...
+
+
+class EmptyCommitment(ContractRevert): ...
+
+
+class EmptyCid(ContractRevert): ...
+
+
+class ZeroSamples(ContractRevert): ...
+
+
+class NotRevealed(ContractRevert): ...
+
+
+class DuplicateIncluded(ContractRevert): ...
+
+
+class TooFewIncluded(ContractRevert): ...
+
+
+class TooManyIncluded(ContractRevert): ...
+
+
+class RewardBudgetExceeded(ContractRevert): ...
+
+
+class InvalidMetricName(ContractRevert): ...
+
+
+class MetricAlreadyReported(ContractRevert): ...
+
+
+# OpenZeppelin 5
+class AccessControlUnauthorizedAccount(ContractRevert): ...
+
+
+class AccessControlBadConfirmation(ContractRevert): ...
+
+
+class ERC20InsufficientBalance(ContractRevert): ...
+
+
+class ERC20InvalidSender(ContractRevert): ...
+
+
+class ERC20InvalidReceiver(ContractRevert): ...
+
+
+class ERC20InsufficientAllowance(ContractRevert): ...
+
+
+class ERC20InvalidApprover(ContractRevert): ...
+
+
+class ERC20InvalidSpender(ContractRevert): ...
+
+
+_REVERT_CLASSES: dict[str, type[ContractRevert]] = {
+    cls.__name__: cls
+    for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, ContractRevert) and cls is not ContractRevert
+}
+
+# OpenZeppelin 5 errors the contracts can raise, so they decode even from a partial ABI.
+_OZ_ERRORS: list[dict[str, Any]] = [
+    {"type": "error", "name": "AccessControlUnauthorizedAccount",
+     "inputs": [{"name": "account", "type": "address"}, {"name": "neededRole", "type": "bytes32"}]},
+    {"type": "error", "name": "AccessControlBadConfirmation", "inputs": []},
+    {"type": "error", "name": "ERC20InsufficientBalance",
+     "inputs": [{"name": "sender", "type": "address"}, {"name": "balance", "type": "uint256"},
+                {"name": "needed", "type": "uint256"}]},
+    {"type": "error", "name": "ERC20InvalidSender", "inputs": [{"name": "sender", "type": "address"}]},
+    {"type": "error", "name": "ERC20InvalidReceiver", "inputs": [{"name": "receiver", "type": "address"}]},
+    {"type": "error", "name": "ERC20InsufficientAllowance",
+     "inputs": [{"name": "spender", "type": "address"}, {"name": "allowance", "type": "uint256"},
+                {"name": "needed", "type": "uint256"}]},
+    {"type": "error", "name": "ERC20InvalidApprover", "inputs": [{"name": "approver", "type": "address"}]},
+    {"type": "error", "name": "ERC20InvalidSpender", "inputs": [{"name": "spender", "type": "address"}]},
+]  # fmt: skip
+
+_PANIC_CODES = {
+    0x01: "assert failed",
+    0x11: "arithmetic overflow or underflow",
+    0x12: "division or modulo by zero",
+    0x21: "invalid enum value",
+    0x22: "bad storage byte array",
+    0x31: "pop on empty array",
+    0x32: "array index out of bounds",
+    0x41: "out of memory",
+    0x51: "call to a zero-initialized function",
+}
+
+
+def revert_class(name: str) -> type[ContractRevert]:
+    """The exception class for the Solidity error ``name`` (created on first use if unknown)."""
+    cls = _REVERT_CLASSES.get(name)
+    if cls is None:
+        cls = type(name, (ContractRevert,), {"__module__": __name__})
+        _REVERT_CLASSES[name] = cls
+    return cls
+
+
+def _abi_type(inp: dict[str, Any]) -> str:
+    t = inp["type"]
+    if t.startswith("tuple"):
+        return "(" + ",".join(_abi_type(c) for c in inp["components"]) + ")" + t[5:]
+    return t
+
+
+class ErrorDecoder:
+    """Maps 4-byte selectors of every ``error`` entry in the given ABIs to decoders."""
+
+    def __init__(self, abis: Iterable[Sequence[dict[str, Any]]] = ()) -> None:
+        self._by_selector: dict[bytes, tuple[str, list[str], list[str]]] = {}
+        self.add(_OZ_ERRORS)
+        for abi in abis:
+            self.add(abi)
+
+    def add(self, abi: Sequence[dict[str, Any]]) -> None:
+        for entry in abi:
+            if entry.get("type") != "error":
+                continue
+            types = [_abi_type(i) for i in entry.get("inputs", [])]
+            names = [i.get("name") or f"arg{n}" for n, i in enumerate(entry.get("inputs", []))]
+            sig = f"{entry['name']}({','.join(types)})"
+            self._by_selector[function_signature_to_4byte_selector(sig)] = (
+                entry["name"],
+                types,
+                names,
+            )
+
+    def decode(
+        self, data: bytes | str | None, contract: str | None = None, function: str | None = None
+    ) -> ContractRevert:
+        """The exception for revert ``data`` (bytes or 0x-hex)."""
+        raw = _to_bytes(data)
+        ctx = {"contract": contract, "function": function, "data": raw}
+        if len(raw) < 4:
+            return UnknownRevert("UnknownRevert", {"data": "0x" + raw.hex()}, **ctx)
+        sel, body = raw[:4], raw[4:]
+        if sel == function_signature_to_4byte_selector("Error(string)"):
+            (reason,) = abi_decode(["string"], body)
+            return RevertWithReason("Error", {"reason": reason}, **ctx)
+        if sel == function_signature_to_4byte_selector("Panic(uint256)"):
+            (code,) = abi_decode(["uint256"], body)
+            return PanicRevert(
+                "Panic", {"code": code, "meaning": _PANIC_CODES.get(code, "unknown")}, **ctx
+            )
+        known = self._by_selector.get(sel)
+        if known is None:
+            return UnknownRevert("UnknownRevert", {"data": "0x" + raw.hex()}, **ctx)
+        name, types, names = known
+        values = abi_decode(types, body)
+        enums = _ENUM_ARGS.get(name, {})
+        args = {
+            n: _normalize(enums[n](v) if n in enums else v)
+            for n, v in zip(names, values, strict=True)
+        }
+        return revert_class(name)(name, args, **ctx)
+
+
+def _to_bytes(data: Any) -> bytes:
+    if data is None:
+        return b""
+    if isinstance(data, Mapping):
+        data = data.get("data", "")
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    text = str(data)
+    m = re.search(r"0x[0-9a-fA-F]*", text)
+    return bytes.fromhex(m.group(0)[2:]) if m and len(m.group(0)) % 2 == 0 else b""
+
+
+def _normalize(v: Any) -> Any:
+    if isinstance(v, IntEnum):
+        return v
+    if isinstance(v, str) and Web3.is_address(v):
+        return to_checksum_address(v)
+    if isinstance(v, (bytes, bytearray, HexBytes)):
+        return bytes(v)
+    if isinstance(v, (list, tuple)):
+        return [_normalize(x) for x in v]
+    return v
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def make_commitment(cid: str, sha256: bytes, num_samples: int, salt: bytes, sender: str) -> bytes:
+    """``keccak256(abi.encode(cid, sha256, numSamples, salt, sender))``, the value to commit."""
+    return keccak(
+        abi_encode(
+            ["string", "bytes32", "uint64", "bytes32", "address"],
+            [
+                cid,
+                _bytes32(sha256, "sha256"),
+                int(num_samples),
+                _bytes32(salt, "salt"),
+                to_checksum_address(sender),
+            ],
+        )
+    )
+
+
+def new_salt() -> bytes:
+    """A fresh random 32-byte commitment salt (store it until the reveal)."""
+    return os.urandom(32)
+
+
+def _bytes32(value: bytes | str, what: str) -> bytes:
+    raw = bytes(HexBytes(value)) if isinstance(value, str) else bytes(value)
+    if len(raw) != 32:
+        raise ValueError(f"{what} must be 32 bytes, got {len(raw)}")
+    return raw
+
+
+def _snake(name: str) -> str:
+    s = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    return re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", s).lower().rstrip("_")
+
+
+T = TypeVar("T")
+
+
+def _from_abi(cls: type[T], values: Any) -> T:
+    """Build dataclass ``cls`` from a decoded ABI tuple/dict, converting enums, bytes, structs."""
+    hints = get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+    if isinstance(values, Mapping):
+        by_name = {_snake(k): v for k, v in values.items()}
+        raw = [by_name[f.name] for f in fields]
+    else:
+        raw = list(values)
+    out = {}
+    for f, v in zip(fields, raw, strict=True):
+        out[f.name] = _convert(hints[f.name], v)
+    return cls(**out)
+
+
+def _convert(hint: Any, v: Any) -> Any:
+    if isinstance(hint, type):
+        if issubclass(hint, IntEnum):
+            return hint(v)
+        if dataclasses.is_dataclass(hint):
+            return _from_abi(hint, v)
+        if hint is bytes:
+            return bytes(HexBytes(v))
+        if hint is str and isinstance(v, str) and Web3.is_address(v) and v.startswith("0x"):
+            return to_checksum_address(v)
+    if getattr(hint, "__origin__", None) is list:
+        (inner,) = hint.__args__
+        return [_convert(inner, x) for x in v]
+    return _normalize(v)
+
+
+# --------------------------------------------------------------------- struct views
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    status: ClientStatus
+    registered_at: int
+    updated_at: int
+    descriptor_hash: bytes
+
+
+@dataclass(frozen=True)
+class TaskParams:
+    """Coordinator.TaskParams; amounts are in the reward token's smallest unit."""
+
+    base_model_id: str
+    base_model_hash: bytes
+    hyper_params_cid: str
+    initial_adapter_cid: str
+    num_rounds: int
+    min_participants: int
+    max_participants: int
+    max_failed_rounds: int
+    commit_duration: int
+    reveal_duration: int
+    reward_per_update: int
+    aggregator_reward: int
+    reward_budget: int
+
+    def to_abi(self) -> tuple[Any, ...]:
+        return (
+            self.base_model_id,
+            _bytes32(self.base_model_hash, "base_model_hash"),
+            self.hyper_params_cid,
+            self.initial_adapter_cid,
+            self.num_rounds,
+            self.min_participants,
+            self.max_participants,
+            self.max_failed_rounds,
+            self.commit_duration,
+            self.reveal_duration,
+            self.reward_per_update,
+            self.aggregator_reward,
+            self.reward_budget,
+        )
+
+
+@dataclass(frozen=True)
+class TaskState:
+    status: TaskStatus
+    creator: str
+    current_round: int
+    completed_rounds: int
+    failed_rounds: int
+    participant_count: int
+    rewards_paid: int
+    global_adapter_cid: str
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """Coordinator.Round; ``phase`` is the stored phase (``Coordinator.phase_of`` is live)."""
+
+    phase: Phase
+    opened_at: int
+    commit_deadline: int
+    reveal_deadline: int
+    commit_count: int
+    reveal_count: int
+    accepted_count: int
+    aggregator: str
+    aggregate_sha256: bytes
+    rewards_paid: int
+    global_adapter_cid: str
+    aggregate_cid: str
+    failure_reason: str
+
+
+@dataclass(frozen=True)
+class Submission:
+    commitment: bytes
+    sha256: bytes
+    num_samples: int
+    committed_at: int
+    revealed_at: int
+    revealed: bool
+    accepted: bool
+    cid: str
+
+
+# ------------------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True)
+class Event:
+    """Common fields of every decoded event."""
+
+    event: str
+    address: str
+    block_number: int
+    tx_hash: str
+    log_index: int
+
+
+@dataclass(frozen=True)
+class ClientRegistered(Event):
+    client: str
+    descriptor_hash: bytes
+
+
+@dataclass(frozen=True)
+class DescriptorUpdated(Event):
+    client: str
+    descriptor_hash: bytes
+
+
+@dataclass(frozen=True)
+class ClientStatusChanged(Event):
+    client: str
+    previous: ClientStatus
+    current: ClientStatus
+    by: str
+
+
+@dataclass(frozen=True)
+class RoleGranted(Event):
+    role: bytes
+    account: str
+    sender: str
+
+
+@dataclass(frozen=True)
+class RoleRevoked(Event):
+    role: bytes
+    account: str
+    sender: str
+
+
+@dataclass(frozen=True)
+class RoleAdminChanged(Event):
+    role: bytes
+    previous_admin_role: bytes
+    new_admin_role: bytes
+
+
+@dataclass(frozen=True)
+class Transfer(Event):
+    from_: str
+    to: str
+    value: int
+
+
+@dataclass(frozen=True)
+class Approval(Event):
+    owner: str
+    spender: str
+    value: int
+
+
+@dataclass(frozen=True)
+class RewardMinted(Event):
+    to: str
+    amount: int
+    minter: str
+
+
+@dataclass(frozen=True)
+class TaskCreated(Event):
+    task_id: int
+    creator: str
+    params: TaskParams
+
+
+@dataclass(frozen=True)
+class ParticipantJoined(Event):
+    task_id: int
+    client: str
+    participant_count: int
+
+
+@dataclass(frozen=True)
+class TaskStarted(Event):
+    task_id: int
+    participant_count: int
+
+
+@dataclass(frozen=True)
+class RoundOpened(Event):
+    task_id: int
+    round: int
+    global_adapter_cid: str
+    commit_deadline: int
+    reveal_deadline: int
+
+
+@dataclass(frozen=True)
+class PhaseChanged(Event):
+    task_id: int
+    round: int
+    previous: Phase
+    current: Phase
+
+
+@dataclass(frozen=True)
+class UpdateCommitted(Event):
+    task_id: int
+    round: int
+    client: str
+    commitment: bytes
+
+
+@dataclass(frozen=True)
+class UpdateRevealed(Event):
+    task_id: int
+    round: int
+    client: str
+    cid: str
+    sha256: bytes
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class AggregateAccepted(Event):
+    task_id: int
+    round: int
+    aggregator: str
+    aggregate_cid: str
+    aggregate_sha256: bytes
+    included: list[str]
+
+
+@dataclass(frozen=True)
+class RewardPaid(Event):
+    task_id: int
+    round: int
+    recipient: str
+    amount: int
+    is_aggregator: bool
+
+
+@dataclass(frozen=True)
+class RoundFailed(Event):
+    task_id: int
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class MetricReported(Event):
+    task_id: int
+    round: int
+    client: str
+    metric: str
+    value: int
+
+
+@dataclass(frozen=True)
+class TaskCompleted(Event):
+    task_id: int
+    final_adapter_cid: str
+
+
+@dataclass(frozen=True)
+class TaskFailed(Event):
+    task_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class TaskCancelled(Event):
+    task_id: int
+    reason: str
+
+
+EVENT_CLASSES: dict[str, type[Event]] = {
+    cls.__name__: cls
+    for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, Event) and cls is not Event
+}
+
+
+def _decode_event(cls: type[Event], log: Any) -> Event:
+    args = dict(log["args"])
+    if "from" in args:
+        args["from_"] = args.pop("from")
+    meta = {
+        "event": log["event"],
+        "address": to_checksum_address(log["address"]),
+        "block_number": int(log["blockNumber"]),
+        "tx_hash": "0x" + bytes(log["transactionHash"]).hex(),
+        "log_index": int(log["logIndex"]),
+    }
+    hints = get_type_hints(cls)
+    by_name = {_snake(k) if k != "from_" else k: v for k, v in args.items()}
+    fields = {f.name for f in dataclasses.fields(cls)} - set(meta)
+    missing = fields - set(by_name)
+    if missing:
+        raise ValueError(f"event {log['event']} lacks fields {sorted(missing)}")
+    values = {name: _convert(hints[name], by_name[name]) for name in fields}
+    return cls(**meta, **values)
+
+
+# ------------------------------------------------------------------------- transactions
+
+
+class TxSender:
+    """Signs, sends and waits for transactions from one local account; decodes reverts."""
+
+    def __init__(
+        self,
+        w3: Web3,
+        account: LocalAccount,
+        decoder: ErrorDecoder | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        self.w3 = w3
+        self.account = account
+        self.decoder = decoder or ErrorDecoder()
+        self.timeout = timeout
+        self._chain_id: int | None = None
+
+    @property
+    def chain_id(self) -> int:
+        if self._chain_id is None:
+            self._chain_id = int(self.w3.eth.chain_id)
+        return self._chain_id
+
+    def send(
+        self, tx: dict[str, Any], contract: str | None = None, function: str | None = None
+    ) -> TxReceipt:
+        """Fill nonce, gas and fees into ``tx``, sign, send, wait; raise on revert."""
+        tx = dict(tx)
+        tx["from"] = self.account.address
+        tx.setdefault("chainId", self.chain_id)
+        tx["nonce"] = self.w3.eth.get_transaction_count(self.account.address, "pending")
+        if "gas" not in tx:
+            try:
+                estimate = self.w3.eth.estimate_gas(tx)  # type: ignore[arg-type]
+            except (ContractLogicError, Web3RPCError, ValueError, TesterTransactionFailed) as exc:
+                raise self._decode_exc(exc, contract, function) from exc
+            tx["gas"] = int(estimate * 1.2) + 10_000
+            block_limit = int(self.w3.eth.get_block("latest")["gasLimit"])
+            tx["gas"] = min(tx["gas"], block_limit)
+        if "maxFeePerGas" not in tx and "gasPrice" not in tx:
+            base = int(self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0)
+            tip = 10**9
+            tx["maxPriorityFeePerGas"] = tip
+            tx["maxFeePerGas"] = 2 * base + tip
+        signed = self.account.sign_transaction(tx)
+        tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.timeout)
+        if receipt["status"] != 1:
+            raise self._replay_failure(tx, receipt, contract, function)
+        return receipt
+
+    def _decode_exc(
+        self, exc: Exception, contract: str | None, function: str | None
+    ) -> ContractRevert:
+        data = getattr(exc, "data", None)
+        if data is None and exc.args:
+            data = exc.args[-1] if isinstance(exc.args[-1], (str, bytes, dict)) else None
+        raw = _to_bytes(data)
+        if not raw and isinstance(exc, Web3RPCError):
+            rpc = getattr(exc, "rpc_response", None) or {}
+            raw = _to_bytes((rpc.get("error") or {}).get("data"))
+        if not raw:
+            message = getattr(exc, "message", None) or str(exc)
+            if isinstance(exc, (ContractLogicError, TesterTransactionFailed)) and "revert" in str(
+                message
+            ):
+                return UnknownRevert(
+                    "UnknownRevert",
+                    {"data": "0x", "message": str(message)},
+                    contract=contract,
+                    function=function,
+                )
+            raise exc
+        return self.decoder.decode(raw, contract, function)
+
+    def _replay_failure(
+        self, tx: dict[str, Any], receipt: TxReceipt, contract: str | None, function: str | None
+    ) -> ContractRevert:
+        call = {k: tx[k] for k in ("from", "to", "data", "value", "gas") if k in tx}
+        try:
+            self.w3.eth.call(call, int(receipt["blockNumber"]) - 1)  # type: ignore[arg-type]
+        except (ContractLogicError, Web3RPCError, ValueError, TesterTransactionFailed) as exc:
+            try:
+                return self._decode_exc(exc, contract, function)
+            except Exception:
+                pass
+        return TransactionFailed(
+            "TransactionFailed",
+            {
+                "tx_hash": "0x" + bytes(receipt["transactionHash"]).hex(),
+                "gas_used": int(receipt["gasUsed"]),
+            },
+            contract=contract,
+            function=function,
+        )
+
+
+# ------------------------------------------------------------------------------ clients
+
+C = TypeVar("C", bound="ContractClient")
+
+
+class ContractClient:
+    """Base of the typed clients: one deployed contract, an optional sender, event decoding."""
+
+    NAME: ClassVar[str] = ""
+
+    def __init__(self, manifest: Manifest, w3: Web3, sender: LocalAccount | None = None) -> None:
+        if self.NAME not in manifest.addresses:
+            raise KeyError(
+                f"manifest has no address for {self.NAME} (has {sorted(manifest.addresses)})"
+            )
+        self.manifest = manifest
+        self.w3 = w3
+        self.address = to_checksum_address(manifest.addresses[self.NAME])
+        self.abi = manifest.abis[self.NAME]
+        self.contract = w3.eth.contract(address=self.address, abi=self.abi)
+        self.decoder = ErrorDecoder(manifest.abis.values())
+        self.sender = sender
+        self._tx = TxSender(w3, sender, self.decoder) if sender is not None else None
+
+    @classmethod
+    def read_only(cls: type[C], manifest: Manifest, w3: Web3) -> C:
+        """A client that can only call views and read events."""
+        return cls(manifest, w3, None)
+
+    def with_sender(self: C, sender: LocalAccount) -> C:
+        """The same contract, sending from ``sender``."""
+        return type(self)(self.manifest, self.w3, sender)
+
+    # -- plumbing
+    def _call(self, fn: str, *args: Any) -> Any:
+        try:
+            return getattr(self.contract.functions, fn)(*args).call()
+        except (ContractLogicError, Web3RPCError, TesterTransactionFailed) as exc:
+            helper = TxSender(self.w3, self.sender, self.decoder) if self.sender else None
+            if helper is None:
+                data = _to_bytes(getattr(exc, "data", None))
+                if data:
+                    raise self.decoder.decode(data, self.NAME, fn) from exc
+                raise
+            raise helper._decode_exc(exc, self.NAME, fn) from exc
+
+    def _transact(self, fn: str, *args: Any, gas: int | None = None) -> TxReceipt:
+        if self._tx is None:
+            raise PermissionError(f"{self.NAME} client is read-only: cannot send {fn}()")
+        data = self.contract.encode_abi(fn, args=list(args))
+        tx: dict[str, Any] = {"to": self.address, "data": data, "value": 0}
+        if gas is not None:
+            tx["gas"] = gas
+        return self._tx.send(tx, self.NAME, fn)
+
+    # -- events
+    def get_events(
+        self, name: str, from_block: int = 0, to_block: int | str = "latest", **filters: Any
+    ) -> list[Event]:
+        """Decoded ``name`` events of this contract in ``[from_block, to_block]``; ``filters``
+        match indexed arguments by their Solidity names (e.g. ``taskId=1``)."""
+        cls = EVENT_CLASSES.get(name)
+        event = getattr(self.contract.events, name, None)
+        if cls is None or event is None:
+            raise ValueError(f"{self.NAME} has no event {name!r}")
+        logs = event.get_logs(
+            from_block=from_block, to_block=to_block, argument_filters=filters or None
+        )
+        return [_decode_event(cls, log) for log in logs]
+
+    def events_in(self, receipt: TxReceipt, name: str | None = None) -> list[Event]:
+        """Events of this contract emitted in ``receipt`` (all, or only ``name``), in log order."""
+        out: list[Event] = []
+        for entry in self.abi:
+            if entry.get("type") != "event" or (name and entry["name"] != name):
+                continue
+            cls = EVENT_CLASSES.get(entry["name"])
+            if cls is None:
+                continue
+            ev = getattr(self.contract.events, entry["name"])
+            for log in ev().process_receipt(receipt, errors=_DISCARD):
+                out.append(_decode_event(cls, log))
+        return sorted(out, key=lambda e: e.log_index)
+
+    # -- AccessControl (shared by all three contracts)
+    def has_role(self, role: bytes, account: str) -> bool:
+        """AccessControl.hasRole."""
+        return bool(self._call("hasRole", role, to_checksum_address(account)))
+
+    def get_role_admin(self, role: bytes) -> bytes:
+        """AccessControl.getRoleAdmin."""
+        return bytes(self._call("getRoleAdmin", role))
+
+    def grant_role(self, role: bytes, account: str) -> TxReceipt:
+        """AccessControl.grantRole (role admin only)."""
+        return self._transact("grantRole", role, to_checksum_address(account))
+
+    def revoke_role(self, role: bytes, account: str) -> TxReceipt:
+        """AccessControl.revokeRole (role admin only)."""
+        return self._transact("revokeRole", role, to_checksum_address(account))
+
+    def renounce_role(self, role: bytes, account: str) -> TxReceipt:
+        """AccessControl.renounceRole (``account`` must be the sender)."""
+        return self._transact("renounceRole", role, to_checksum_address(account))
+
+    def supports_interface(self, interface_id: bytes) -> bool:
+        """ERC-165 supportsInterface."""
+        return bool(self._call("supportsInterface", interface_id))
+
+    def default_admin_role(self) -> bytes:
+        """AccessControl.DEFAULT_ADMIN_ROLE (zero)."""
+        return bytes(self._call("DEFAULT_ADMIN_ROLE"))
+
+
+def _discard_marker() -> Any:
+    from web3.logs import DISCARD
+
+    return DISCARD
+
+
+_DISCARD = _discard_marker()
+
+GOVERNANCE_ROLE = keccak(text="GOVERNANCE_ROLE")
+AGGREGATOR_ROLE = keccak(text="AGGREGATOR_ROLE")
+MINTER_ROLE = keccak(text="MINTER_ROLE")
+DEFAULT_ADMIN_ROLE = b"\x00" * 32
+
+
+class Registry(ContractClient):
+    """Typed client of Registry.sol."""
+
+    NAME = "Registry"
+
+    def register(self, descriptor_hash: bytes) -> TxReceipt:
+        """Register the sender with its institution descriptor hash."""
+        return self._transact("register", _bytes32(descriptor_hash, "descriptor_hash"))
+
+    def update_descriptor(self, descriptor_hash: bytes) -> TxReceipt:
+        """Replace the sender's descriptor hash."""
+        return self._transact("updateDescriptor", _bytes32(descriptor_hash, "descriptor_hash"))
+
+    def approve(self, client: str) -> TxReceipt:
+        """Approve a pending client or reinstate a suspended one (governance)."""
+        return self._transact("approve", to_checksum_address(client))
+
+    def suspend(self, client: str) -> TxReceipt:
+        """Suspend an approved client (governance)."""
+        return self._transact("suspend", to_checksum_address(client))
+
+    def revoke(self, client: str) -> TxReceipt:
+        """Revoke a client for good (governance)."""
+        return self._transact("revoke", to_checksum_address(client))
+
+    def get_client(self, client: str) -> ClientInfo:
+        return _from_abi(ClientInfo, self._call("getClient", to_checksum_address(client)))
+
+    def status_of(self, client: str) -> ClientStatus:
+        return ClientStatus(self._call("statusOf", to_checksum_address(client)))
+
+    def is_approved(self, client: str) -> bool:
+        return bool(self._call("isApproved", to_checksum_address(client)))
+
+    def is_aggregator(self, account: str) -> bool:
+        return bool(self._call("isAggregator", to_checksum_address(account)))
+
+    def is_governance(self, account: str) -> bool:
+        return bool(self._call("isGovernance", to_checksum_address(account)))
+
+    def client_count(self) -> int:
+        return int(self._call("clientCount"))
+
+    def governance_role(self) -> bytes:
+        return bytes(self._call("GOVERNANCE_ROLE"))
+
+    def aggregator_role(self) -> bytes:
+        return bytes(self._call("AGGREGATOR_ROLE"))
+
+    def add_aggregator(self, account: str) -> TxReceipt:
+        """grantRole(AGGREGATOR_ROLE, account) (admin)."""
+        return self.grant_role(AGGREGATOR_ROLE, account)
+
+    def remove_aggregator(self, account: str) -> TxReceipt:
+        """revokeRole(AGGREGATOR_ROLE, account) (admin)."""
+        return self.revoke_role(AGGREGATOR_ROLE, account)
+
+
+class RewardToken(ContractClient):
+    """Typed client of RewardToken.sol (ERC-20 + minter role)."""
+
+    NAME = "RewardToken"
+
+    def mint(self, to: str, amount: int) -> TxReceipt:
+        """Mint (MINTER_ROLE only; the Coordinator in a deployment)."""
+        return self._transact("mint", to_checksum_address(to), int(amount))
+
+    def transfer(self, to: str, amount: int) -> TxReceipt:
+        return self._transact("transfer", to_checksum_address(to), int(amount))
+
+    def approve(self, spender: str, amount: int) -> TxReceipt:
+        return self._transact("approve", to_checksum_address(spender), int(amount))
+
+    def transfer_from(self, owner: str, to: str, amount: int) -> TxReceipt:
+        return self._transact(
+            "transferFrom", to_checksum_address(owner), to_checksum_address(to), int(amount)
+        )
+
+    def balance_of(self, account: str) -> int:
+        return int(self._call("balanceOf", to_checksum_address(account)))
+
+    def allowance(self, owner: str, spender: str) -> int:
+        return int(
+            self._call("allowance", to_checksum_address(owner), to_checksum_address(spender))
+        )
+
+    def total_supply(self) -> int:
+        return int(self._call("totalSupply"))
+
+    def name(self) -> str:
+        return str(self._call("name"))
+
+    def symbol(self) -> str:
+        return str(self._call("symbol"))
+
+    def decimals(self) -> int:
+        return int(self._call("decimals"))
+
+    def minter_role(self) -> bytes:
+        return bytes(self._call("MINTER_ROLE"))
+
+
+class Coordinator(ContractClient):
+    """Typed client of Coordinator.sol (tasks, rounds, commit/reveal, aggregates, rewards)."""
+
+    NAME = "Coordinator"
+
+    # -- governance
+    def create_task(self, params: TaskParams) -> TxReceipt:
+        """Create a task (governance); the id is in the receipt's TaskCreated event
+        (``task_id_from``)."""
+        return self._transact("createTask", params.to_abi())
+
+    def task_id_from(self, receipt: TxReceipt) -> int:
+        """The id of the task created in ``receipt``."""
+        events = self.events_in(receipt, "TaskCreated")
+        if not events:
+            raise ValueError("receipt holds no TaskCreated event")
+        return int(events[0].task_id)  # type: ignore[attr-defined]
+
+    def start_task(self, task_id: int) -> TxReceipt:
+        """Start a task and open round 1 (governance)."""
+        return self._transact("startTask", int(task_id))
+
+    def cancel_task(self, task_id: int, reason: str) -> TxReceipt:
+        """Cancel an unfinished task (governance)."""
+        return self._transact("cancelTask", int(task_id), reason)
+
+    # -- clients
+    def join_task(self, task_id: int) -> TxReceipt:
+        """Join a task before it starts (approved clients)."""
+        return self._transact("joinTask", int(task_id))
+
+    def commit_update(self, task_id: int, round: int, commitment: bytes) -> TxReceipt:
+        """Commit to an update (``make_commitment``)."""
+        return self._transact(
+            "commitUpdate", int(task_id), int(round), _bytes32(commitment, "commitment")
+        )
+
+    def reveal_update(
+        self, task_id: int, round: int, cid: str, sha256: bytes, num_samples: int, salt: bytes
+    ) -> TxReceipt:
+        """Reveal the committed update."""
+        return self._transact(
+            "revealUpdate",
+            int(task_id),
+            int(round),
+            cid,
+            _bytes32(sha256, "sha256"),
+            int(num_samples),
+            _bytes32(salt, "salt"),
+        )
+
+    def report_metric(
+        self, task_id: int, round: int, metric: str, value: float | int, scaled: bool = False
+    ) -> TxReceipt:
+        """Report a metric; ``value`` is multiplied by METRIC_SCALE unless ``scaled``."""
+        v = int(value) if scaled else round_half_even(value * METRIC_SCALE)
+        return self._transact("reportMetric", int(task_id), int(round), metric, v)
+
+    # -- aggregator
+    def submit_aggregate(
+        self,
+        task_id: int,
+        round: int,
+        aggregate_cid: str,
+        aggregate_sha256: bytes,
+        included: Sequence[str],
+    ) -> TxReceipt:
+        """Accept an aggregate for the round and pay rewards (aggregator role)."""
+        return self._transact(
+            "submitAggregate", int(task_id), int(round), aggregate_cid,
+            _bytes32(aggregate_sha256, "aggregate_sha256"), [to_checksum_address(a) for a in included],
+        )  # fmt: skip
+
+    def fail_round(self, task_id: int, round: int, reason: str) -> TxReceipt:
+        """Mark an Aggregating round failed and open a retry or fail the task."""
+        return self._transact("failRound", int(task_id), int(round), reason)
+
+    # -- views
+    def task_count(self) -> int:
+        return int(self._call("taskCount"))
+
+    def get_task_params(self, task_id: int) -> TaskParams:
+        return _from_abi(TaskParams, self._call("getTaskParams", int(task_id)))
+
+    def get_task(self, task_id: int) -> TaskState:
+        return _from_abi(TaskState, self._call("getTask", int(task_id)))
+
+    def get_participants(self, task_id: int) -> list[str]:
+        return [to_checksum_address(a) for a in self._call("getParticipants", int(task_id))]
+
+    def is_participant(self, task_id: int, client: str) -> bool:
+        return bool(self._call("isParticipant", int(task_id), to_checksum_address(client)))
+
+    def get_round(self, task_id: int, round: int) -> RoundInfo:
+        return _from_abi(RoundInfo, self._call("getRound", int(task_id), int(round)))
+
+    def phase_of(self, task_id: int, round: int) -> Phase:
+        """The effective phase now (time-driven moves included)."""
+        return Phase(self._call("phaseOf", int(task_id), int(round)))
+
+    def get_submission(self, task_id: int, round: int, client: str) -> Submission:
+        return _from_abi(
+            Submission,
+            self._call("getSubmission", int(task_id), int(round), to_checksum_address(client)),
+        )
+
+    def get_included(self, task_id: int, round: int) -> list[str]:
+        return [to_checksum_address(a) for a in self._call("getIncluded", int(task_id), int(round))]
+
+    def get_metric(self, task_id: int, round: int, client: str, metric: str) -> tuple[bool, int]:
+        reported, value = self._call(
+            "getMetric", int(task_id), int(round), to_checksum_address(client), metric
+        )
+        return bool(reported), int(value)
+
+    def compute_commitment(
+        self, cid: str, sha256: bytes, num_samples: int, salt: bytes, sender: str
+    ) -> bytes:
+        """The contract's own commitment hash (checks ``make_commitment``)."""
+        return bytes(
+            self._call(
+                "computeCommitment",
+                cid,
+                _bytes32(sha256, "sha256"),
+                int(num_samples),
+                _bytes32(salt, "salt"),
+                to_checksum_address(sender),
+            )
+        )
+
+    def registry_address(self) -> str:
+        return to_checksum_address(self._call("registry"))
+
+    def reward_token_address(self) -> str:
+        return to_checksum_address(self._call("rewardToken"))
+
+    def max_participants(self) -> int:
+        return int(self._call("MAX_PARTICIPANTS"))
+
+    def metric_scale(self) -> int:
+        return int(self._call("METRIC_SCALE"))
+
+
+def round_half_even(x: float) -> int:
+    """Round a float metric to an int deterministically."""
+    return int(round(x))
+
+
+def clients_for(
+    manifest: Manifest, w3: Web3, sender: LocalAccount | None = None
+) -> tuple[Registry, Coordinator, RewardToken]:
+    """The three typed clients of a deployment, sharing one sender (or read-only)."""
+    return (
+        Registry(manifest, w3, sender),
+        Coordinator(manifest, w3, sender),
+        RewardToken(manifest, w3, sender),
+    )

@@ -1,0 +1,371 @@
+"""Local EVM devnets behind one API: a managed anvil process, or the embedded py-evm chain.
+
+Anvil is the real thing (JSON-RPC over HTTP, other processes can connect, state kept in a
+file so a restart continues the same chain). The embedded chain (eth-tester + py-evm) needs
+nothing started and suits single-process use. Both expose the same deterministic, funded
+accounts (anvil's default mnemonic), so a test or demo runs unchanged on either.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from abc import ABC, abstractmethod
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from web3 import HTTPProvider, Web3
+
+from chain.toolchain import repo_root
+
+DEV_MNEMONIC = "test test test test test test test test test test test junk"
+DEV_HD_PATH = "m/44'/60'/0'/0"
+DEFAULT_ACCOUNTS = 20
+ANVIL_CHAIN_ID = 31337
+EMBEDDED_CHAIN_ID = 131277
+# Both chains run the same fork so a contract behaves identically on either.
+HARDFORK = "prague"
+
+
+class DevnetError(RuntimeError):
+    """A devnet could not be started, reached or controlled."""
+
+
+@lru_cache(maxsize=4)
+def _dev_keys(count: int) -> tuple[bytes, ...]:
+    Account.enable_unaudited_hdwallet_features()
+    return tuple(
+        bytes(Account.from_mnemonic(DEV_MNEMONIC, account_path=f"{DEV_HD_PATH}/{i}").key)
+        for i in range(count)
+    )
+
+
+def dev_accounts(count: int = DEFAULT_ACCOUNTS) -> list[LocalAccount]:
+    """The deterministic devnet accounts (anvil's default mnemonic, path m/44'/60'/0'/0/i)."""
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}")
+    return [Account.from_key(k) for k in _dev_keys(count)]
+
+
+class Devnet(ABC):
+    """A running chain: ``w3``, funded ``accounts`` and test-control primitives."""
+
+    kind: str
+    w3: Web3
+    chain_id: int
+    rpc_url: str | None
+    accounts: list[LocalAccount]
+
+    @abstractmethod
+    def mine(self, n: int = 1) -> None:
+        """Mine ``n`` empty blocks."""
+
+    @abstractmethod
+    def increase_time(self, seconds: int) -> None:
+        """Move the chain clock forward by ``seconds`` and mine a block at the new time."""
+
+    @abstractmethod
+    def snapshot(self) -> Any:
+        """Record the chain state; returns an id for ``revert``."""
+
+    @abstractmethod
+    def revert(self, snapshot_id: Any) -> None:
+        """Return to a state recorded by ``snapshot`` (the id is consumed)."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop the chain (idempotent)."""
+
+    @property
+    def block_number(self) -> int:
+        return int(self.w3.eth.block_number)
+
+    @property
+    def timestamp(self) -> int:
+        """Timestamp of the latest block."""
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def __enter__(self) -> Devnet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = self.rpc_url or "in-process"
+        return f"<{type(self).__name__} {self.kind} chain_id={self.chain_id} {where}>"
+
+
+# --------------------------------------------------------------------------------- anvil
+
+
+def find_anvil() -> Path:
+    """The anvil binary: ``$PRISMESH_ANVIL``, the platform binary from ``@foundry-rs``, then
+    ``node_modules/.bin/anvil``, then ``anvil`` on PATH."""
+    env = os.environ.get("PRISMESH_ANVIL")
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise DevnetError(f"PRISMESH_ANVIL={env} is not a file")
+        return path
+    root = repo_root() / "node_modules" / "@foundry-rs"
+    machine = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
+        platform.machine().lower(), platform.machine().lower()
+    )
+    system = platform.system().lower()
+    # The platform package runs anvil directly; the .bin launcher is a node script whose
+    # child process would outlive a terminate() of the launcher.
+    candidates = [root / f"anvil-{system}-{machine}" / "bin" / "anvil"]
+    candidates += sorted(root.glob("anvil-*/bin/anvil"))
+    candidates.append(repo_root() / "node_modules" / ".bin" / "anvil")
+    for cand in candidates:
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return cand
+    which = shutil.which("anvil")
+    if which:
+        return Path(which)
+    raise DevnetError("anvil not found: run `npm ci` (make setup) or set PRISMESH_ANVIL")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_LIVE: weakref.WeakSet[AnvilDevnet] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for dev in list(_LIVE):
+        with contextlib.suppress(Exception):
+            dev.stop()
+
+
+class AnvilDevnet(Devnet):
+    """A managed anvil process on 127.0.0.1; with ``state_file`` the chain survives restarts."""
+
+    kind = "anvil"
+
+    def __init__(
+        self,
+        state_file: Path | None = None,
+        port: int | None = None,
+        chain_id: int = ANVIL_CHAIN_ID,
+        block_time: float | None = None,
+        num_accounts: int = DEFAULT_ACCOUNTS,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.chain_id = chain_id
+        self.state_file = Path(state_file).resolve() if state_file else None
+        self.port = port or free_port()
+        self.rpc_url = f"http://127.0.0.1:{self.port}"
+        self.accounts = dev_accounts(num_accounts)
+        self.binary = find_anvil()
+        cmd = [
+            str(self.binary),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--chain-id", str(chain_id),
+            "--mnemonic", DEV_MNEMONIC,
+            "--accounts", str(num_accounts),
+            "--hardfork", HARDFORK,
+        ]  # fmt: skip
+        if block_time is not None:
+            if block_time <= 0:
+                raise ValueError(f"block_time must be positive, got {block_time}")
+            cmd += ["--block-time", str(block_time)]
+        if self.state_file is not None:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            cmd += ["--state", str(self.state_file)]
+        log_dir = self.state_file.parent if self.state_file else Path(tempfile.gettempdir())
+        self.log_path = log_dir / f"anvil-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        _LIVE.add(self)
+        self.w3 = Web3(HTTPProvider(self.rpc_url, request_kwargs={"timeout": 60}))
+        try:
+            self._wait_ready(startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise DevnetError(
+                    f"anvil exited with {self.proc.returncode} on port {self.port}: "
+                    f"{self._log_tail()}"
+                )
+            if self.healthy():
+                return
+            time.sleep(0.05)
+        raise DevnetError(f"anvil did not answer on {self.rpc_url} within {timeout}s")
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:].strip()
+        except OSError:
+            return "(no log)"
+
+    def healthy(self) -> bool:
+        """True when the process runs and answers ``eth_chainId`` with the expected id."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            return int(self.w3.eth.chain_id) == self.chain_id
+        except Exception:
+            return False
+
+    def _rpc(self, method: str, params: list[Any]) -> Any:
+        resp = self.w3.provider.make_request(method, params)  # type: ignore[arg-type]
+        if "error" in resp:
+            raise DevnetError(f"{method} failed: {resp['error']}")
+        return resp.get("result")
+
+    def mine(self, n: int = 1) -> None:
+        self._rpc("anvil_mine", [hex(n)])
+
+    def increase_time(self, seconds: int) -> None:
+        self._rpc("evm_increaseTime", [int(seconds)])
+        self._rpc("evm_mine", [])
+
+    def snapshot(self) -> str:
+        return str(self._rpc("evm_snapshot", []))
+
+    def revert(self, snapshot_id: Any) -> None:
+        if not self._rpc("evm_revert", [snapshot_id]):
+            raise DevnetError(f"evm_revert({snapshot_id}) refused: unknown snapshot")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop anvil; SIGINT first so it writes ``state_file``, then SIGKILL if it hangs."""
+        proc, self.proc = getattr(self, "proc", None), None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        log = getattr(self, "_log", None)
+        if log is not None and not log.closed:
+            log.close()
+        _LIVE.discard(self)
+
+
+def start_anvil(
+    state_file: Path | None = None,
+    port: int | None = None,
+    chain_id: int = ANVIL_CHAIN_ID,
+    block_time: float | None = None,
+) -> AnvilDevnet:
+    """Start anvil and wait until it answers. With ``state_file`` the chain is loaded from it
+    (when it exists) and dumped to it on ``stop()``, so a restart continues the same chain.
+    Without ``port`` a free one is picked (retrying on a lost race)."""
+    attempts = 1 if port is not None else 3
+    last: Exception | None = None
+    for _ in range(attempts):
+        try:
+            return AnvilDevnet(
+                state_file=state_file, port=port, chain_id=chain_id, block_time=block_time
+            )
+        except DevnetError as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+# ------------------------------------------------------------------------------ embedded
+
+
+class EmbeddedDevnet(Devnet):
+    """The in-process chain (eth-tester + py-evm); nothing to start, gone with the process."""
+
+    kind = "embedded"
+
+    def __init__(
+        self, chain_id: int = EMBEDDED_CHAIN_ID, num_accounts: int = DEFAULT_ACCOUNTS
+    ) -> None:
+        from eth.chains.base import ChainContext
+        from eth_tester import EthereumTester, PyEVMBackend
+        from web3.providers.eth_tester import EthereumTesterProvider
+        from web3.providers.eth_tester.defaults import API_ENDPOINTS, static_return
+
+        self.chain_id = chain_id
+        self.rpc_url = None
+        self.accounts = dev_accounts(num_accounts)
+        backend = PyEVMBackend.from_mnemonic(
+            DEV_MNEMONIC, num_accounts=num_accounts, hd_path=DEV_HD_PATH
+        )
+        # eth-tester hard-codes its chain id; the chain class is built per backend, so
+        # setting it here affects this chain only (and the genesis rebuild on revert).
+        type(backend.chain).chain_id = chain_id
+        backend.chain.chain_context = ChainContext(chain_id)
+        self.tester = EthereumTester(backend)
+        endpoints = {ns: dict(methods) for ns, methods in API_ENDPOINTS.items()}
+        endpoints["eth"]["chainId"] = static_return(chain_id)
+        endpoints["net"]["version"] = static_return(str(chain_id))
+        for name in ("call", "estimateGas"):
+            endpoints["eth"][name] = _raw_revert_data(endpoints["eth"][name])
+        self.w3 = Web3(EthereumTesterProvider(self.tester, api_endpoints=endpoints))
+        expected = {a.address for a in self.accounts}
+        if not expected <= set(self.tester.get_accounts()):
+            raise DevnetError("embedded chain accounts do not match the devnet mnemonic")
+
+    def mine(self, n: int = 1) -> None:
+        self.tester.mine_blocks(n)
+
+    def increase_time(self, seconds: int) -> None:
+        # eth-tester stamps the mined block one second before the target it is given.
+        self.tester.time_travel(self.timestamp + int(seconds) + 1)
+
+    def snapshot(self) -> int:
+        return int(self.tester.take_snapshot())
+
+    def revert(self, snapshot_id: Any) -> None:
+        self.tester.revert_to_snapshot(snapshot_id)
+
+    def stop(self) -> None:
+        """Nothing runs outside the process; kept for the common API."""
+
+
+def _raw_revert_data(endpoint: Any) -> Any:
+    """Wrap an eth-tester endpoint so a revert carries its raw data as 0x-hex: web3's tester
+    provider otherwise tries to read custom-error data as an Error(string) reason."""
+    from eth_tester.exceptions import TransactionFailed
+
+    def wrapper(tester: Any, params: Any) -> Any:
+        try:
+            return endpoint(tester, params)
+        except TransactionFailed as exc:
+            arg: Any = exc.args[0] if exc.args else b""
+            if isinstance(arg, Exception):
+                arg = arg.args[0] if arg.args else b""
+            if isinstance(arg, (bytes, bytearray)):
+                raise TransactionFailed("0x" + bytes(arg).hex()) from exc
+            raise
+
+    return wrapper
+
+
+def start_embedded(chain_id: int = EMBEDDED_CHAIN_ID) -> EmbeddedDevnet:
+    """Create the in-process chain with the devnet accounts funded."""
+    return EmbeddedDevnet(chain_id=chain_id)
