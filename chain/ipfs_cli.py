@@ -1,0 +1,205 @@
+"""``prismesh ipfs ...``: add, get, cat, stat, pin and verify, with Kubo's flags and output.
+
+``--store`` picks the backend (``embedded`` by default, ``embedded:/path``, ``kubo``,
+``kubo:/ip4/127.0.0.1/tcp/5001``, ``kubo:http://host:port``); ``PRISMESH_IPFS`` sets the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    ipfs = subparsers.add_parser(
+        "ipfs", help="content-addressed storage (Kubo-compatible CIDs, verified reads)"
+    )
+    ipfs.add_argument(
+        "--store",
+        default=None,
+        help="embedded (default), embedded:/path, kubo, kubo:/ip4/HOST/tcp/PORT, kubo:http://HOST:PORT",
+    )
+    sub = ipfs.add_subparsers(dest="ipfs_command", metavar="COMMAND")
+    sub.required = True
+
+    add = sub.add_parser("add", help="add a file or directory; print its CID as Kubo does")
+    add.add_argument("path", metavar="PATH")
+    add.add_argument("-r", "--recursive", action="store_true", help="add directories recursively")
+    add.add_argument(
+        "-n", "--only-hash", action="store_true", help="only compute the CID, store nothing"
+    )
+    add.add_argument("--cid-version", type=int, choices=(0, 1), default=0)
+    add.add_argument(
+        "--raw-leaves",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="BOOL",
+        help="raw leaf blocks (default: true with --cid-version 1, false with 0)",
+    )
+    add.add_argument("-q", "--quiet", action="store_true", help="print only CIDs")
+    add.add_argument("-Q", "--quieter", action="store_true", help="print only the root CID")
+    add.add_argument("--pin", type=_bool, default=True, metavar="BOOL", help="pin the root (true)")
+    add.set_defaults(func=cmd_add)
+
+    get = sub.add_parser("get", help="fetch a CID to a path, verifying every block")
+    get.add_argument("cid", metavar="CID")
+    get.add_argument("-o", "--output", required=True, metavar="PATH")
+    get.set_defaults(func=cmd_get)
+
+    cat = sub.add_parser("cat", help="write a file's bytes to stdout, verifying every block")
+    cat.add_argument("cid", metavar="CID")
+    cat.set_defaults(func=cmd_cat)
+
+    stat = sub.add_parser("stat", help="type, size and cumulative size of a CID")
+    stat.add_argument("cid", metavar="CID")
+    stat.set_defaults(func=cmd_stat)
+
+    verify = sub.add_parser("verify", help="fetch and re-hash every block of a DAG")
+    verify.add_argument("cid", metavar="CID")
+    verify.set_defaults(func=cmd_verify)
+
+    pin = sub.add_parser("pin", help="pin add | rm | ls")
+    pin_sub = pin.add_subparsers(dest="pin_command", metavar="COMMAND")
+    pin_sub.required = True
+    pin_add = pin_sub.add_parser("add", help="pin a CID recursively")
+    pin_add.add_argument("cid", metavar="CID")
+    pin_add.set_defaults(func=cmd_pin_add)
+    pin_rm = pin_sub.add_parser("rm", help="remove a pin")
+    pin_rm.add_argument("cid", metavar="CID")
+    pin_rm.set_defaults(func=cmd_pin_rm)
+    pin_ls = pin_sub.add_parser("ls", help="list pinned roots")
+    pin_ls.add_argument("-q", "--quiet", action="store_true", help="print only CIDs")
+    pin_ls.set_defaults(func=cmd_pin_ls)
+
+
+def _store(args: argparse.Namespace):
+    from chain.storage import open_store
+
+    return open_store(args.store)
+
+
+def _fail(message: str) -> int:
+    print(f"Error: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from chain.storage import StorageError
+
+    path = Path(args.path)
+    if path.is_dir() and not path.is_symlink() and not args.recursive:
+        return _fail(f"{path} is a directory, use the '-r' flag to specify directories")
+    lines: list[tuple[str, str]] = []
+    try:
+        root = _store(args).add_path(
+            path,
+            cid_version=args.cid_version,
+            raw_leaves=args.raw_leaves,
+            only_hash=args.only_hash,
+            pin=args.pin,
+            on_added=None if args.quieter else lambda name, cid: lines.append((name, cid)),
+        )
+    except (StorageError, ValueError) as exc:
+        return _fail(str(exc))
+    if args.quieter:
+        print(root)
+        return 0
+    for name, cid in lines:
+        print(cid if args.quiet else f"added {cid} {name}")
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from chain.storage import StorageError
+
+    try:
+        dest = _store(args).get(args.cid, Path(args.output))
+    except (StorageError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"Saving file(s) to {dest}")
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    from chain.storage import StorageError
+
+    out = sys.stdout.buffer
+    try:
+        for piece in _store(args).iter_file(args.cid):
+            out.write(piece)
+    except (StorageError, ValueError) as exc:
+        return _fail(str(exc))
+    out.flush()
+    return 0
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    from chain.storage import StorageError
+
+    try:
+        info = _store(args).stat(args.cid)
+    except (StorageError, ValueError) as exc:
+        return _fail(str(exc))
+    print(info.cid)
+    print(f"Size: {info.size}")
+    print(f"CumulativeSize: {info.cumulative_size}")
+    print(f"ChildBlocks: {info.links}")
+    print(f"Type: {info.type}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from chain.storage import StorageError
+
+    try:
+        count = _store(args).verify(args.cid)
+    except (StorageError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"verified {args.cid}: {count} blocks ok")
+    return 0
+
+
+def cmd_pin_add(args: argparse.Namespace) -> int:
+    from chain.storage import StorageError, normalize_cid
+
+    try:
+        _store(args).pin(args.cid)
+    except (StorageError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"pinned {normalize_cid(args.cid)} recursively")
+    return 0
+
+
+def cmd_pin_rm(args: argparse.Namespace) -> int:
+    from chain.storage import StorageError, normalize_cid
+
+    try:
+        _store(args).unpin(args.cid)
+    except (StorageError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"unpinned {normalize_cid(args.cid)}")
+    return 0
+
+
+def cmd_pin_ls(args: argparse.Namespace) -> int:
+    from chain.storage import StorageError
+
+    try:
+        pins = _store(args).pins()
+    except (StorageError, ValueError) as exc:
+        return _fail(str(exc))
+    for cid, kind in sorted(pins.items()):
+        print(cid if args.quiet else f"{cid} {kind}")
+    return 0
