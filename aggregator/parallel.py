@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +185,8 @@ def fetch_and_verify(
 
     ``fetch(cid, dest) -> dir`` must be picklable (a top-level function or e.g. :class:`StoreFetch`)
     and should raise when the bytes do not match the CID. Each update lands in its own folder under
-    ``workdir``. A client listed twice keeps its first entry; later ones are rejected. With
+    ``workdir``. A client listed more than once has every entry rejected (which one to keep would
+    depend on the order). With
     ``parallel=False`` the same work runs in this process, one update after another (no Ray).
     ``timeout_s`` bounds the whole batch: updates not done by then are cancelled and rejected.
     Starts a local Ray if none is initialised.
@@ -195,12 +197,12 @@ def fetch_and_verify(
     task_cfg = dict(lora_config)
     results: list[Verified | Rejected | None] = [None] * len(items)
     todo: list[tuple[int, UpdateRef, Path]] = []
-    seen: set[str] = set()
+    counts = Counter(item.client for item in items)
     for i, item in enumerate(items):
-        if item.client in seen:
-            results[i] = Rejected(item.client, item.cid, "duplicate submission for this client")
+        if counts[item.client] > 1:
+            reason = f"client submitted {counts[item.client]} updates in one round"
+            results[i] = Rejected(item.client, item.cid, reason)
             continue
-        seen.add(item.client)
         todo.append((i, item, root / f"{i:04d}-{_safe(item.client)}"))
 
     if not parallel:

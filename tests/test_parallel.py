@@ -1,0 +1,206 @@
+"""Parallel fetch-and-verify on a real local Ray, with honest and bad adapters in one batch."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.adapters import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter, save_adapter
+from aggregator.parallel import (
+    Rejected,
+    UpdateRef,
+    Verified,
+    ensure_ray,
+    fetch_and_verify,
+)
+from aggregator.strategies import get_strategy
+from aggregator.verify import expected_lora_shapes
+from tests.test_strategies import LORA, TINY_QWEN3, train_client_adapters
+
+NORM_BOUND = 50.0
+
+
+def dir_digest(path: Path) -> str:
+    """A stand-in content address: sha256 over the two files of an adapter directory."""
+    h = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        h.update((path / name).read_bytes())
+    return "sha256-" + h.hexdigest()
+
+
+class DirFetch:
+    """Picklable fetch from a table of local directories that re-hashes what it copied, as a
+    content-addressed store does; a few CIDs crash the worker or hang, to exercise the batch."""
+
+    def __init__(self, table: dict[str, str], crash: str = "", hang: str = "") -> None:
+        self.table, self.crash, self.hang = table, crash, hang
+
+    def __call__(self, cid: str, dest: Path) -> Path:
+        if cid == self.crash:
+            os._exit(3)
+        if cid == self.hang:
+            time.sleep(60)
+        shutil.copytree(self.table[cid], dest)
+        if dir_digest(dest) != cid:
+            raise ValueError(f"bytes fetched for {cid} do not match it")
+        return dest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ensure_ray(num_cpus=2)
+    ensure_ray(num_cpus=2)  # idempotent
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """Three honest PEFT adapters and several bad ones, each published under its digest."""
+    root = tmp_path_factory.mktemp("published")
+    honest = train_client_adapters(root / "honest", n_clients=3, steps=1)
+    table: dict[str, str] = {}
+
+    def publish(path: Path) -> str:
+        cid = dir_digest(path)
+        table[cid] = str(path)
+        return cid
+
+    cids = [publish(d) for d in honest]
+    base = load_adapter(honest[0])
+    nan_key = sorted(base.tensors)[3]
+    poisoned = dict(base.tensors)
+    poisoned[nan_key] = base.tensors[nan_key].copy()
+    poisoned[nan_key][0, 0] = np.nan
+    nan_cid = publish(save_adapter(Adapter(base.config, poisoned), root / "nan"))
+
+    wide_cfg = dict(base.config, r=8, lora_alpha=16)
+    wide = {
+        k: np.zeros((8, v.shape[1]) if "lora_A" in k else (v.shape[0], 8), np.float32)
+        for k, v in base.tensors.items()
+    }
+    shape_cid = publish(save_adapter(Adapter(wide_cfg, wide), root / "wide"))
+
+    big = {k: v * (1e4 if "lora_B" in k else 1.0) for k, v in base.tensors.items()}
+    big_cid = publish(save_adapter(Adapter(base.config, big), root / "big"))
+
+    tampered = save_adapter(load_adapter(honest[1]), root / "tampered")
+    tamper_cid = publish(tampered)
+    blob = bytearray((tampered / WEIGHTS_NAME).read_bytes())
+    blob[-1] ^= 0x01  # a flipped bit in the last tensor after the CID was computed
+    (tampered / WEIGHTS_NAME).write_bytes(bytes(blob))
+
+    items = [
+        UpdateRef("0xa0", cids[0], 120),
+        UpdateRef("0xtwice", cids[1], 10),
+        UpdateRef("0xbad-nan", nan_cid, 50),
+        UpdateRef("0xbad-shape", shape_cid, 50),
+        UpdateRef("0xbad-tamper", tamper_cid, 50),
+        UpdateRef("0xa1", cids[1], 45),
+        UpdateRef("0xbad-missing", "sha256-" + "0" * 64, 50),
+        UpdateRef("0xbad-norm", big_cid, 50),
+        UpdateRef("0xtwice", cids[2], 999),  # a client listed twice
+        UpdateRef("0xa2", cids[2], 300),
+    ]
+    expected_reason = {
+        "0xbad-nan": f"non-finite values: {nan_key} has 1 NaN and 0 infinite values",
+        "0xbad-shape": "config r=8 does not match the task's r=4",
+        "0xbad-tamper": f"fetch failed (ValueError): bytes fetched for {tamper_cid} do not match",
+        "0xbad-missing": "fetch failed (KeyError)",
+        "0xbad-norm": "norm bound exceeded: base_model.model.model.layers.",
+    }
+    return items, table, expected_reason
+
+
+def check_outcome(results, items, expected_reason):
+    assert [(r.client, r.cid) for r in results] == [(i.client, i.cid) for i in items]
+    kinds = [type(r).__name__ for r in results]
+    assert kinds == [
+        "Verified",
+        "Rejected",
+        "Rejected",
+        "Rejected",
+        "Rejected",
+        "Verified",
+        "Rejected",
+        "Rejected",
+        "Rejected",
+        "Verified",
+    ]
+    assert results[1].reason == results[8].reason == "client submitted 2 updates in one round"
+    for r in results:
+        if isinstance(r, Rejected) and r.client in expected_reason:
+            assert r.reason.startswith(expected_reason[r.client]), (r.client, r.reason)
+    shape_reason = next(r.reason for r in results if r.client == "0xbad-shape")
+    assert (
+        "wrong shape: base_model.model.model.layers.0.mlp.down_proj.lora_A.weight" in shape_reason
+    )
+    verified = [r for r in results if isinstance(r, Verified)]
+    assert [v.num_samples for v in verified] == [120, 45, 300]
+    return verified
+
+
+def test_batch_in_ray_rejects_each_bad_update_with_its_reason(ray_session, batch, tmp_path):
+    items, table, expected_reason = batch
+    shapes = expected_lora_shapes(TINY_QWEN3, LORA)
+    crash_item = UpdateRef("0xbad-crash", "sha256-crash", 10)
+    fetch = DirFetch(table, crash="sha256-crash")
+    results = fetch_and_verify(
+        [*items, crash_item], fetch, shapes, LORA, NORM_BOUND, tmp_path / "work"
+    )
+    crash = results.pop()
+    assert isinstance(crash, Rejected) and crash.reason.startswith("worker failed ("), crash
+    verified = check_outcome(results, items, expected_reason)
+    ref = load_adapter(table[items[0].cid])
+    for key, value in ref.tensors.items():
+        np.testing.assert_array_equal(verified[0].adapter.tensors[key], value)
+
+    # the same batch, sequentially in this process, gives the same verdicts
+    sequential = fetch_and_verify(
+        items, fetch, shapes, LORA, NORM_BOUND, tmp_path / "seq", parallel=False
+    )
+    assert [getattr(r, "reason", None) for r in sequential] == [
+        getattr(r, "reason", None) for r in results
+    ]
+
+    # shuffled submission order through Ray: byte-identical aggregates
+    shuffled = list(items)
+    random.Random(7).shuffle(shuffled)
+    again = fetch_and_verify(shuffled, fetch, shapes, LORA, NORM_BOUND, tmp_path / "work2")
+    for name in ("fedavg", "fedavg-exact"):
+        blobs = []
+        for k, res in enumerate((results, again)):
+            ups = [r.to_update() for r in res if isinstance(r, Verified)]
+            agg = get_strategy(name).aggregate(ups, None)
+            assert agg.metrics["clients"] == ["0xa0", "0xa1", "0xa2"]
+            out = save_adapter(agg.adapter, tmp_path / f"{name}-{k}")
+            blobs.append((out / WEIGHTS_NAME).read_bytes())
+        assert blobs[0] == blobs[1]
+
+
+def test_batch_timeout_rejects_the_straggler(ray_session, batch, tmp_path):
+    items, table, _ = batch
+    shapes = expected_lora_shapes(TINY_QWEN3, LORA)
+    slow = UpdateRef("0xslow", "sha256-slow", 10)
+    start = time.monotonic()
+    results = fetch_and_verify(
+        [items[0], slow],
+        DirFetch(table, hang="sha256-slow"),
+        shapes,
+        LORA,
+        NORM_BOUND,
+        tmp_path,
+        timeout_s=8.0,
+    )
+    assert time.monotonic() - start < 30
+    assert isinstance(results[0], Verified)
+    assert results[1] == Rejected("0xslow", "sha256-slow", "timed out after 8 s")
