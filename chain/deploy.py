@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,12 +157,14 @@ def deploy(
     rpc_url: str | None = None,
     manifest_path: Path | None = None,
     artifacts: dict[str, dict[str, Any]] | None = None,
+    on_receipt: Callable[[str, str, Any], None] | None = None,
 ) -> Manifest:
     """Deploy RewardToken, Registry and Coordinator (and FinalityGadget when ``validators`` are
     given and its source exists), grant the Coordinator MINTER_ROLE and ``aggregators`` the
     aggregator role, and write the manifest to ``manifest_path`` when given.
 
-    ``deployer`` becomes governance (admin of every role)."""
+    ``deployer`` becomes governance (admin of every role). ``on_receipt(contract, function,
+    receipt)`` sees every transaction (the gas report uses it)."""
     from chain.contracts import AGGREGATOR_ROLE, MINTER_ROLE, ErrorDecoder, TxSender
 
     arts = artifacts if artifacts is not None else compile_contracts()
@@ -170,6 +172,8 @@ def deploy(
         if name not in arts:
             raise ManifestError(f"compiled artifacts lack {name}")
     sender = TxSender(w3, deployer, ErrorDecoder(a["abi"] for a in arts.values()))
+    if on_receipt is not None:
+        sender = _Recording(sender, on_receipt)
     gov = deployer.address
     token, first_block = _deploy_one(w3, sender, arts, "RewardToken", gov)
     registry, _ = _deploy_one(w3, sender, arts, "Registry", gov)
@@ -207,6 +211,20 @@ def deploy(
     if manifest_path is not None:
         save_manifest(manifest, manifest_path)
     return manifest
+
+
+class _Recording:
+    """A TxSender wrapper reporting each receipt."""
+
+    def __init__(self, inner: Any, hook: Callable[[str, str, Any], None]) -> None:
+        self.inner, self.hook = inner, hook
+
+    def send(
+        self, tx: dict[str, Any], contract: str | None = None, function: str | None = None
+    ) -> Any:
+        receipt = self.inner.send(tx, contract, function)
+        self.hook(contract or "?", function or "?", receipt)
+        return receipt
 
 
 def deploy_to_devnet(

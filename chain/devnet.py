@@ -196,7 +196,13 @@ class AnvilDevnet(Devnet):
         self.log_path = log_dir / f"anvil-{self.port}.log"
         self._log = self.log_path.open("wb")
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            # Own session: a terminal's Ctrl-C reaches only us, and stop() shuts anvil down
+            # in order (SIGINT, so the state file is written).
+            start_new_session=True,
         )
         _LIVE.add(self)
         self.w3 = Web3(HTTPProvider(self.rpc_url, request_kwargs={"timeout": 60}))
@@ -254,6 +260,16 @@ class AnvilDevnet(Devnet):
     def revert(self, snapshot_id: Any) -> None:
         if not self._rpc("evm_revert", [snapshot_id]):
             raise DevnetError(f"evm_revert({snapshot_id}) refused: unknown snapshot")
+
+    def detach(self) -> int:
+        """Leave anvil running after this process exits; returns its pid."""
+        if self.proc is None:
+            raise DevnetError("anvil is not running")
+        pid = self.proc.pid
+        self.proc = None
+        self._log.close()
+        _LIVE.discard(self)
+        return pid
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop anvil; SIGINT first so it writes ``state_file``, then SIGKILL if it hangs."""

@@ -1,0 +1,300 @@
+"""``prismesh devnet | deploy | gas-report``: the chain side of the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEV_CHAIN_IDS = (31337, 131277)
+DEFAULT_DEVNET_DIR = Path(".prismesh") / "devnet"
+
+
+def register(subparsers: Any) -> None:
+    """Add the chain subcommands to the ``prismesh`` parser."""
+    p = subparsers.add_parser(
+        "devnet",
+        help="start anvil, deploy the contracts (once) and print the manifest path",
+        description="Start a local anvil devnet whose state persists in --state, deploy the "
+        "PrisMesh contracts unless the manifest already points at live ones, and run until "
+        "interrupted (or --detach). Account 0 is governance, account 1 the aggregator.",
+    )
+    p.add_argument("--port", type=int, default=8545, help="RPC port (default 8545)")
+    p.add_argument("--chain-id", type=int, default=31337)
+    p.add_argument(
+        "--state",
+        type=Path,
+        default=None,
+        help="anvil state file (default .prismesh/devnet/anvil-state.json)",
+    )
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        help="manifest path (default .prismesh/deployments/<chain id>.json)",
+    )
+    p.add_argument(
+        "--block-time",
+        type=float,
+        default=None,
+        help="seconds per block (default: mine on each transaction)",
+    )
+    p.add_argument(
+        "--validators",
+        default="4",
+        help="finality validators: a count N (dev accounts 16..16+N-1) or comma-separated addresses; 0 for none",
+    )
+    p.add_argument("--fresh", action="store_true", help="discard the saved state and deploy anew")
+    p.add_argument(
+        "--detach", action="store_true", help="leave anvil running in the background and exit"
+    )
+    p.add_argument("--stop", action="store_true", help="stop a detached devnet (state is saved)")
+    p.set_defaults(func=cmd_devnet)
+
+    d = subparsers.add_parser(
+        "deploy",
+        help="deploy the contracts with web3.py and write the manifest",
+        description="Deploy RewardToken, Registry, Coordinator (and FinalityGadget with "
+        "--validators) to an RPC endpoint; the deployer becomes governance.",
+    )
+    d.add_argument("--rpc-url", default=os.environ.get("PRISMESH_RPC_URL", "http://127.0.0.1:8545"))
+    d.add_argument(
+        "--key",
+        default=None,
+        help="deployer: dev:N, a 0x private key, or a keystore file (default dev:0 on a devnet chain id)",
+    )
+    d.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        help="output path (default .prismesh/deployments/<chain id>.json)",
+    )
+    d.add_argument(
+        "--validators",
+        default="0",
+        help="a count N (dev accounts 16..) or comma-separated addresses; 0 for no finality gadget",
+    )
+    d.add_argument(
+        "--aggregator",
+        action="append",
+        default=[],
+        help="address granted the aggregator role (repeatable)",
+    )
+    d.add_argument(
+        "--kind",
+        default=None,
+        help="manifest kind (default: anvil for a devnet chain id, else rpc)",
+    )
+    d.set_defaults(func=cmd_deploy)
+
+    g = subparsers.add_parser(
+        "gas-report",
+        help="run a full 3-client round on anvil and print gas per external call",
+    )
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs") / "gas.md",
+        help="markdown output (default docs/gas.md)",
+    )
+    g.add_argument("--no-write", action="store_true", help="print only")
+    g.set_defaults(func=cmd_gas_report)
+
+
+def _validators(spec: str) -> list[str]:
+    from eth_utils import is_address, to_checksum_address
+
+    from chain.devnet import dev_accounts
+
+    spec = spec.strip()
+    if spec.isdigit():
+        n = int(spec)
+        if n == 0:
+            return []
+        return [a.address for a in dev_accounts(16 + n)[16 : 16 + n]]
+    out = []
+    for part in spec.split(","):
+        if not is_address(part.strip()):
+            raise SystemExit(f"--validators: {part!r} is neither a count nor an address")
+        out.append(to_checksum_address(part.strip()))
+    return out
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from web3 import HTTPProvider, Web3
+
+    from chain.deploy import default_manifest_path, deploy
+    from chain.identity import IdentityError, load_account
+
+    w3 = Web3(HTTPProvider(args.rpc_url, request_kwargs={"timeout": 60}))
+    try:
+        chain_id = int(w3.eth.chain_id)
+    except Exception as exc:
+        print(f"error: no chain answers at {args.rpc_url}: {exc}", file=sys.stderr)
+        return 2
+    key = args.key
+    if key is None:
+        if chain_id not in DEV_CHAIN_IDS:
+            print(f"error: chain {chain_id} is not a devnet; pass --key", file=sys.stderr)
+            return 2
+        key = "dev:0"
+    try:
+        deployer = load_account(key)
+    except IdentityError as exc:
+        print(f"error: --key: {exc}", file=sys.stderr)
+        return 2
+    kind = args.kind or ("anvil" if chain_id in DEV_CHAIN_IDS else "rpc")
+    path = args.manifest or default_manifest_path(chain_id)
+    manifest = deploy(
+        w3,
+        deployer,
+        validators=_validators(args.validators) or None,
+        aggregators=args.aggregator,
+        kind=kind,
+        rpc_url=args.rpc_url,
+        manifest_path=path,
+    )
+    for name, addr in manifest.addresses.items():
+        print(f"{name:16s} {addr}")
+    print(f"manifest: {path}")
+    return 0
+
+
+def _pid_file(state: Path) -> Path:
+    return state.parent / "anvil.pid"
+
+
+def cmd_devnet(args: argparse.Namespace) -> int:
+    from chain.deploy import default_manifest_path, deploy_to_devnet, is_deployed, load_manifest
+    from chain.devnet import DevnetError, start_anvil
+
+    state = (args.state or DEFAULT_DEVNET_DIR / "anvil-state.json").resolve()
+    pid_file = _pid_file(state)
+    if args.stop:
+        return _stop_detached(pid_file)
+    if pid_file.exists():
+        pid = int(pid_file.read_text().split()[0])
+        if _alive(pid):
+            print(
+                f"error: a detached devnet (pid {pid}) already runs; `prismesh devnet --stop` first",
+                file=sys.stderr,
+            )
+            return 2
+        pid_file.unlink()
+    manifest_path = (args.manifest or default_manifest_path(args.chain_id)).resolve()
+    if args.fresh:
+        state.unlink(missing_ok=True)
+        manifest_path.unlink(missing_ok=True)
+    try:
+        dev = start_anvil(
+            state_file=state, port=args.port, chain_id=args.chain_id, block_time=args.block_time
+        )
+    except DevnetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        manifest = None
+        if manifest_path.exists():
+            try:
+                manifest = load_manifest(manifest_path)
+                if not is_deployed(manifest, dev.w3):
+                    manifest = None
+            except Exception:
+                manifest = None
+        if manifest is None:
+            manifest = deploy_to_devnet(
+                dev,
+                validators=_validators(args.validators) or None,
+                aggregators=[dev.accounts[1].address],
+                manifest_path=manifest_path,
+            )
+            print("deployed:")
+        else:
+            print("contracts already deployed (state restored):")
+        for name, addr in manifest.addresses.items():
+            print(f"  {name:16s} {addr}")
+        print(f"rpc:       {dev.rpc_url} (chain id {dev.chain_id}, block {dev.block_number})")
+        print(f"state:     {state}")
+        print(f"manifest:  {manifest_path}")
+        print(
+            f"governance {dev.accounts[0].address} (dev:0), aggregator {dev.accounts[1].address} (dev:1)"
+        )
+        sys.stdout.flush()
+        if args.detach:
+            pid = dev.detach()
+            pid_file.write_text(f"{pid} {dev.port}\n")
+            print(f"detached (pid {pid}); stop with `prismesh devnet --stop`")
+            return 0
+        print("running; Ctrl-C stops it (state is saved)")
+        sys.stdout.flush()
+        stop = {"now": False}
+
+        def _handler(signum: int, frame: Any) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGTERM, _handler)
+        try:
+            while not stop["now"] and dev.healthy():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        if not args.detach:
+            dev.stop()
+    print("devnet stopped")
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _stop_detached(pid_file: Path) -> int:
+    if not pid_file.exists():
+        print(f"no detached devnet ({pid_file} missing)", file=sys.stderr)
+        return 1
+    pid = int(pid_file.read_text().split()[0])
+    if _alive(pid):
+        os.kill(pid, signal.SIGINT)
+        for _ in range(150):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    print(f"stopped devnet pid {pid}")
+    return 0
+
+
+def cmd_gas_report(args: argparse.Namespace) -> int:
+    from chain.gas import run_gas_report, write_report
+
+    report = run_gas_report()
+    text = report.markdown()
+    print(text)
+    if not args.no_write:
+        write_report(report, args.out)
+        print(f"written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one of these subcommands without the rest of the CLI (used by tests)."""
+    parser = argparse.ArgumentParser(prog="prismesh")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
