@@ -365,9 +365,14 @@ class Importer:
         if opts.use_raw_leaves:
             cid = self._emit(CODEC_RAW, chunk, 1)
             return Added(cid, len(chunk), len(chunk))
-        block = encode_pbnode((), encode_unixfs(T_FILE, chunk, len(chunk)))
+        # encode_pbnode((), encode_unixfs(T_FILE, chunk, n)) with a single copy of the chunk
+        n = len(chunk)
+        head = b"\x08\x02\x12" + encode_varint(n)
+        tail = b"\x18" + encode_varint(n)
+        size = len(head) + n + len(tail)
+        block = b"".join((b"\x0a", encode_varint(size), head, chunk, tail))
         cid = self._emit(CODEC_DAG_PB, block, opts.cid_version)
-        return Added(cid, len(chunk), len(block))
+        return Added(cid, n, len(block))
 
     def _empty_file(self) -> Added:
         opts = self.options
@@ -478,13 +483,20 @@ class _Chunks:
         self._next: bytes | None = self._read()
 
     def _read(self) -> bytes | None:
-        buf = bytearray()
-        while len(buf) < self._size:
-            part = self._stream.read(self._size - len(buf))
+        first = self._stream.read(self._size)
+        if not first:
+            return None
+        if len(first) == self._size:
+            return bytes(first)
+        parts = [first]
+        have = len(first)
+        while have < self._size:
+            part = self._stream.read(self._size - have)
             if not part:
                 break
-            buf += part
-        return bytes(buf) if buf else None
+            parts.append(part)
+            have += len(part)
+        return b"".join(parts)
 
     def done(self) -> bool:
         return self._next is None
