@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
 
     add = sub.add_parser("add", help="add a file or directory; print its CID as Kubo does")
-    add.add_argument("path", metavar="PATH")
+    add.add_argument("path", metavar="PATH", nargs="?")
     add.add_argument("-r", "--recursive", action="store_true", help="add directories recursively")
     add.add_argument(
         "-n", "--only-hash", action="store_true", help="only compute the CID, store nothing"
@@ -41,12 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--cid-version", type=int, choices=(0, 1), default=0)
     add.add_argument(
         "--raw-leaves",
-        type=_bool,
         nargs="?",
-        const=True,
+        const="true",
         default=None,
         metavar="BOOL",
-        help="raw leaf blocks (default: true with --cid-version 1, false with 0)",
+        help="raw leaf blocks, --raw-leaves or --raw-leaves=false "
+        "(default: true with --cid-version 1, false with 0)",
     )
     add.add_argument("-q", "--quiet", action="store_true", help="print only CIDs")
     add.add_argument("-Q", "--quieter", action="store_true", help="print only the root CID")
@@ -98,6 +98,17 @@ def _fail(message: str) -> int:
 def cmd_add(args: argparse.Namespace) -> int:
     from chain.storage import StorageError
 
+    raw_leaves: bool | None = None
+    if args.raw_leaves is not None:
+        try:
+            raw_leaves = _bool(args.raw_leaves)
+        except argparse.ArgumentTypeError:
+            if args.path is not None:
+                return _fail(f"--raw-leaves takes true or false, got {args.raw_leaves!r}")
+            # `--raw-leaves PATH`: the flag form, as in Kubo, followed by the path
+            raw_leaves, args.path = True, args.raw_leaves
+    if args.path is None:
+        return _fail("argument PATH is required")
     path = Path(args.path)
     if path.is_dir() and not path.is_symlink() and not args.recursive:
         return _fail(f"{path} is a directory, use the '-r' flag to specify directories")
@@ -106,7 +117,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         root = _store(args).add_path(
             path,
             cid_version=args.cid_version,
-            raw_leaves=args.raw_leaves,
+            raw_leaves=raw_leaves,
             only_hash=args.only_hash,
             pin=args.pin,
             on_added=None if args.quieter else lambda name, cid: lines.append((name, cid)),
