@@ -1,0 +1,305 @@
+"""The aggregator daemon: final reveals in, a verified aggregate's CID out.
+
+It learns of rounds and reveals only from the finality-aware event stream. A round is ready
+when the chain says it is Aggregating (every committer revealed, or the reveal deadline
+passed) *and* every block up to that moment is final, so no reveal can still be missing.
+Then every revealed adapter is fetched and verified in parallel Ray tasks, the task's strategy
+merges the valid ones, the result is pinned and its CID submitted with the included clients.
+
+Restart safety: reveals are persisted as they arrive, the aggregate's CID is recorded once it
+is pinned, and the on-chain round is read before submitting, so a crash at any point neither
+loses a round nor submits one twice. Aggregation is deterministic, so recomputing after a
+crash gives the same bytes and the same CID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chain.localstate import (
+    StateFile,
+    check_fields,
+    read_config,
+    resolve_account_spec,
+    resolve_path,
+)
+
+log = logging.getLogger("prismesh.aggregator")
+
+
+@dataclass
+class AggregatorConfig:
+    """What the aggregator host needs; read from a TOML or JSON file."""
+
+    manifest: Path
+    keystore: str
+    state_dir: Path
+    store: str = "embedded"
+    rpc_url: str | None = None
+    ray_address: str | None = None
+    ray_num_cpus: int | None = None
+    parallel: bool = True
+    finality: bool = True
+    poll_interval: float = 1.0
+    fetch_timeout_s: float = 600.0
+
+    @classmethod
+    def load(cls, path: Path) -> AggregatorConfig:
+        return cls.from_dict(read_config(path), base=path.parent, where=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: Path = Path("."), where: str = "aggregator config") -> AggregatorConfig:
+        check_fields(data, set(cls.__dataclass_fields__), ("manifest", "keystore", "state_dir"), where)
+        values = dict(data)
+        for key in ("manifest", "state_dir"):
+            values[key] = resolve_path(values[key], base)
+        values["keystore"] = resolve_account_spec(str(values["keystore"]), base)
+        return cls(**values)
+
+
+def sha256_file(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+class AggregatorDaemon:
+    """Aggregates every round of every running task once its reveals are final."""
+
+    def __init__(self, config: AggregatorConfig, *, w3: Any, manifest: Any, account: Any, store: Any, store_spec: str, stream: Any) -> None:
+        from chain.contracts import Coordinator, Registry
+
+        self.config = config
+        self.w3 = w3
+        self.manifest = manifest
+        self.account = account
+        self.store = store
+        self.store_spec = store_spec
+        self.stream = stream
+        self.coordinator = Coordinator(manifest, w3, account)
+        self.registry = Registry(manifest, w3, account)
+        self.state = StateFile(config.state_dir / "aggregator-state.json")
+        self._stop = threading.Event()
+        self.reports_dir = config.state_dir / "rounds"
+
+    # ------------------------------------------------------------------ loop
+
+    def step(self) -> int:
+        actions = 0
+        for ev in self.stream.poll():
+            self._record(ev)
+            self.stream.ack(ev)
+        for _key, rec in sorted(self.state.section("rounds").items()):
+            if rec.get("status") == "open" and self._ready(rec):
+                self.aggregate_round(rec)
+                actions += 1
+        return actions
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, lambda *_: self._stop.set())
+            except ValueError:
+                pass
+        if not self.registry.is_aggregator(self.account.address):
+            log.warning("%s does not hold the aggregator role yet; its submissions will revert", self.account.address)
+        log.info("aggregator %s following final events", self.account.address)
+        while not self._stop.is_set():
+            if self.step() == 0:
+                self._stop.wait(self.config.poll_interval)
+        log.info("aggregator stopped cleanly")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------ events
+
+    def _record(self, ev: Any) -> None:
+        rounds = self.state.section("rounds")
+        name = ev.event
+        if name == "RoundOpened":
+            key = f"{ev.task_id}:{ev.round}"
+            if key not in rounds:
+                rounds[key] = {
+                    "task": ev.task_id,
+                    "round": ev.round,
+                    "global_cid": ev.global_adapter_cid,
+                    "reveal_deadline": ev.reveal_deadline,
+                    "status": "open",
+                    "reveals": {},
+                }
+                self.state.save()
+        elif name == "UpdateRevealed":
+            rec = rounds.get(f"{ev.task_id}:{ev.round}")
+            if rec is not None:
+                rec["reveals"][ev.client] = {
+                    "cid": ev.cid,
+                    "sha256": bytes(ev.sha256).hex(),
+                    "num_samples": int(ev.num_samples),
+                }
+                self.state.save()
+        elif name == "PhaseChanged":
+            rec = rounds.get(f"{ev.task_id}:{ev.round}")
+            if rec is not None and int(ev.current) == 4:  # Phase.Aggregating
+                rec["aggregating_final"] = True
+                self.state.save()
+        elif name in ("AggregateAccepted", "RoundFailed"):
+            rec = rounds.get(f"{ev.task_id}:{ev.round}")
+            if rec is not None and rec.get("status") != "done":
+                rec["status"] = "done"
+                self.state.save()
+
+    def _ready(self, rec: dict) -> bool:
+        """Aggregating on chain, and every block up to now final (no reveal can be missing)."""
+        from chain.contracts import Phase
+
+        if rec.get("aggregating_final"):
+            return True
+        phase = self.coordinator.phase_of(rec["task"], rec["round"])
+        if phase in (Phase.FINALIZED, Phase.FAILED):
+            rec["status"] = "done"
+            self.state.save()
+            return False
+        if phase != Phase.AGGREGATING:
+            return False
+        head = int(self.w3.eth.block_number)
+        if self.stream.final_height() >= head:
+            return True
+        return False
+
+    # ------------------------------------------------------------------ aggregation
+
+    def aggregate_round(self, rec: dict) -> str | None:
+        """Verify, merge, pin and submit one round; returns the aggregate CID (None if failed)."""
+        from chain.contracts import ContractRevert, Phase
+        from chain.storage import add_adapter
+
+        task, rnd = rec["task"], rec["round"]
+        onchain = self.coordinator.get_round(task, rnd)
+        if self.coordinator.phase_of(task, rnd) != Phase.AGGREGATING:
+            log.info("task %d round %d is %s on chain; nothing to do", task, rnd, onchain.phase.name)
+            rec["status"] = "done"
+            self.state.save()
+            return None
+        params = self.coordinator.get_task_params(task)
+        if not rec.get("aggregate_cid") or not self.store.has(rec["aggregate_cid"]):
+            outcome = self.compute(task, rnd, params, rec)
+            if outcome is None:
+                return None
+            out_dir, included, rejected, metrics = outcome
+            cid = add_adapter(self.store, out_dir)
+            rec.update(
+                aggregate_cid=cid,
+                aggregate_sha256=sha256_file(out_dir / "adapter_model.safetensors").hex(),
+                included=included,
+                rejected=rejected,
+                metrics=metrics,
+            )
+            self.state.save()
+            self._write_report(rec)
+            log.info("task %d round %d: aggregate %s pinned (%d included, %d rejected)", task, rnd, cid, len(included), len(rejected))
+        try:
+            self.coordinator.submit_aggregate(
+                task, rnd, rec["aggregate_cid"], bytes.fromhex(rec["aggregate_sha256"]), rec["included"]
+            )
+        except ContractRevert:
+            if self.coordinator.phase_of(task, rnd) == Phase.FINALIZED:
+                log.info("task %d round %d was already finalized", task, rnd)
+            else:
+                raise
+        rec["status"] = "submitted"
+        self.state.save()
+        log.info("task %d round %d: aggregate %s submitted", task, rnd, rec["aggregate_cid"])
+        return rec["aggregate_cid"]
+
+    def compute(self, task: int, rnd: int, params: Any, rec: dict) -> tuple[Path, list[str], dict[str, str], dict] | None:
+        """Fetch and verify every reveal in parallel, then merge the valid ones."""
+        from aggregator.adapters import load_adapter, save_adapter
+        from aggregator.parallel import Rejected, StoreFetch, UpdateRef, fetch_and_verify
+        from aggregator.strategies import get_strategy
+        from aggregator.verify import expected_lora_shapes
+        from chain.storage import fetch_adapter
+        from chain.taskspec import TaskSpec
+
+        spec = TaskSpec.from_bytes(self.store.cat(params.hyper_params_cid), where=f"hyper-parameter file {params.hyper_params_cid}")
+        lora_cfg = spec.lora.to_dict()
+        expected = expected_lora_shapes(spec.model_config, lora_cfg)
+        refs = [UpdateRef(client, r["cid"], r["num_samples"]) for client, r in sorted(rec["reveals"].items())]
+        work = self.config.state_dir / "work" / f"task{task}-round{rnd}"
+        results = fetch_and_verify(
+            refs,
+            StoreFetch(self.store_spec),
+            expected,
+            lora_cfg,
+            spec.norm_bound,
+            work,
+            parallel=self.config.parallel,
+            timeout_s=self.config.fetch_timeout_s,
+        )
+        verified, rejected = [], {}
+        for res in results:
+            if isinstance(res, Rejected):
+                rejected[res.client] = res.reason
+                continue
+            want = rec["reveals"][res.client]["sha256"]
+            got = sha256_file(res.path / "adapter_model.safetensors").hex()
+            if got != want:
+                rejected[res.client] = f"adapter weights sha256 {got} differs from the revealed {want}"
+                continue
+            verified.append(res)
+        for client, reason in rejected.items():
+            log.warning("task %d round %d: excluding %s: %s", task, rnd, client, reason)
+        if len(verified) < params.min_participants:
+            reason = (
+                f"{len(verified)} valid update(s), fewer than the minimum {params.min_participants}"
+                + (f"; rejected: {json.dumps(rejected, sort_keys=True)}" if rejected else "")
+            )
+            self._fail(task, rnd, reason[:1000], rec, rejected)
+            return None
+        global_adapter = None
+        if rec.get("global_cid"):
+            gdir = fetch_adapter(self.store, rec["global_cid"], work / "global")
+            global_adapter = load_adapter(gdir)
+        strategy = get_strategy(spec.strategy, **spec.strategy_options)
+        result = strategy.aggregate([v.to_update() for v in verified], global_adapter)
+        out = save_adapter(result.adapter, self.config.state_dir / "aggregates" / f"task{task}-round{rnd}")
+        included = sorted(v.client for v in verified)
+        return out, included, rejected, _jsonable(result.metrics)
+
+    def _fail(self, task: int, rnd: int, reason: str, rec: dict, rejected: dict[str, str]) -> None:
+        from chain.contracts import ContractRevert
+
+        log.error("task %d round %d fails: %s", task, rnd, reason)
+        try:
+            self.coordinator.fail_round(task, rnd, reason)
+        except ContractRevert as exc:
+            log.error("task %d round %d: failRound refused: %s", task, rnd, exc)
+        rec.update(status="failed", rejected=rejected, failure=reason)
+        self.state.save()
+        self._write_report(rec)
+
+    def _write_report(self, rec: dict) -> None:
+        self.reports_dir.mkdir(parents=True, exist_ok=True)
+        path = self.reports_dir / f"task{rec['task']}-round{rec['round']}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1, sort_keys=True))
+        tmp.replace(path)
+
+
+def _jsonable(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value

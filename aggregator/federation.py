@@ -1,0 +1,259 @@
+"""A whole federation in one process: the embedded chain with its finality committee, the
+embedded store, one node daemon per hospital and the aggregator daemon.
+
+The demo and the end-to-end tests use it; each role still talks to the others only through the
+chain (final events, transactions) and the store (CIDs), exactly as separate hosts would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("prismesh.federation")
+
+NODE_EVENTS = ("TaskCreated", "RoundOpened", "PhaseChanged", "AggregateAccepted", "RoundFailed", "TaskCompleted")
+AGGREGATOR_EVENTS = ("RoundOpened", "UpdateRevealed", "PhaseChanged", "AggregateAccepted", "RoundFailed")
+
+# Devnet account roles (the committee's certificate submitter is the last account).
+GOVERNANCE, AGGREGATOR, FIRST_CLIENT = 0, 1, 2
+
+
+@dataclass
+class Hospital:
+    """One client site: its name, its local data files and its node daemon."""
+
+    name: str
+    train_path: Path
+    test_path: Path
+    daemon: Any = None
+
+
+@dataclass
+class TaskSettings:
+    """On-chain task parameters the demo chooses (durations in seconds of chain time)."""
+
+    num_rounds: int = 3
+    min_participants: int = 2
+    commit_duration: int = 3600
+    reveal_duration: int = 3600
+    reward_per_update: int = 10 * 10**18
+    aggregator_reward: int = 2 * 10**18
+    max_failed_rounds: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_stream(devnet: Any, manifest: Any, names: tuple[str, ...], cursor_path: Path | None,
+                committee: Any = None, finality: bool = True) -> Any:
+    """The finality-aware stream of coordinator events, the only event source of a daemon."""
+    from chain.events import FinalEventStream
+
+    from chain.contracts import Coordinator
+    from chain.finality import FinalityGadgetClient
+
+    coordinator = Coordinator.read_only(manifest, devnet.w3)
+    gadget = FinalityGadgetClient(devnet.w3, manifest.finality_gadget) if finality else None
+    return FinalEventStream(
+        devnet.w3,
+        coordinator.contract,
+        names,
+        final_height=(gadget.finalized_height if gadget is not None else None),
+        cursor_path=cursor_path,
+        from_block=manifest.deploy_block,
+        finality=finality,
+    )
+
+
+class Federation:
+    """Sets up and drives an in-process federation on the embedded chain."""
+
+    def __init__(self, root: Path, *, n_validators: int = 4, finality: bool = True, parallel: bool = True) -> None:
+        from chain.committee import devnet_validator_keys, in_process_committee
+        from chain.deploy import deploy_to_devnet
+        from chain.devnet import start_embedded
+        from chain.storage import open_store
+
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.devnet = start_embedded()
+        self.w3 = self.devnet.w3
+        self.accounts = self.devnet.accounts
+        self.finality = finality
+        self.parallel = parallel
+        keys = devnet_validator_keys(n_validators)
+        self.validator_keys = keys
+        self.manifest = deploy_to_devnet(
+            self.devnet,
+            validators=[k.address for k in keys],
+            aggregators=[self.accounts[AGGREGATOR].address],
+            manifest_path=self.root / "manifest.json",
+        )
+        self.committee = in_process_committee(self.devnet, self.manifest.to_json(), keys=keys) if finality else None
+        self.store_spec = f"embedded:{self.root / 'ipfs'}"
+        self.store = open_store(self.store_spec)
+        self.hospitals: list[Hospital] = []
+        self.aggregator: Any = None
+
+    # ------------------------------------------------------------------ roles
+
+    @property
+    def governance(self) -> Any:
+        return self.accounts[GOVERNANCE]
+
+    def coordinator(self, account: Any = None) -> Any:
+        from chain.contracts import Coordinator
+
+        return Coordinator(self.manifest, self.w3, account or self.governance)
+
+    def registry(self, account: Any = None) -> Any:
+        from chain.contracts import Registry
+
+        return Registry(self.manifest, self.w3, account or self.governance)
+
+    def add_hospital(self, name: str, train_path: Path, test_path: Path, base_model: Path, *, device: str = "cpu", progress: bool = False) -> Hospital:
+        from node.daemon import NodeConfig, NodeDaemon
+
+        index = FIRST_CLIENT + len(self.hospitals)
+        if index >= len(self.accounts) - 1:
+            raise ValueError(f"no devnet account left for hospital {name!r}")
+        account = self.accounts[index]
+        state_dir = self.root / "nodes" / name
+        cfg = NodeConfig(
+            name=name,
+            manifest=self.root / "manifest.json",
+            keystore=f"dev:{index}",
+            base_model=base_model,
+            train_data=train_path,
+            test_data=test_path,
+            state_dir=state_dir,
+            store=self.store_spec,
+            descriptor={"institution": name, "kind": "hospital"},
+            finality=self.finality,
+            device=device,
+        )
+        stream = make_stream(self.devnet, self.manifest, NODE_EVENTS, state_dir / "cursor.json", self.committee, self.finality)
+        daemon = NodeDaemon(cfg, w3=self.w3, manifest=self.manifest, account=account, store=self.store, stream=stream, progress=progress)
+        hospital = Hospital(name, train_path, test_path, daemon)
+        self.hospitals.append(hospital)
+        return hospital
+
+    def add_aggregator(self) -> Any:
+        from aggregator.daemon import AggregatorConfig, AggregatorDaemon
+
+        state_dir = self.root / "aggregator"
+        cfg = AggregatorConfig(
+            manifest=self.root / "manifest.json",
+            keystore=f"dev:{AGGREGATOR}",
+            state_dir=state_dir,
+            store=self.store_spec,
+            finality=self.finality,
+            parallel=self.parallel,
+        )
+        stream = make_stream(self.devnet, self.manifest, AGGREGATOR_EVENTS, state_dir / "cursor.json", self.committee, self.finality)
+        self.aggregator = AggregatorDaemon(
+            cfg, w3=self.w3, manifest=self.manifest, account=self.accounts[AGGREGATOR],
+            store=self.store, store_spec=self.store_spec, stream=stream,
+        )
+        return self.aggregator
+
+    def approve_all(self) -> None:
+        """Each node registers itself; governance approves it (the institution vetting step)."""
+        reg = self.registry()
+        for h in self.hospitals:
+            h.daemon.ensure_registered()
+            if not reg.is_approved(h.daemon.address):
+                reg.approve(h.daemon.address)
+
+    # ------------------------------------------------------------------ tasks
+
+    def create_task(self, spec: Any, settings: TaskSettings, initial_adapter: Path | None = None) -> int:
+        """Pin the task's hyper-parameter file (and initial adapter), create the task on chain."""
+        from chain.contracts import TaskParams
+        from chain.storage import add_adapter
+
+        spec_cid = self.store.add_bytes(spec.to_bytes())
+        init_cid = add_adapter(self.store, initial_adapter) if initial_adapter is not None else ""
+        n = len(self.hospitals)
+        per_round = settings.reward_per_update * n + settings.aggregator_reward
+        params = TaskParams(
+            base_model_id=spec.base_model_id,
+            base_model_hash=spec.base_model_hash,
+            hyper_params_cid=spec_cid,
+            initial_adapter_cid=init_cid,
+            num_rounds=settings.num_rounds,
+            min_participants=settings.min_participants,
+            max_participants=max(n, settings.min_participants),
+            max_failed_rounds=settings.max_failed_rounds,
+            commit_duration=settings.commit_duration,
+            reveal_duration=settings.reveal_duration,
+            reward_per_update=settings.reward_per_update,
+            aggregator_reward=settings.aggregator_reward,
+            reward_budget=per_round * (settings.num_rounds + settings.max_failed_rounds),
+        )
+        coord = self.coordinator()
+        receipt = coord.create_task(params)
+        return coord.task_id_from(receipt)
+
+    def finalize(self) -> int:
+        """Let the committee finalize every block mined so far (no-op without finality)."""
+        if self.committee is None:
+            return int(self.w3.eth.block_number)
+        return self.committee.run_until_final()
+
+    def step(self) -> int:
+        """One pass: finality, then every node, then the aggregator; returns actions taken."""
+        self.finalize()
+        actions = 0
+        for h in self.hospitals:
+            actions += h.daemon.step()
+        self.finalize()
+        if self.aggregator is not None:
+            actions += self.aggregator.step()
+        return actions
+
+    def run_task(self, task_id: int, *, start_when_joined: bool = True, timeout: float = 3600.0,
+                 on_step: Callable[[], None] | None = None) -> Any:
+        """Drive the federation until the task completes, fails or is cancelled."""
+        from chain.contracts import TaskStatus
+
+        coord = self.coordinator()
+        deadline = time.monotonic() + timeout
+        idle = 0
+        while time.monotonic() < deadline:
+            state = coord.get_task(task_id)
+            if state.status == TaskStatus.CREATED and start_when_joined and state.participant_count >= len(self.hospitals):
+                coord.start_task(task_id)
+                log.info("task %d started with %d participants", task_id, state.participant_count)
+                continue
+            if state.status in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED):
+                self.finalize()
+                for h in self.hospitals:  # let nodes report metrics on the last aggregate
+                    h.daemon.step()
+                self.finalize()
+                return state
+            acted = self.step()
+            if on_step is not None:
+                on_step()
+            idle = idle + 1 if acted == 0 else 0
+            if idle > 3:
+                # Nothing moves: let chain time pass so deadline-driven phases can advance.
+                self.devnet.increase_time(60)
+                self.devnet.mine()
+                idle = 0
+        raise TimeoutError(f"task {task_id} did not finish within {timeout:.0f} s")
+
+    def close(self) -> None:
+        try:
+            self.devnet.stop()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
+
+
+def model_config_of(base_model: Path) -> dict[str, Any]:
+    """The base model's config.json, as the task spec carries it for shape checks."""
+    return json.loads((Path(base_model) / "config.json").read_text())

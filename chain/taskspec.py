@@ -1,0 +1,150 @@
+"""The task specification: the hyper-parameter file whose CID a task carries on chain.
+
+Nodes read the LoRA and training settings from it, the aggregator the LoRA shapes, the
+strategy and the norm bound; governance writes it once. It is canonical JSON (sorted keys, no
+whitespace) so the same settings always give the same bytes and therefore the same CID.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SPEC_FORMAT = "prismesh-task/1"
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TaskSpecError(ValueError):
+    """A task specification that is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA settings, in PEFT's own names so they map onto ``LoraConfig`` unchanged."""
+
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a participant needs to train and an aggregator needs to check and merge.
+
+    ``model_config`` carries the base model's ``config.json`` so an aggregator (or an auditor)
+    can check adapter shapes without holding the model's weights."""
+
+    base_model_id: str
+    base_model_sha256: str
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    model_config: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    strategy: str = "fedavg"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    norm_bound: float = 1.0e4
+    report_metrics: bool = True
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    format: str = SPEC_FORMAT
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.base_model_id, str) and self.base_model_id, "base_model_id", "a non-empty string")
+        h = self.base_model_sha256
+        _require(
+            isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h),
+            "base_model_sha256",
+            "64 lower-case hex characters",
+        )
+        lo = self.lora
+        _require(isinstance(lo.r, int) and lo.r >= 1, "lora.r", "an integer >= 1")
+        _require(isinstance(lo.lora_alpha, (int, float)) and lo.lora_alpha > 0, "lora.lora_alpha", "> 0")
+        _require(0.0 <= float(lo.lora_dropout) < 1.0, "lora.lora_dropout", "in [0, 1)")
+        _require(
+            len(lo.target_modules) > 0 and all(isinstance(m, str) and m for m in lo.target_modules),
+            "lora.target_modules",
+            "a non-empty list of module names",
+        )
+        _require(isinstance(self.model_config, dict), "model_config", "an object (the base model's config.json)")
+        _require(isinstance(self.train, dict), "train", "an object")
+        for key in ("rank", "alpha", "dropout", "target_modules"):
+            _require(key not in self.train, f"train.{key}", "absent (LoRA settings belong in 'lora')")
+        _require(isinstance(self.strategy, str) and self.strategy, "strategy", "a strategy name")
+        _require(isinstance(self.strategy_options, dict), "strategy_options", "an object")
+        _require(
+            isinstance(self.norm_bound, (int, float)) and math.isfinite(self.norm_bound) and self.norm_bound > 0,
+            "norm_bound",
+            "a finite number > 0",
+        )
+        _require(0.0 < float(self.test_fraction) < 1.0, "test_fraction", "in (0, 1)")
+        _require(self.format == SPEC_FORMAT, "format", f"{SPEC_FORMAT!r}")
+
+    @property
+    def base_model_hash(self) -> bytes:
+        """The 32 bytes stored on chain as the task's base-model hash."""
+        return bytes.fromhex(self.base_model_sha256)
+
+    def train_config(self) -> dict[str, Any]:
+        """The node trainer's configuration: the optimisation settings plus the LoRA shape."""
+        cfg = dict(self.train)
+        cfg.update(
+            rank=self.lora.r,
+            alpha=self.lora.lora_alpha,
+            dropout=self.lora.lora_dropout,
+            target_modules=list(self.lora.target_modules),
+        )
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lora"] = self.lora.to_dict()
+        return d
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON: the bytes whose CID goes on chain."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "task spec") -> TaskSpec:
+        if not isinstance(data, dict):
+            raise TaskSpecError(f"{where}: expected an object, got {type(data).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TaskSpecError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+        values = dict(data)
+        lora = values.pop("lora", {})
+        if not isinstance(lora, dict):
+            raise TaskSpecError(f"{where}: field 'lora' must be an object")
+        lora_known = set(LoraSpec.__dataclass_fields__)
+        bad = sorted(set(lora) - lora_known)
+        if bad:
+            raise TaskSpecError(f"{where}: unknown lora field(s) {bad}; known: {sorted(lora_known)}")
+        if "target_modules" in lora:
+            lora = {**lora, "target_modules": tuple(lora["target_modules"])}
+        try:
+            return cls(lora=LoraSpec(**lora), **values)
+        except TaskSpecError as exc:
+            raise TaskSpecError(f"{where}: {exc}") from None
+        except TypeError as exc:
+            raise TaskSpecError(f"{where}: {exc}") from None
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, where: str = "task spec") -> TaskSpec:
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TaskSpecError(f"{where}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, where)
+
+
+def _require(ok: bool, name: str, expected: str) -> None:
+    if not ok:
+        raise TaskSpecError(f"field {name!r} must be {expected}")
