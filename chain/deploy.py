@@ -20,7 +20,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from web3 import Web3
 
-from chain.toolchain import SOLC_VERSION, abi_hash, compile_contracts, repo_root
+from chain.toolchain import SOLC_VERSION, abi_hash, canonical_abi, compile_contracts, repo_root
 
 MANIFEST_FORMAT = 1
 CORE_CONTRACTS = ("RewardToken", "Registry", "Coordinator")
@@ -123,7 +123,7 @@ def build_manifest(
 ) -> Manifest:
     """Assemble a manifest (shared by the web3 deployer and the brownie script)."""
     addresses = {k: to_checksum_address(v) for k, v in sorted(addresses.items())}
-    abis = {k: abis[k] for k in sorted(addresses)}
+    abis = {k: canonical_abi(abis[k]) for k in sorted(addresses)}
     return Manifest(
         chain_id=int(chain_id),
         kind=kind,

@@ -372,10 +372,22 @@ def compile_contracts(
     return contracts
 
 
+def canonical_abi(abi: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ABI as solc emits it, entries sorted: tools add fields (brownie names the
+    constructor "constructor"), which must not change what a manifest records."""
+    out = []
+    for entry in abi:
+        e = dict(entry)
+        if e.get("type") in ("constructor", "fallback", "receive"):
+            e.pop("name", None)
+        out.append(e)
+    return sorted(out, key=lambda e: json.dumps(e, sort_keys=True, separators=(",", ":")))
+
+
 def abi_hash(abi: list[dict[str, Any]]) -> str:
-    """Order-independent sha256 of an ABI, so ABIs from different compilers' JSON compare."""
-    entries = sorted(json.dumps(e, sort_keys=True, separators=(",", ":")) for e in abi)
-    return "0x" + hashlib.sha256(("[" + ",".join(entries) + "]").encode()).hexdigest()
+    """sha256 of the canonical ABI, so ABIs from different tools' JSON compare equal."""
+    text = json.dumps(canonical_abi(abi), sort_keys=True, separators=(",", ":"))
+    return "0x" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
