@@ -89,6 +89,11 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         _say(f"      task finished: {state.status.name} in {fed_seconds:.1f} s")
         report = collect_report(fed, task_id, clients, spec)
         report["timing"] = {"federated_seconds": round(fed_seconds, 2)}
+        from aggregator.audit import audit_task
+
+        audit = audit_task(fed.w3, fed.manifest, fed.store, task_id, check_finality=finality)
+        report["audit"] = {"ok": audit.ok, "checks": len(audit.findings), "failures": [f.__dict__ for f in audit.failures()]}
+        _say(f"      audit from chain + store: {'PASS' if audit.ok else 'FAIL'} ({len(audit.findings)} checks)")
         if baselines:
             _say("[5/6] baselines: base model and single-client LoRA (same number of local epochs)")
             report["baselines"] = compute_baselines(base, clients, initial, spec, rounds)

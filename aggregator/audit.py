@@ -1,0 +1,186 @@
+"""``prismesh audit``: re-derive a task's whole history from the chain and the store alone.
+
+For every round it checks that each revealed adapter's bytes match its CID and its revealed
+sha256, that the aggregate is exactly what the task's strategy computes from the included
+adapters (same bytes, so the same CID), and that every finality certificate carries a quorum of
+valid validator signatures over the chain's own block hash. Nothing is taken from the daemons'
+local state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Finding:
+    """One check: what was checked, whether it held, and the detail an auditor needs."""
+
+    check: str
+    subject: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class AuditReport:
+    task_id: int
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.findings) and all(f.ok for f in self.findings)
+
+    def add(self, check: str, subject: str, ok: bool, detail: str = "") -> None:
+        self.findings.append(Finding(check, subject, ok, detail))
+
+    def failures(self) -> list[Finding]:
+        return [f for f in self.findings if not f.ok]
+
+    def render(self) -> str:
+        lines = [f"audit of task {self.task_id}: {'PASS' if self.ok else 'FAIL'} "
+                 f"({len(self.findings) - len(self.failures())}/{len(self.findings)} checks hold)"]
+        for f in self.findings:
+            mark = "ok  " if f.ok else "FAIL"
+            lines.append(f"  {mark} {f.check:<22} {f.subject}" + (f" — {f.detail}" if f.detail else ""))
+        return "\n".join(lines)
+
+
+def _sha256(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finality: bool = True) -> AuditReport:
+    """Run every check for ``task_id``; never raises on a failed check, only records it."""
+    from aggregator.adapters import load_adapter, save_adapter
+    from aggregator.strategies import ClientUpdate, get_strategy
+    from chain.contracts import Coordinator
+    from chain.storage import StorageError, cid_of_path, fetch_adapter
+    from chain.taskspec import TaskSpec
+
+    report = AuditReport(task_id)
+    coord = Coordinator.read_only(manifest, w3)
+    start = manifest.deploy_block
+    params = coord.get_task_params(task_id)
+    try:
+        spec = TaskSpec.from_bytes(store.cat(params.hyper_params_cid))
+        report.add("task spec", params.hyper_params_cid, spec.base_model_hash == bytes(params.base_model_hash),
+                   "base-model hash matches the chain" if spec.base_model_hash == bytes(params.base_model_hash)
+                   else "base-model hash differs from the chain's")
+    except Exception as exc:  # noqa: BLE001 - recorded as a failed check
+        report.add("task spec", params.hyper_params_cid, False, str(exc))
+        return report
+
+    opened = {ev.round: ev for ev in coord.get_events("RoundOpened", start, taskId=task_id)}
+    reveals: dict[int, dict[str, Any]] = {}
+    for ev in coord.get_events("UpdateRevealed", start, taskId=task_id):
+        reveals.setdefault(ev.round, {})[ev.client] = ev
+    accepted = coord.get_events("AggregateAccepted", start, taskId=task_id)
+    if not accepted:
+        report.add("rounds", f"task {task_id}", False, "no accepted aggregate on chain")
+
+    with tempfile.TemporaryDirectory(prefix="prismesh-audit-") as tmp:
+        work = Path(tmp)
+        adapters: dict[str, Any] = {}
+        for r, by_client in sorted(reveals.items()):
+            for client, ev in sorted(by_client.items()):
+                subject = f"round {r} {client} {ev.cid}"
+                try:
+                    d = fetch_adapter(store, ev.cid, work / "updates" / ev.cid)
+                except StorageError as exc:
+                    report.add("adapter vs CID", subject, False, str(exc))
+                    continue
+                report.add("adapter vs CID", subject, True)
+                digest = _sha256(d / "adapter_model.safetensors")
+                report.add("adapter vs sha256", subject, digest == bytes(ev.sha256),
+                           "" if digest == bytes(ev.sha256) else f"stored {digest.hex()} != revealed {bytes(ev.sha256).hex()}")
+                adapters[ev.cid] = d
+
+        strategy = get_strategy(spec.strategy, **spec.strategy_options)
+        for acc in accepted:
+            r = acc.round
+            subject = f"round {r} aggregate {acc.aggregate_cid}"
+            missing = [c for c in acc.included if c not in reveals.get(r, {})]
+            if missing:
+                report.add("included revealed", subject, False, f"included without a reveal: {missing}")
+                continue
+            refs = [reveals[r][c] for c in acc.included]
+            if any(ref.cid not in adapters for ref in refs):
+                report.add("aggregate recomputed", subject, False, "an included adapter could not be fetched intact")
+                continue
+            try:
+                global_cid = opened[r].global_adapter_cid if r in opened else ""
+                glob = load_adapter(fetch_adapter(store, global_cid, work / "global" / global_cid)) if global_cid else None
+                updates = [ClientUpdate(ref.client, int(ref.num_samples), load_adapter(adapters[ref.cid])) for ref in refs]
+                result = strategy.aggregate(updates, glob)
+                out = save_adapter(result.adapter, work / "recomputed" / f"round{r}")
+                cid = cid_of_path(out)
+            except Exception as exc:  # noqa: BLE001 - recorded as a failed check
+                report.add("aggregate recomputed", subject, False, f"{type(exc).__name__}: {exc}")
+                continue
+            same = cid == acc.aggregate_cid
+            report.add("aggregate recomputed", subject, same, "" if same else f"recomputed CID {cid}")
+            digest = _sha256(out / "adapter_model.safetensors")
+            report.add("aggregate sha256", subject, digest == bytes(acc.aggregate_sha256))
+            try:
+                store.verify(acc.aggregate_cid)
+                report.add("aggregate stored", subject, True)
+            except StorageError as exc:
+                report.add("aggregate stored", subject, False, str(exc))
+
+    if check_finality:
+        _audit_finality(w3, manifest, report, [a.block_number for a in accepted])
+    return report
+
+
+def _audit_finality(w3: Any, manifest: Any, report: AuditReport, accepted_blocks: list[int]) -> None:
+    """Every BlockFinalized certificate: quorum of distinct validator signatures, real block hash."""
+    from eth_keys import keys as eth_keys
+
+    from chain.finality import FinalityGadgetClient, commit_digest
+
+    if not manifest.finality_gadget:
+        report.add("finality", "deployment", False, "the manifest names no finality gadget")
+        return
+    gadget = FinalityGadgetClient(w3, manifest.finality_gadget)
+    validators = set(gadget.validators())
+    quorum = gadget.quorum()
+    events = gadget.contract.events.BlockFinalized.get_logs(from_block=manifest.deploy_block)
+    heights = []
+    for log in events:
+        tx = w3.eth.get_transaction(log["transactionHash"])
+        _, args = gadget.contract.decode_function_input(tx["input"])
+        height, block_hash, view = int(args["height"]), bytes(args["blockHash"]), int(args["viewNumber"])
+        subject = f"height {height}"
+        digest = commit_digest(int(w3.eth.chain_id), gadget.address, height, block_hash, view)
+        signers = set()
+        bad = []
+        for claimed, sig in zip(args["signers"], args["signatures"], strict=True):
+            sig = bytes(sig)
+            try:
+                v = sig[64] - 27 if sig[64] >= 27 else sig[64]
+                pub = eth_keys.Signature(vrs=(v, int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big"))).recover_public_key_from_msg_hash(digest)
+                who = pub.to_checksum_address()
+            except Exception:  # noqa: BLE001 - a malformed signature is a failed check
+                bad.append(claimed)
+                continue
+            if who != claimed or who not in validators:
+                bad.append(claimed)
+            else:
+                signers.add(who)
+        chain_hash = bytes(w3.eth.get_block(height)["hash"])
+        ok = len(signers) >= quorum and not bad and chain_hash == block_hash
+        detail = f"{len(signers)}/{len(validators)} valid signatures (quorum {quorum})"
+        if bad:
+            detail += f"; invalid from {bad}"
+        if chain_hash != block_hash:
+            detail += f"; block hash {block_hash.hex()} != chain's {chain_hash.hex()}"
+        report.add("finality certificate", subject, ok, detail)
+        heights.append(height)
+    top = max(heights, default=0)
+    for b in accepted_blocks:
+        report.add("aggregate final", f"block {b}", b <= top, f"final height {top}")
