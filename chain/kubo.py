@@ -216,7 +216,8 @@ class KuboStore(Store):
                 url, params=params or [], data=data, headers=headers, timeout=self.timeout
             )
         except requests.RequestException as exc:
-            raise StorageError(f"Kubo RPC {url} failed: {exc}", cid=cid) from None
+            subject = f" for {cid}" if cid else ""
+            raise StorageError(f"Kubo RPC {url} failed{subject}: {exc}", cid=cid) from None
         if response.status_code != 200:
             message = response.text.strip()
             try:
