@@ -125,12 +125,11 @@ def _validators(spec: str) -> list[str]:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from web3 import HTTPProvider, Web3
-
     from chain.deploy import default_manifest_path, deploy
+    from chain.devnet import http_web3
     from chain.identity import IdentityError, load_account
 
-    w3 = Web3(HTTPProvider(args.rpc_url, request_kwargs={"timeout": 60}))
+    w3 = http_web3(args.rpc_url)
     try:
         chain_id = int(w3.eth.chain_id)
     except Exception as exc:

@@ -816,24 +816,28 @@ class TxSender:
         """Fill nonce, gas and fees into ``tx``, sign, send, wait; raise on revert."""
         tx = dict(tx)
         tx["from"] = self.account.address
-        tx.setdefault("chainId", self.chain_id)
-        tx["nonce"] = self.w3.eth.get_transaction_count(self.account.address, "pending")
+        tx.setdefault("value", 0)
         if "gas" not in tx:
+            # Estimate without chainId/nonce: web3's validation would add an eth_chainId call.
+            probe = {k: tx[k] for k in ("from", "to", "data", "value") if k in tx}
             try:
-                estimate = self.w3.eth.estimate_gas(tx)  # type: ignore[arg-type]
+                estimate = self.w3.eth.estimate_gas(probe)  # type: ignore[arg-type]
             except (ContractLogicError, Web3RPCError, ValueError, TesterTransactionFailed) as exc:
                 raise self._decode_exc(exc, contract, function) from exc
             tx["gas"] = int(estimate * 1.2) + 10_000
-            block_limit = int(self.w3.eth.get_block("latest")["gasLimit"])
-            tx["gas"] = min(tx["gas"], block_limit)
         if "maxFeePerGas" not in tx and "gasPrice" not in tx:
-            base = int(self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0)
+            block = self.w3.eth.get_block("latest")
+            tx["gas"] = min(int(tx["gas"]), int(block["gasLimit"]))
             tip = 10**9
             tx["maxPriorityFeePerGas"] = tip
-            tx["maxFeePerGas"] = 2 * base + tip
+            tx["maxFeePerGas"] = 2 * int(block.get("baseFeePerGas", 0) or 0) + tip
+        tx["nonce"] = self.w3.eth.get_transaction_count(self.account.address, "pending")
+        tx.setdefault("chainId", self.chain_id)
         signed = self.account.sign_transaction(tx)
         tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.timeout)
+        receipt = self.w3.eth.wait_for_transaction_receipt(
+            tx_hash, timeout=self.timeout, poll_latency=0.05
+        )
         if receipt["status"] != 1:
             raise self._replay_failure(tx, receipt, contract, function)
         return receipt
@@ -889,6 +893,18 @@ class TxSender:
 C = TypeVar("C", bound="ContractClient")
 
 
+_DECODERS: dict[tuple[str, ...], ErrorDecoder] = {}
+
+
+def _decoder_for(manifest: Manifest) -> ErrorDecoder:
+    """One ErrorDecoder per set of ABIs (building one hashes every error signature)."""
+    key = tuple(sorted(manifest.abi_hashes.values()))
+    dec = _DECODERS.get(key)
+    if dec is None:
+        dec = _DECODERS[key] = ErrorDecoder(manifest.abis.values())
+    return dec
+
+
 class ContractClient:
     """Base of the typed clients: one deployed contract, an optional sender, event decoding."""
 
@@ -904,7 +920,7 @@ class ContractClient:
         self.address = to_checksum_address(manifest.addresses[self.NAME])
         self.abi = manifest.abis[self.NAME]
         self.contract = w3.eth.contract(address=self.address, abi=self.abi)
-        self.decoder = ErrorDecoder(manifest.abis.values())
+        self.decoder = _decoder_for(manifest)
         self.sender = sender
         self._tx = TxSender(w3, sender, self.decoder) if sender is not None else None
 
