@@ -305,8 +305,9 @@ class EmbeddedStore(Store):
     """Local persistent blockstore: ``blocks/<shard>/<KEY>.data`` plus ``pins.json``.
 
     Blocks are keyed by their multihash in upper-case base32 (Kubo's flatfs naming), so the
-    same bytes added as CIDv0 and CIDv1 are stored once. Each block file is written to a temp
-    file and renamed; whatever happens to the disk later is caught by the re-hash on read.
+    same bytes added as CIDv0 and CIDv1 are stored once; the shard is the key's next-to-last
+    character (32 directories, created once). Each block file is written to a temp file and
+    renamed; whatever happens to the disk later is caught by the re-hash on read.
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None):
@@ -314,6 +315,7 @@ class EmbeddedStore(Store):
         self.blocks_dir = self.root / "blocks"
         self.pins_file = self.root / "pins.json"
         self.blocks_dir.mkdir(parents=True, exist_ok=True)
+        self._shards: set[str] = set()
 
     def __repr__(self) -> str:
         return f"EmbeddedStore({str(self.root)!r})"
@@ -322,14 +324,16 @@ class EmbeddedStore(Store):
     def block_path(self, cid: str | bytes) -> Path:
         mh = unixfs.cid_multihash(_cid_bytes(cid))
         key = base64.b32encode(mh).decode("ascii").rstrip("=")
-        return self.blocks_dir / key[-3:-1] / f"{key}.data"
+        return self.blocks_dir / key[-2] / f"{key}.data"
 
     def _put_block(self, cid: bytes, data: bytes) -> None:
         path = self.block_path(cid)
         with contextlib.suppress(FileNotFoundError):
             if path.stat().st_size == len(data):
                 return
-        path.parent.mkdir(exist_ok=True)
+        if path.parent.name not in self._shards:
+            path.parent.mkdir(exist_ok=True)
+            self._shards.add(path.parent.name)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
