@@ -188,9 +188,10 @@ class Store(ABC):
                 f"{unixfs.cid_to_str(node.cid)} is a {node.kind}, not a file",
                 cid=unixfs.cid_to_str(node.cid),
             )
-        yield from self._iter_node(node)
+        for piece in self._iter_node(node):
+            yield piece if isinstance(piece, bytes) else bytes(piece)
 
-    def _iter_node(self, node: Node) -> Iterator[bytes]:
+    def _iter_node(self, node: Node) -> Iterator[bytes | memoryview]:
         if node.data:
             yield node.data
         for link, expected in zip(node.links, node.blocksizes, strict=True):
@@ -242,7 +243,7 @@ class Store(ABC):
                 _check_entry_name(link.name, node)
                 self._materialize(self.node(link.cid), target / link.name)
         elif node.kind == "symlink":
-            os.symlink(node.data.decode("utf-8"), target)
+            os.symlink(bytes(node.data).decode("utf-8"), target)
         else:  # pragma: no cover - decode_node only yields the kinds above
             raise StorageError(f"cannot write a {node.kind}", cid=unixfs.cid_to_str(node.cid))
 

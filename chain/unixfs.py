@@ -210,7 +210,7 @@ class PBLink:
 @dataclass
 class PBNode:
     links: list[PBLink] = field(default_factory=list)
-    data: bytes | None = None
+    data: bytes | memoryview | None = None
 
 
 def encode_pbnode(links: Iterable[PBLink], data: bytes | None) -> bytes:
@@ -246,7 +246,7 @@ def decode_pbnode(block: bytes | memoryview) -> PBNode:
                 raise UnixFSError("dag-pb link without a hash")
             node.links.append(PBLink(cid, name, tsize))
         elif field_no == 1 and wire == 2:
-            node.data = bytes(value)  # type: ignore[arg-type]
+            node.data = value  # type: ignore[assignment]  # a view: leaves are not copied
         else:
             raise UnixFSError(f"unexpected dag-pb field {field_no}")
     return node
@@ -255,7 +255,7 @@ def decode_pbnode(block: bytes | memoryview) -> PBNode:
 @dataclass
 class UnixFSData:
     type: int
-    data: bytes | None = None
+    data: bytes | memoryview | None = None
     filesize: int | None = None
     blocksizes: list[int] = field(default_factory=list)
 
@@ -283,7 +283,7 @@ def decode_unixfs(buf: bytes | memoryview) -> UnixFSData:
         if field_no == 1 and wire == 0:
             result.type = int(value)  # type: ignore[arg-type]
         elif field_no == 2 and wire == 2:
-            result.data = bytes(value)  # type: ignore[arg-type]
+            result.data = value  # type: ignore[assignment]  # a view into the block
         elif field_no == 3 and wire == 0:
             result.filesize = int(value)  # type: ignore[arg-type]
         elif field_no == 4 and wire == 0:
@@ -535,7 +535,7 @@ class Node:
     cid: bytes
     kind: str
     links: list[PBLink]
-    data: bytes
+    data: bytes | memoryview
     filesize: int
     blocksizes: list[int]
 
