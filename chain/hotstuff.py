@@ -40,6 +40,7 @@ code runs in the seeded simulation and beside the real chain.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -124,6 +125,7 @@ def genesis_qc(genesis: Node) -> QC:
     return QC(GENESIS_VIEW, genesis.node_id)
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def vote_digest(domain: bytes, view: int, node_id: bytes) -> bytes:
     """What a validator signs when it votes: domain-separated by committee and view."""
     return keccak(_VOTE_TAG + domain + view.to_bytes(8, "big") + node_id)
@@ -301,7 +303,9 @@ class Replica:
         self.committed_log: list[Node] = [genesis]
         self._committed_ids: set[bytes] = {genesis.node_id}
         self._votes: dict[tuple[int, bytes], dict[int, bytes]] = {}
-        self._new_views: dict[int, dict[int, QC]] = {}
+        # Highest NewView view heard from each validator: a NewView for w also gives up on
+        # every view below w, so support for view v counts senders whose NewView is >= v.
+        self._new_views: dict[int, int] = {}
         self._sent_new_view = GENESIS_VIEW
         self._proposed_views: set[int] = set()
         self._valid_qcs: set[tuple] = {self.high_qc.key()}
@@ -309,6 +313,7 @@ class Replica:
         self._missing: set[bytes] = set()
         self._failed_views = 0
         self._announced_view = GENESIS_VIEW
+        self._last_sent: list[Message] = []  # this view's proposal and vote, resent on timeout
 
     # ----------------------------------------------------------------- entry points
 
@@ -330,8 +335,13 @@ class Replica:
         if view != self.view:
             return out
         self._failed_views += 1
-        target = self.view + 1
-        self._send_new_view(target, out)
+        # Resend this view's proposal and vote (lossy links), then ask to move on.
+        for message in self._last_sent:
+            if getattr(message, "view", None) == self.view or (
+                isinstance(message, Proposal) and message.node.view == self.view
+            ):
+                out.append(Send(None, message))
+        self._send_new_view(max(self.view + 1, self._sent_new_view), out)
         if self._missing:
             out.append(Send(None, FetchRequest(tuple(sorted(self._missing)))))
         out.append(SetTimer(self.view, self._timeout()))
@@ -347,6 +357,7 @@ class Replica:
         payload = self.ledger.tip_extending(parent.payload)
         node = Node(view, parent.node_id, payload, self.high_qc, self.index)
         out.append(Send(None, Proposal(node)))
+        self._last_sent = [Proposal(node)]
         self._on_proposal(self.index, node, out)
         return out
 
@@ -398,6 +409,7 @@ class Replica:
             return
         parent = self.nodes[node.parent_id]
         payload_ok = self.ledger.extends(parent.payload, node.payload)
+        known = node.node_id in self.nodes
         self.nodes.setdefault(node.node_id, node)
         self._update(node.justify, out)
         if node.view > self.view:
@@ -413,7 +425,13 @@ class Replica:
             digest = vote_digest(self.validators.domain, node.view, node.node_id)
             vote = Vote(node.view, node.node_id, self.index, self.signer.sign_vote(digest))
             out.append(Send(None, vote))
+            self._last_sent = [m for m in self._last_sent if isinstance(m, Proposal)] + [vote]
             self._on_vote(self.index, vote, out)
+        if not known:
+            # Votes may have outrun the proposal, and fetches may have waited for this node.
+            self._form_qc(node.view, node.node_id, out)
+            if node.node_id in self._missing:
+                self._retry_pending(out)
 
     def _on_vote(self, sender: int, vote: Vote, out: list[Action]) -> None:
         if sender != vote.voter or not 0 <= vote.voter < self.validators.n:
@@ -424,16 +442,28 @@ class Replica:
         if vote.voter in votes:
             return
         digest = vote_digest(self.validators.domain, vote.view, vote.node_id)
-        if not self.validators.verify(self.validators.public_keys[vote.voter], digest, vote.signature):
+        if not self.validators.verify(
+            self.validators.public_keys[vote.voter], digest, vote.signature
+        ):
             return
         votes[vote.voter] = vote.signature
-        if len(votes) == self.validators.quorum:
+        if len(votes) < self.validators.quorum:
+            return
+        if vote.node_id in self.nodes:
+            self._form_qc(vote.view, vote.node_id, out)
+        elif len(votes) == self.validators.quorum:
             qc = QC(vote.view, vote.node_id, tuple(sorted(votes.items())))
             self._valid_qcs.add(qc.key())
-            if vote.node_id in self.nodes:
-                self._update(qc, out)
-            else:
-                self._wait_for(sender, _LearnQC(qc), (vote.node_id,), out)
+            self._wait_for(sender, _LearnQC(qc), (vote.node_id,), out)
+
+    def _form_qc(self, view: int, node_id: bytes, out: list[Action]) -> None:
+        """If a quorum voted for a known node that is newer than ``high_qc``, certify it."""
+        votes = self._votes.get((view, node_id), {})
+        if len(votes) < self.validators.quorum or view <= self.high_qc.view:
+            return
+        qc = QC(view, node_id, tuple(sorted(votes.items()))[: self.validators.quorum])
+        self._valid_qcs.add(qc.key())
+        self._update(qc, out)
 
     def _on_new_view(self, sender: int, msg: NewView, out: list[Action]) -> None:
         if not 0 <= sender < self.validators.n or msg.view <= msg.high_qc.view:
@@ -444,14 +474,17 @@ class Replica:
             self._wait_for(sender, msg, (msg.high_qc.node_id,), out)
             return
         self._update(msg.high_qc, out)
-        if msg.view < self.view:
-            return
-        senders = self._new_views.setdefault(msg.view, {})
-        senders[sender] = msg.high_qc
-        if msg.view > self.view and len(senders) >= self.validators.f + 1:
-            self._send_new_view(msg.view, out)
-        if msg.view > self.view and len(senders) >= self.validators.quorum:
-            self._enter_view(msg.view, out)
+        if msg.view > self._new_views.get(sender, GENESIS_VIEW):
+            self._new_views[sender] = msg.view
+        wished = sorted(self._new_views.values(), reverse=True)
+        f, quorum = self.validators.f, self.validators.quorum
+        # f + 1 validators gave up on views below ``join``: at least one is correct, so join.
+        if len(wished) > f and wished[f] > max(self.view, self._sent_new_view):
+            self._send_new_view(wished[f], out)
+            wished = sorted(self._new_views.values(), reverse=True)
+        # 2f + 1 gave up on views below ``enter``: enter it.
+        if len(wished) >= quorum and wished[quorum - 1] > self.view:
+            self._enter_view(wished[quorum - 1], out)
         self._maybe_ready(out)
 
     def _on_fetch_request(self, sender: int, msg: FetchRequest, out: list[Action]) -> None:
@@ -477,10 +510,19 @@ class Replica:
                 continue
             if node.node_id != node_hash(node) or not self._qc_valid(node.justify):
                 continue
-            self.nodes[node.node_id] = node
+            self._insert(node, out)
             added = True
-        if not added:
+        if added:
+            self._retry_pending(out)
+
+    def _insert(self, node: Node, out: list[Action]) -> None:
+        """Store a validated node; certify it if its votes arrived first."""
+        if node.node_id in self.nodes:
             return
+        self.nodes[node.node_id] = node
+        self._form_qc(node.view, node.node_id, out)
+
+    def _retry_pending(self, out: list[Action]) -> None:
         self._missing = {m for m in self._missing if m not in self.nodes}
         pending, self._pending = self._pending, []
         for sender, message in pending:
@@ -552,16 +594,16 @@ class Replica:
         if view < self._sent_new_view:
             return
         self._sent_new_view = view
-        msg = NewView(view, self.high_qc)
-        out.append(Send(None, msg))
-        self._new_views.setdefault(view, {})[self.index] = self.high_qc
+        out.append(Send(None, NewView(view, self.high_qc)))
+        self._new_views[self.index] = view
 
     def _can_propose(self, view: int) -> bool:
         if view != self.view or not self.is_leader(view) or view in self._proposed_views:
             return False
         if self.high_qc.view == view - 1:
             return True
-        return len(self._new_views.get(view, {})) >= self.validators.quorum
+        support = sum(1 for wished in self._new_views.values() if wished >= view)
+        return support >= self.validators.quorum
 
     def _maybe_ready(self, out: list[Action]) -> None:
         # The QCs carried by NewViews were already adopted by ``_update`` when they arrived.
@@ -605,7 +647,6 @@ class Replica:
         """Forget votes and NewViews for views that can no longer matter."""
         floor = self.high_qc.view
         self._votes = {k: v for k, v in self._votes.items() if k[0] > floor}
-        self._new_views = {k: v for k, v in self._new_views.items() if k > floor}
         self._proposed_views = {v for v in self._proposed_views if v >= self.view}
         if len(self._valid_qcs) > 4096:
             self._valid_qcs = {self.high_qc.key()}

@@ -129,6 +129,7 @@ class EventLoop:
         realtime: bool = False,
         propose_delay: Callable[[int, int], float] | None = None,
         on_commit: CommitHook | None = None,
+        observer: Callable[[int, Action], None] | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("an event loop needs at least one endpoint")
@@ -137,6 +138,7 @@ class EventLoop:
         self.realtime = realtime
         self.propose_delay = propose_delay or (lambda _ep, _view: 0.0)
         self.on_commit = on_commit
+        self.observer = observer
         self._queue: list[tuple[float, int, str, int, Any]] = []
         self._seq = 0
         self._t0 = time.monotonic()
@@ -180,6 +182,8 @@ class EventLoop:
     def _execute(self, ep_index: int, actions: list[Action]) -> None:
         now = self.now()
         for action in actions:
+            if self.observer is not None:
+                self.observer(ep_index, action)
             if isinstance(action, Send):
                 sender = self.endpoints[ep_index].validator
                 for target in self._targets(ep_index, action.to):
