@@ -64,7 +64,6 @@ from chain.hotstuff import (
 from chain.transport import Endpoint, EventLoop, NetworkConditions, Partition, SimNetwork
 
 FAULT_KINDS = ("silent", "equivocate", "double_vote", "fork_vote", "byzantine", "twins")
-DEVNET_VALIDATOR_SEED = "prismesh-devnet"
 
 
 # --------------------------------------------------------------------------- ledgers
@@ -766,28 +765,31 @@ class Committee:
         )
 
 
-def devnet_validator_keys(n: int = 4, seed: str = DEVNET_VALIDATOR_SEED) -> list[ValidatorKey]:
-    """The devnet's deterministic committee keys (deploy the gadget with their addresses)."""
-    return generate_validator_keys(n, seed=seed.encode())
+VALIDATOR_ACCOUNT_OFFSET = 16
 
 
-def gadget_address_from_manifest(manifest: Mapping[str, Any]) -> str:
-    """The FinalityGadget address recorded in a deployment manifest under ``finality_gadget``."""
-    entry = manifest.get("finality_gadget")
-    if entry is None and isinstance(manifest.get("contracts"), Mapping):
-        entry = manifest["contracts"].get("finality_gadget") or manifest["contracts"].get(
-            "FinalityGadget"
-        )
-    if isinstance(entry, Mapping):
-        entry = entry.get("address")
+def devnet_validator_keys(devnet: Any, n: int = 4) -> list[ValidatorKey]:
+    """The devnet committee's keys: dev accounts 16 .. 16 + n - 1 (as ``prismesh deploy`` uses)."""
+    accounts = devnet.accounts[VALIDATOR_ACCOUNT_OFFSET : VALIDATOR_ACCOUNT_OFFSET + n]
+    if len(accounts) != n:
+        raise ValueError(f"the devnet has {len(devnet.accounts)} accounts; {n} validators need "
+                         f"accounts {VALIDATOR_ACCOUNT_OFFSET}..{VALIDATOR_ACCOUNT_OFFSET + n - 1}")
+    return [ValidatorKey(bytes(a.key)) for a in accounts]
+
+
+def gadget_address_from_manifest(manifest: Any) -> str:
+    """The FinalityGadget address of a deployment manifest (``Manifest`` or its JSON dict)."""
+    entry = getattr(manifest, "finality_gadget", None)
+    if entry is None and isinstance(manifest, Mapping):
+        entry = manifest.get("finality_gadget")
     if not isinstance(entry, str):
-        raise KeyError("the deployment manifest has no finality_gadget address")
+        raise KeyError("the deployment manifest has no finality_gadget (deploy with validators)")
     return to_checksum_address(entry)
 
 
 def start_committee_thread(
     devnet: Any,
-    manifest: Mapping[str, Any],
+    manifest: Any,
     *,
     keys: Sequence[ValidatorKey] | None = None,
     submitter: Any = None,
@@ -795,10 +797,11 @@ def start_committee_thread(
 ) -> Committee:
     """Start the committee beside anvil; ``devnet`` has ``.w3`` and ``.accounts``. Call ``.stop()``.
 
-    The submitter defaults to the devnet's last funded account, which nothing else should use.
+    The submitter defaults to validator 0's own account (dev account 16), which nothing else
+    sends from, so its nonces cannot race with other users of the devnet.
     """
-    keys = list(keys) if keys is not None else devnet_validator_keys()
-    submitter = submitter if submitter is not None else devnet.accounts[-1]
+    keys = list(keys) if keys is not None else devnet_validator_keys(devnet)
+    submitter = submitter if submitter is not None else devnet.accounts[VALIDATOR_ACCOUNT_OFFSET]
     committee = Committee(
         devnet.w3,
         gadget_address_from_manifest(manifest),
@@ -813,12 +816,12 @@ def start_committee_thread(
 
 def in_process_committee(
     devnet: Any,
-    manifest: Mapping[str, Any],
+    manifest: Any,
     *,
     keys: Sequence[ValidatorKey] | None = None,
     submitter: Any = None,
 ) -> Committee:
     """The committee for the embedded chain: call ``run_until_final()`` after mining."""
-    keys = list(keys) if keys is not None else devnet_validator_keys()
-    submitter = submitter if submitter is not None else devnet.accounts[-1]
+    keys = list(keys) if keys is not None else devnet_validator_keys(devnet)
+    submitter = submitter if submitter is not None else devnet.accounts[VALIDATOR_ACCOUNT_OFFSET]
     return Committee(devnet.w3, gadget_address_from_manifest(manifest), keys, submitter)

@@ -240,7 +240,11 @@ def decode_revert(abi: Sequence[dict[str, Any]], data: bytes | str | None) -> Ga
     if entry is None:
         return None
     name, types = entry
-    return GadgetRevert(name, tuple(abi_decode(types, bytes(data[4:]))))
+    values = abi_decode(types, bytes(data[4:]))
+    return GadgetRevert(
+        name,
+        tuple(to_checksum_address(v) if t == "address" else v for t, v in zip(types, values, strict=True)),
+    )
 
 
 def _revert_data(exc: BaseException) -> str | bytes | None:
