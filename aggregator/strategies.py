@@ -17,9 +17,11 @@ order give a byte-identical aggregate and so the same CID.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -207,32 +209,105 @@ def _global_tensor(global_adapter: Adapter | None, key: str, shape: tuple) -> np
     return g
 
 
+_BLAS_THREADS: tuple[Any, Any] | None | bool = False  # False: not looked up yet
+
+
+def _openblas_threads() -> tuple[Any, Any] | None:
+    """numpy's OpenBLAS thread getter/setter, found among the loaded libraries (Linux), or None."""
+    global _BLAS_THREADS
+    if _BLAS_THREADS is False:
+        _BLAS_THREADS = None
+        try:
+            with open("/proc/self/maps", encoding="utf-8") as fh:
+                paths = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower()})
+        except OSError:
+            paths = []
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for stem in (
+                "scipy_openblas_{}64_",
+                "openblas_{}64_",
+                "scipy_openblas_{}",
+                "openblas_{}",
+            ):
+                get = getattr(lib, stem.format("get_num_threads"), None)
+                set_ = getattr(lib, stem.format("set_num_threads"), None)
+                if get is not None and set_ is not None:
+                    get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                    _BLAS_THREADS = (get, set_)
+                    return _BLAS_THREADS
+    return _BLAS_THREADS or None
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Run numpy's BLAS/LAPACK on one thread inside the block.
+
+    The factorizations here are tall and skinny (out × N·r), where threads gain little, while a
+    multi-threaded OpenBLAS on a busy host can be 30× slower (spinning threads) and its results
+    depend on the thread count; one thread keeps them fast and bit-reproducible.
+    """
+    threads = _openblas_threads()
+    if threads is None:
+        yield
+        return
+    get, set_ = threads
+    before = get()
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
 def _fix_signs(u: np.ndarray, v: np.ndarray) -> None:
     """Make the largest-magnitude entry of each column of ``u`` positive (flipping ``v`` too).
 
-    Singular vectors are defined up to sign; pinning it makes the factors reproducible.
+    Singular vectors are defined up to sign; pinning it makes the factors reproducible. A zero
+    column of ``u`` (a null direction) takes its sign from ``v`` instead.
     """
     if u.shape[1] == 0:
         return
-    idx = np.argmax(np.abs(u), axis=0)
-    signs = np.sign(u[idx, np.arange(u.shape[1])])
-    signs[signs == 0] = 1.0
+    cols = np.arange(u.shape[1])
+    ref = np.where(np.abs(u).max(axis=0) > 0, u[np.argmax(np.abs(u), axis=0), cols], 0.0)
+    ref = np.where(ref == 0, v[np.argmax(np.abs(v), axis=0), cols], ref)
+    signs = np.where(ref < 0, -1.0, 1.0)
     u *= signs
     v *= signs
 
 
-def lowrank_svd(b_cat: np.ndarray, a_cat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Thin SVD of ``b_cat @ a_cat`` (out×K times K×in, K small) without forming the product.
+def lowrank_svd(
+    b_cat: np.ndarray, a_cat: np.ndarray, rank: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Leading ``rank`` singular triplets of ``b_cat @ a_cat`` (out×K · K×in, K small), and all
+    its singular values, without forming the out×in product.
 
-    QR of both factors reduces it to the SVD of a K×K matrix: B = Q_b R_b, Aᵀ = Q_a R_a, so
-    B·A = Q_b (R_b R_aᵀ) Q_aᵀ. Exact in exact arithmetic and O((out+in)·K²) instead of
-    O(out·in·min(out, in)). Returns U (out×k), S (k,), V (in×k) with signs pinned.
+    With B = Q_b R_b and Aᵀ = Q_a R_a (QR), B·A = Q_b (R_b R_aᵀ) Q_aᵀ, so the singular values are
+    those of the K×K core M = U_m S V_mᵀ. The leading vectors follow without forming Q:
+    U_k S_k = B·R_aᵀ·V_m,k and V_k S_k = Aᵀ·R_bᵀ·U_m,k. Cost O((out+in)·K²) instead of
+    O(out·in·min(out, in)) for a dense SVD. Directions whose singular value is at rounding level
+    are null: their U column is zero and their V column comes from Q_a (an orthonormal
+    completion). Returns U (out×k), S (all), V (in×k), k = min(rank, len(S)), signs pinned.
     """
-    q_b, r_b = np.linalg.qr(b_cat)
-    q_a, r_a = np.linalg.qr(a_cat.T)
+    r_b = np.linalg.qr(b_cat, mode="r")
+    r_a = np.linalg.qr(a_cat.T, mode="r")
     u_m, s, vt_m = np.linalg.svd(r_b @ r_a.T)
-    u = q_b @ u_m
-    v = q_a @ vt_m.T
+    k = min(rank, s.size)
+    tol = (s[0] if s.size else 0.0) * max(*b_cat.shape, *a_cat.shape) * np.finfo(np.float64).eps
+    live = s[:k] > tol
+    us = b_cat @ (r_a.T @ vt_m[:k].T)
+    vs = a_cat.T @ (r_b.T @ u_m[:, :k])
+    u = np.zeros_like(us)
+    v = np.zeros_like(vs)
+    u[:, live] = us[:, live] / s[:k][live]
+    v[:, live] = vs[:, live] / s[:k][live]
+    if not live.all():
+        q_a = np.linalg.qr(a_cat.T)[0]
+        v_all = q_a @ vt_m[:k].T
+        v[:, ~live] = v_all[:, ~live]
     _fix_signs(u, v)
     return u, s, v
 
@@ -268,52 +343,65 @@ class FedAvgExact(Strategy):
         modules = ordered[0].adapter.lora_modules()
         pair_keys = {m + s for m in modules for s in (LORA_A_SUFFIX, LORA_B_SUFFIX)}
         out: dict[str, np.ndarray] = {}
-        errors: dict[str, float] = {}
-        tail_total, norm_total = 0.0, 0.0
+        errors: dict[str, tuple[float, float]] = {}
         for key in sorted(set(ordered[0].adapter.tensors) - pair_keys):
             mean, dtype = _weighted_mean(ordered, w, key)
             out[key] = mean.astype(dtype)
-        for m in modules:
-            b_cat = np.concatenate(
-                [
-                    (wi * u.adapter.scaling(m))
-                    * np.asarray(u.adapter.tensors[m + LORA_B_SUFFIX], np.float64)
-                    for wi, u in zip(w, ordered, strict=True)
-                ],
-                axis=1,
-            )
-            a_cat = np.concatenate(
-                [np.asarray(u.adapter.tensors[m + LORA_A_SUFFIX], np.float64) for u in ordered],
-                axis=0,
-            )
-            r, _ = out_spec.rank_alpha(m)
-            scale = out_spec.scaling(m)
-            u_, s_, v_ = lowrank_svd(b_cat, a_cat)
-            k = min(r, s_.size)
-            head, tail = s_[:k], s_[k:]
-            if self.split == "balanced":
-                root = np.sqrt(head / scale)
-                b_new, a_new = u_[:, :k] * root, root[:, None] * v_[:, :k].T
-            else:
-                b_new, a_new = u_[:, :k] * (head / scale), v_[:, :k].T.copy()
-            if k < r:  # fewer singular directions than the rank: pad with zero directions
-                b_new = np.pad(b_new, ((0, 0), (0, r - k)))
-                a_new = np.pad(a_new, ((0, r - k), (0, 0)))
-            norm_sq, tail_sq = float(np.sum(s_**2)), float(np.sum(tail**2))
-            errors[m] = math.sqrt(tail_sq / norm_sq) if norm_sq > 0 else 0.0
-            tail_total += tail_sq
-            norm_total += norm_sq
-            dtype_b = ordered[0].adapter.tensors[m + LORA_B_SUFFIX].dtype
-            dtype_a = ordered[0].adapter.tensors[m + LORA_A_SUFFIX].dtype
-            out[m + LORA_B_SUFFIX] = b_new.astype(dtype_b)
-            out[m + LORA_A_SUFFIX] = a_new.astype(dtype_a)
+        with single_threaded_blas():
+            for m in modules:
+                self._module(m, ordered, w, out_spec, out, errors)
+        tail_total = sum(t for t, _ in errors.values())
+        norm_total = sum(n for _, n in errors.values())
+        rel = {m: math.sqrt(t / n) if n > 0 else 0.0 for m, (t, n) in errors.items()}
         metrics = _weights_metrics(self, ordered, w)
-        metrics["rel_frobenius_error"] = errors
+        metrics["rel_frobenius_error"] = rel
         metrics["rel_frobenius_error_overall"] = (
             math.sqrt(tail_total / norm_total) if norm_total > 0 else 0.0
         )
-        metrics["rel_frobenius_error_max"] = max(errors.values(), default=0.0)
+        metrics["rel_frobenius_error_max"] = max(rel.values(), default=0.0)
         return AggregateResult(Adapter(config, dict(sorted(out.items()))), metrics)
+
+    def _module(
+        self,
+        m: str,
+        ordered: list[ClientUpdate],
+        w: np.ndarray,
+        out_spec: Adapter,
+        out: dict[str, np.ndarray],
+        errors: dict[str, tuple[float, float]],
+    ) -> None:
+        """Aggregate one module into ``out``; record (tail², ||ΔW||²) in ``errors``."""
+        b_cat = np.concatenate(
+            [
+                (wi * u.adapter.scaling(m))
+                * np.asarray(u.adapter.tensors[m + LORA_B_SUFFIX], np.float64)
+                for wi, u in zip(w, ordered, strict=True)
+            ],
+            axis=1,
+        )
+        a_cat = np.concatenate(
+            [np.asarray(u.adapter.tensors[m + LORA_A_SUFFIX], np.float64) for u in ordered],
+            axis=0,
+        )
+        r, _ = out_spec.rank_alpha(m)
+        scale = out_spec.scaling(m)
+        u_, s_, v_ = lowrank_svd(b_cat, a_cat, r)
+        k = u_.shape[1]
+        head, tail = s_[:k], s_[k:]
+        if self.split == "balanced":
+            root = np.sqrt(head / scale)
+            b_new, a_new = u_ * root, root[:, None] * v_.T
+        else:
+            b_new, a_new = u_ * (head / scale), v_.T.copy()
+        if k < r:  # fewer singular directions than the rank: pad with zero directions
+            b_new = np.pad(b_new, ((0, 0), (0, r - k)))
+            a_new = np.pad(a_new, ((0, r - k), (0, 0)))
+        norm_sq, tail_sq = float(np.sum(s_**2)), float(np.sum(tail**2))
+        errors[m] = (tail_sq, norm_sq)
+        dtype_b = ordered[0].adapter.tensors[m + LORA_B_SUFFIX].dtype
+        dtype_a = ordered[0].adapter.tensors[m + LORA_A_SUFFIX].dtype
+        out[m + LORA_B_SUFFIX] = b_new.astype(dtype_b)
+        out[m + LORA_A_SUFFIX] = a_new.astype(dtype_a)
 
 
 class _Coordinatewise(Strategy):

@@ -50,25 +50,36 @@ def train_client_adapters(out: Path, n_clients: int = 3, steps: int = 3) -> list
     """Distinct client adapters: each client inits LoRA with its own seed, trains a few AdamW steps
     on its own random tokens (so B ≠ 0 and A differs across clients), and ``save_pretrained``s."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     dirs = []
-    for c in range(n_clients):
-        base = tiny_base()
-        torch.manual_seed(100 + c)
-        model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA))
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        tokens = torch.randint(0, TINY_QWEN3["vocab_size"], (2, 12))
-        for _ in range(steps):
-            loss = model(input_ids=tokens, labels=tokens).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        d = out / f"client{c}"
-        model.save_pretrained(str(d))
-        dirs.append(d)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared host
+    try:
+        for c in range(n_clients):
+            dirs.append(_train_one(c, out, steps))
+    finally:
+        torch.set_num_threads(threads)
     return dirs
+
+
+def _train_one(c: int, out: Path, steps: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_base()
+    torch.manual_seed(100 + c)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tokens = torch.randint(0, TINY_QWEN3["vocab_size"], (2, 12))
+    for _ in range(steps):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    d = out / f"client{c}"
+    model.save_pretrained(str(d))
+    return d
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +306,53 @@ def test_aggregate_config_is_the_global_or_first_client(updates, tmp_path):
     out = save_adapter(result.adapter, tmp_path / "agg")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["target_modules"] == sorted(TARGETS)
+
+
+@pytest.mark.parametrize("split", ["balanced", "B"])
+def test_exact_null_directions(updates, split):
+    """A ΔW of lower rank than the output rank (shared A, or B still at PEFT's zero init) is
+    reproduced exactly; with ``split="B"`` the spare rows of A' stay orthonormal, so training can
+    resume on them."""
+    shared = updates[0].adapter
+    modules = shared.lora_modules()
+    same_a = [
+        ClientUpdate(
+            u.client,
+            u.num_samples,
+            Adapter(
+                u.adapter.config,
+                {
+                    k: shared.tensors[k] if k.endswith(LORA_A_SUFFIX) else v
+                    for k, v in u.adapter.tensors.items()
+                },
+            ),
+        )
+        for u in updates
+    ]
+    wider = Adapter(dict(shared.config, r=8, lora_alpha=16), {})  # same scaling, rank 8 > 4
+    zero_b = [
+        ClientUpdate(
+            u.client,
+            u.num_samples,
+            Adapter(
+                u.adapter.config,
+                {
+                    k: v * 0 if k.endswith(LORA_B_SUFFIX) else v
+                    for k, v in u.adapter.tensors.items()
+                },
+            ),
+        )
+        for u in updates
+    ]
+    strategy = get_strategy("fedavg-exact", split=split)
+    for pool, global_adapter in ((same_a, wider), (zero_b, None)):
+        result = strategy.aggregate(pool, global_adapter)
+        assert result.metrics["rel_frobenius_error_overall"] < 1e-6
+        for m in modules:
+            target = weighted_dense_delta(pool, m)
+            got = dense_delta(result.adapter, m)
+            assert np.linalg.norm(target - got) <= 1e-5 * max(np.linalg.norm(target), 1e-12)
+            a = result.adapter.tensors[m + LORA_A_SUFFIX].astype(np.float64)
+            assert np.isfinite(a).all()
+            if split == "B":
+                np.testing.assert_allclose(a @ a.T, np.eye(a.shape[0]), atol=1e-5)
