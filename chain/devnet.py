@@ -8,6 +8,7 @@ accounts (anvil's default mnemonic), so a test or demo runs unchanged on either.
 
 from __future__ import annotations
 
+import ast
 import atexit
 import contextlib
 import os
@@ -405,6 +406,12 @@ def _raw_revert_data(endpoint: Any) -> Any:
             arg: Any = exc.args[0] if exc.args else b""
             if isinstance(arg, Exception):
                 arg = arg.args[0] if arg.args else b""
+            if isinstance(arg, str) and arg[:2] in ("b'", 'b"'):
+                # eth_call reports the revert data as the repr of a bytes object.
+                try:
+                    arg = ast.literal_eval(arg)
+                except (ValueError, SyntaxError):
+                    raise exc from None
             if isinstance(arg, (bytes, bytearray)):
                 raise TransactionFailed("0x" + bytes(arg).hex()) from exc
             raise

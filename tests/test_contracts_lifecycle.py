@@ -1,0 +1,101 @@
+"""The full task lifecycle, 3 clients over 3 rounds, on anvil and on the embedded EVM."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from chain.contracts import Phase, TaskStatus, WrongTaskStatus
+from tests.conftest import ChainEnv, commit, make_update, open_task, reveal
+
+
+def _run_lifecycle(env: ChainEnv) -> None:
+    clients = env.clients[:3]
+    agg = env.aggregator
+    per_update, agg_fee = 10, 3
+    task = open_task(
+        env,
+        clients,
+        num_rounds=3,
+        reward_per_update=per_update,
+        aggregator_reward=agg_fee,
+        reward_budget=3 * (3 * per_update + agg_fee),
+        initial_adapter_cid="bafyinitial",
+    )
+    coord = env.coordinator()
+    token = env.token()
+    start_block = env.devnet.block_number
+    expected_global = "bafyinitial"
+    for rnd in (1, 2, 3):
+        assert coord.get_task(task).current_round == rnd
+        assert coord.phase_of(task, rnd) is Phase.OPEN
+        assert coord.get_round(task, rnd).global_adapter_cid == expected_global
+        # Round 2 excludes the third client's update (e.g. rejected by verification).
+        included = clients if rnd != 2 else clients[:2]
+        updates = [make_update(c, task, rnd, 50 * (i + 1)) for i, c in enumerate(clients)]
+        for u in updates:
+            commit(env, task, rnd, u)
+        assert coord.phase_of(task, rnd) is Phase.REVEAL
+        for u in updates:
+            receipt = reveal(env, task, rnd, u)
+            ev = coord.events_in(receipt, "UpdateRevealed")[0]
+            assert (ev.cid, ev.sha256, ev.num_samples) == (u.cid, u.sha256, u.num_samples)
+        assert coord.phase_of(task, rnd) is Phase.AGGREGATING
+        agg_cid = f"bafyaggregate{rnd}"
+        agg_sha = hashlib.sha256(agg_cid.encode()).digest()
+        receipt = env.coordinator(agg).submit_aggregate(
+            task, rnd, agg_cid, agg_sha, [c.address for c in included]
+        )
+        names = [e.event for e in coord.events_in(receipt)]
+        paid = coord.events_in(receipt, "RewardPaid")
+        assert [(p.recipient, p.amount, p.is_aggregator) for p in paid] == [
+            (c.address, per_update, False) for c in included
+        ] + [(agg.address, agg_fee, True)]
+        if rnd < 3:
+            assert names[:3] == ["PhaseChanged", "AggregateAccepted", "RoundOpened"]
+            nxt = coord.events_in(receipt, "RoundOpened")[0]
+            assert (nxt.round, nxt.global_adapter_cid) == (rnd + 1, agg_cid)
+        else:
+            assert names[:3] == ["PhaseChanged", "AggregateAccepted", "TaskCompleted"]
+        info = coord.get_round(task, rnd)
+        assert info.phase is Phase.FINALIZED and info.aggregate_cid == agg_cid
+        assert info.aggregate_sha256 == agg_sha and info.accepted_count == len(included)
+        assert coord.get_included(task, rnd) == [c.address for c in included]
+        for i, c in enumerate(clients):
+            env.coordinator(c).report_metric(task, rnd, "accuracy", 0.5 + 0.1 * i + 0.01 * rnd)
+        expected_global = agg_cid
+
+    state = coord.get_task(task)
+    assert state.status is TaskStatus.COMPLETED
+    assert state.completed_rounds == 3 and state.global_adapter_cid == "bafyaggregate3"
+    total = 8 * per_update + 3 * agg_fee
+    assert state.rewards_paid == total == token.total_supply()
+    assert token.balance_of(clients[0].address) == 3 * per_update
+    assert token.balance_of(clients[2].address) == 2 * per_update
+    assert token.balance_of(agg.address) == 3 * agg_fee
+    with pytest.raises(WrongTaskStatus):
+        commit(env, task, 3, make_update(clients[0], task, 4))
+
+    # The event history alone tells the whole story (what nodes and auditors read).
+    opened = coord.get_events("RoundOpened", start_block, taskId=task)
+    assert [(e.round, e.global_adapter_cid) for e in opened] == [
+        (1, "bafyinitial"),
+        (2, "bafyaggregate1"),
+        (3, "bafyaggregate2"),
+    ]
+    accepted = coord.get_events("AggregateAccepted", start_block, taskId=task)
+    assert [len(e.included) for e in accepted] == [3, 2, 3]
+    assert sum(e.amount for e in coord.get_events("RewardPaid", 0, taskId=task)) == total
+    metrics = coord.get_events("MetricReported", start_block, taskId=task)
+    assert len(metrics) == 9 and metrics[-1].value == 730_000
+    assert len(coord.get_events("TaskCompleted", start_block)) == 1
+
+
+def test_lifecycle_on_anvil(chain_env: ChainEnv) -> None:
+    _run_lifecycle(chain_env)
+
+
+def test_lifecycle_on_embedded_evm(embedded_env: ChainEnv) -> None:
+    assert embedded_env.devnet.kind == "embedded"
+    _run_lifecycle(embedded_env)
