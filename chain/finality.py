@@ -33,6 +33,7 @@ from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
 from eth_keys import keys as eth_keys
 from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
+from web3.exceptions import MethodUnavailable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GADGET_SOURCE = REPO_ROOT / "contracts" / "FinalityGadget.sol"
@@ -319,10 +320,16 @@ class FinalityGadgetClient:
         )
         params: dict[str, Any] = {"from": sender.address}
         try:
-            fn.call(params)
-            params["nonce"] = self.w3.eth.get_transaction_count(sender.address)
-            if gas is not None:
-                params["gas"] = gas
+            # Against the pending block: a certificate for the newest block is valid once mined
+            # into the next one, while at "latest" block.number would still equal its height.
+            fn.call(params, block_identifier="pending")
+            if gas is None:
+                try:
+                    gas = fn.estimate_gas(params, block_identifier="pending") * 5 // 4
+                except MethodUnavailable:  # eth-tester: no estimate against "pending"
+                    gas = 100_000 + 20_000 * len(cert.signatures)
+            params["gas"] = gas
+            params["nonce"] = self.w3.eth.get_transaction_count(sender.address, "pending")
             tx = fn.build_transaction(params)
         except Exception as exc:  # web3 raises several types for reverts; decode what it carries
             decoded = decode_revert(self.abi, _revert_data(exc))
