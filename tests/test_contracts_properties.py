@@ -158,14 +158,15 @@ def test_coordinator_invariants(chain_env: ChainEnv) -> None:
             n_commit=st.integers(2, N_CLIENTS),
             n_reveal=st.integers(0, N_CLIENTS),
             mode=st.sampled_from(["revealed", "duplicate", "non_revealer", "one"]),
+            tamper_first=st.booleans(),
         )
-        def drive_round(self, n_commit: int, n_reveal: int, mode: str) -> None:
+        def drive_round(self, n_commit: int, n_reveal: int, mode: str, tamper_first: bool) -> None:
             """Commit, reveal and aggregate in one step (warping past deadlines as needed),
             so that random runs also reach acceptance and the budget limit."""
             self.commit_many(n_commit, False)
             if n_commit < N_CLIENTS:
                 env.devnet.increase_time(101)
-            self.reveal_many(min(n_reveal, n_commit), False)
+            self.reveal_many(min(n_reveal, n_commit), tamper_first)
             if n_reveal < n_commit:
                 env.devnet.increase_time(101)
             self.aggregate_revealed(mode)
