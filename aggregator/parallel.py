@@ -10,6 +10,7 @@ host's), ready for a strategy.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aggregator.adapters import Adapter, load_adapter
+from aggregator.adapters import WEIGHTS_NAME, Adapter, load_adapter
 from aggregator.strategies import ClientUpdate
 from aggregator.verify import verify_adapter
 
@@ -33,11 +34,13 @@ MAX_REASON_CHARS = 2000
 
 @dataclass(frozen=True)
 class UpdateRef:
-    """A revealed update as the chain records it: who, which CID, how many training samples."""
+    """A revealed update as the chain records it: who, which CID, how many training samples and,
+    optionally, the revealed sha256 (hex) of its ``adapter_model.safetensors``."""
 
     client: str
     cid: str
     num_samples: int
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class Verified:
     adapter: Adapter
     path: Path
     seconds: float
+    weights_sha256: str = ""
 
     def to_update(self) -> ClientUpdate:
         """The strategy's view of this update."""
@@ -142,15 +146,22 @@ def fetch_and_verify_one(
                 item.client, item.cid, _clip(f"fetch failed ({type(exc).__name__}): {exc}")
             )
         try:
+            weights = (path / WEIGHTS_NAME).read_bytes()
+        except OSError as exc:
+            return Rejected(item.client, item.cid, _clip(f"unreadable adapter: {exc}"))
+        digest = hashlib.sha256(weights).hexdigest()
+        if item.sha256 is not None and digest != item.sha256.lower().removeprefix("0x"):
+            reason = f"adapter weights sha256 {digest} differs from the revealed {item.sha256}"
+            return Rejected(item.client, item.cid, reason)
+        try:
             adapter = load_adapter(path)
         except Exception as exc:
             return Rejected(item.client, item.cid, _clip(f"unreadable adapter: {exc}"))
         reasons = verify_adapter(adapter, expected_shapes, lora_config, norm_bound)
         if reasons:
             return Rejected(item.client, item.cid, _clip("; ".join(reasons)))
-        return Verified(
-            item.client, item.cid, item.num_samples, adapter, path, time.perf_counter() - start
-        )
+        elapsed = time.perf_counter() - start
+        return Verified(item.client, item.cid, item.num_samples, adapter, path, elapsed, digest)
     except Exception as exc:  # a bug or an environment failure must still not sink the batch
         return Rejected(
             item.client, item.cid, _clip(f"verification error ({type(exc).__name__}): {exc}")

@@ -21,6 +21,7 @@ from aggregator.adapters import (
     Adapter,
     module_rank_alpha,
 )
+from aggregator.strategies import single_threaded_blas
 
 # LLaMA/Qwen3-style decoder: module -> (parent block, input width, output width) as functions of
 # (hidden, intermediate, q width = heads*head_dim, kv width = kv_heads*head_dim).
@@ -261,8 +262,9 @@ def verify_adapter(
             for k in sound
             if k.endswith(LORA_A_SUFFIX) and k[: -len(LORA_A_SUFFIX)] + LORA_B_SUFFIX in sound
         )
-        for module in modules:
-            n = delta_norm(adapter, module)
+        with single_threaded_blas():
+            norms = {module: delta_norm(adapter, module) for module in modules}
+        for module, n in norms.items():
             if not n <= norm_bound:
                 over.append(f"{module} has ||scaling*B*A||_F = {n:.6g} > {norm_bound:.6g}")
         reasons += _named("norm bound exceeded", over)

@@ -15,6 +15,7 @@ import pytest
 from aggregator.adapters import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter, save_adapter
 from aggregator.parallel import (
     Rejected,
+    StoreFetch,
     UpdateRef,
     Verified,
     ensure_ray,
@@ -204,3 +205,39 @@ def test_batch_timeout_rejects_the_straggler(ray_session, batch, tmp_path):
     assert time.monotonic() - start < 30
     assert isinstance(results[0], Verified)
     assert results[1] == Rejected("0xslow", "sha256-slow", "timed out after 8 s")
+
+
+def test_embedded_store_fetch_rejects_a_tampered_block(ray_session, tmp_path):
+    """The real storage path: adapters added to an embedded blockstore and fetched in Ray tasks
+    through ``StoreFetch``; a flipped byte in a stored block surfaces as ``CIDMismatch``."""
+    from chain.storage import add_adapter, cid_of_path, open_store
+
+    honest = train_client_adapters(tmp_path / "src", n_clients=3, steps=1)
+    spec = f"embedded:{tmp_path / 'ipfs'}"
+    store = open_store(spec)
+    cids = [add_adapter(store, d) for d in honest]
+    weights_block = store.block_path(cid_of_path(honest[2] / WEIGHTS_NAME))
+    blob = bytearray(weights_block.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    weights_block.write_bytes(bytes(blob))
+
+    never_added = save_adapter(Adapter({"r": 1}, {"x": np.zeros(3, np.float32)}), tmp_path / "n")
+    absent = cid_of_path(never_added)
+    sha = [hashlib.sha256((d / WEIGHTS_NAME).read_bytes()).hexdigest() for d in honest]
+    items = [
+        UpdateRef("0xc0", cids[0], 10, sha[0]),
+        UpdateRef("0xc1", cids[1], 20, sha[0]),  # revealed hash of someone else's weights
+        UpdateRef("0xc2", cids[2], 30, sha[2]),
+        UpdateRef("0xc3", absent, 5),
+    ]
+    shapes = expected_lora_shapes(TINY_QWEN3, LORA)
+    results = fetch_and_verify(items, StoreFetch(spec), shapes, LORA, NORM_BOUND, tmp_path / "w")
+    assert isinstance(results[0], Verified) and results[0].weights_sha256 == sha[0]
+    assert results[1] == Rejected(
+        "0xc1", cids[1], f"adapter weights sha256 {sha[1]} differs from the revealed {sha[0]}"
+    )
+    assert isinstance(results[2], Rejected)
+    assert results[2].reason.startswith("fetch failed (CIDMismatch)"), results[2].reason
+    assert isinstance(results[3], Rejected)
+    assert results[3].reason.startswith("fetch failed (BlockNotFound)"), results[3].reason
+    assert absent in results[3].reason
