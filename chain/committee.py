@@ -625,6 +625,7 @@ class Committee:
         self.final_height = self.client.finalized_height()
         self.certificates: list[tuple[CommitCertificate, Any]] = []
         self.errors: list[BaseException] = []
+        self.submit_errors: list[BaseException] = []
         vset = ValidatorSet(
             tuple(k.public_key for k in self.keys),
             verify_vote_signature,
@@ -635,7 +636,8 @@ class Committee:
         timeout = base_timeout if base_timeout is not None else (2.0 if realtime else 1.0)
         pace = PacemakerConfig(base_timeout=timeout)
         self.replicas = [
-            Replica(i, k, vset, genesis, self.ledger, pace) for i, k in enumerate(self.keys)
+            Replica(i, k, vset, genesis, self.ledger, pace, keep_history=2000)
+            for i, k in enumerate(self.keys)
         ]
         self._signed_height = [start.height] * len(self.keys)
         endpoints = []
@@ -697,11 +699,29 @@ class Committee:
                 raise
             self.final_height = self.client.finalized_height()
             return
+        except Exception as exc:
+            if not self.realtime:
+                raise
+            # Beside anvil a failed send (node busy, restarting) is retried at the next commit:
+            # the collector keeps the signatures.
+            self.submit_errors.append(exc)
+            return
         self.final_height = cert.height
         self.certificates.append((cert, receipt))
         self.collector.prune(self.final_height)
 
     # ----------------------------------------------------------------- in-process mode
+
+    def _check_chain(self) -> None:
+        """Refuse to run over a chain reverted under the committee (snapshots in tests)."""
+        start = self.replicas[0].genesis.payload
+        block = self.w3.eth.get_block(start.height) if start.height <= self.w3.eth.block_number else None
+        reverted = block is None or bytes(block["hash"]) != start.block_hash
+        if reverted or self.client.finalized_height() < self.final_height:
+            raise RuntimeError(
+                "the chain was reverted below what this committee has seen; create a new "
+                "Committee after reverting a snapshot"
+            )
 
     def run_until_final(self, height: int | None = None, max_events: int = 200_000) -> int:
         """Drive the committee (virtual clock) until ``height`` (default: the head) is final.
@@ -713,6 +733,7 @@ class Committee:
             raise RuntimeError(
                 "run_until_final drives the in-process committee; this one is realtime"
             )
+        self._check_chain()
         target = self.ledger.head().height if height is None else height
         if target <= self.final_height or not self.ledger.needs_finality(self.final_height, target):
             return self.final_height

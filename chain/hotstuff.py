@@ -285,7 +285,11 @@ class Replica:
         genesis: Node,
         ledger: Ledger,
         pacemaker: PacemakerConfig | None = None,
+        keep_history: int | None = None,
     ) -> None:
+        """``keep_history`` bounds memory for long runs: nodes more than that many views below
+        the committed node are forgotten (a replica lagging further cannot be helped to catch up
+        then), and ``committed_log`` keeps that many entries."""
         if not 0 <= index < validators.n:
             raise ValueError(f"replica index {index} outside the committee of {validators.n}")
         self.index = index
@@ -293,6 +297,7 @@ class Replica:
         self.validators = validators
         self.ledger = ledger
         self.pacemaker = pacemaker or PacemakerConfig()
+        self.keep_history = keep_history
         self.genesis = genesis
         self.nodes: dict[bytes, Node] = {genesis.node_id: genesis}
         self.view = GENESIS_VIEW
@@ -301,7 +306,6 @@ class Replica:
         self.high_qc: QC = genesis_qc(genesis)
         self.committed: Node = genesis
         self.committed_log: list[Node] = [genesis]
-        self._committed_ids: set[bytes] = {genesis.node_id}
         self._votes: dict[tuple[int, bytes], dict[int, bytes]] = {}
         # Highest NewView view heard from each validator: a NewView for w also gives up on
         # every view below w, so support for view v counts senders whose NewView is >= v.
@@ -395,7 +399,8 @@ class Replica:
         elif isinstance(message, FetchResponse):
             self._on_fetch_response(message, out)
         elif isinstance(message, _LearnQC) and message.qc.node_id in self.nodes:
-            self._update(message.qc, out)
+            if self._qc_valid(message.qc):
+                self._update(message.qc, out)
 
     def _on_proposal(self, sender: int, node: Node, out: list[Action]) -> None:
         if sender != self.validators.leader(node.view) or node.proposer != sender:
@@ -573,7 +578,6 @@ class Replica:
                 )
             self.committed = b
             self.committed_log.append(b)
-            self._committed_ids.add(b.node_id)
         out.append(Committed(tuple(chain)))
         self._prune()
 
@@ -650,3 +654,8 @@ class Replica:
         self._proposed_views = {v for v in self._proposed_views if v >= self.view}
         if len(self._valid_qcs) > 4096:
             self._valid_qcs = {self.high_qc.key()}
+        if self.keep_history is not None and len(self.committed_log) > 2 * self.keep_history:
+            floor_view = self.committed.view - self.keep_history
+            self.nodes = {k: b for k, b in self.nodes.items() if b.view >= floor_view}
+            self.nodes[self.genesis.node_id] = self.genesis
+            self.committed_log = self.committed_log[-self.keep_history :]

@@ -96,3 +96,14 @@ def test_thread_beside_anvil_finalizes_and_idles(chain_env: ChainEnv) -> None:
         assert not committee.errors
     finally:
         committee.stop()
+
+
+def test_refuses_a_chain_reverted_underneath(embedded_env: ChainEnv) -> None:
+    dev = embedded_env.devnet
+    snap = dev.snapshot()
+    committee = in_process_committee(dev, embedded_env.manifest)
+    _work(embedded_env, 0)
+    committee.run_until_final()
+    dev.revert(snap)
+    with pytest.raises(RuntimeError, match="reverted"):
+        committee.run_until_final()
