@@ -147,6 +147,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port`` (checked before starting anvil, whose
+    health check would otherwise be answered by the process already there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR: a port in TIME_WAIT after a stopped anvil counts as free (anvil can
+        # bind it), a port with a live listener does not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def http_web3(rpc_url: str, timeout: float = 60.0) -> Web3:
     """A Web3 over HTTP that caches only eth_chainId/net_version: web3's validation asks for
     the chain id around every call and transaction, doubling the round trips otherwise."""
@@ -203,9 +217,13 @@ class AnvilDevnet(Devnet):
         num_accounts: int = DEFAULT_ACCOUNTS,
         startup_timeout: float = 30.0,
     ) -> None:
+        if block_time is not None and block_time <= 0:
+            raise ValueError(f"block_time must be positive, got {block_time}")
         self.chain_id = chain_id
         self.state_file = Path(state_file).resolve() if state_file else None
         self.port = port or free_port()
+        if not port_is_free(self.port):
+            raise DevnetError(f"port {self.port} is already in use on 127.0.0.1")
         self.rpc_url = f"http://127.0.0.1:{self.port}"
         self.accounts = dev_accounts(num_accounts)
         self.binary = find_anvil()
@@ -219,8 +237,6 @@ class AnvilDevnet(Devnet):
             "--hardfork", HARDFORK,
         ]  # fmt: skip
         if block_time is not None:
-            if block_time <= 0:
-                raise ValueError(f"block_time must be positive, got {block_time}")
             cmd += ["--block-time", str(block_time)]
         if self.state_file is not None:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
