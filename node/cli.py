@@ -1,0 +1,189 @@
+"""``prismesh learn ...``: the learning half of a client node from the command line.
+
+    prismesh learn base-model              build (once) the offline stand-in base model
+    prismesh learn benchmark --out DIR     write the synthetic three-client benchmark
+    prismesh learn train ...               one local LoRA round on a JSONL file
+    prismesh learn evaluate ...            accuracy of a base model (+ adapter) on JSONL files
+    prismesh learn matrix --out DIR        paper Table 2 on the benchmark (JSON + Markdown)
+
+Heavy imports (torch, transformers, peft) happen inside the command functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    learn = subparsers.add_parser("learn", help="local LoRA training and evaluation (no chain)")
+    sub = learn.add_subparsers(dest="learn_command", metavar="LEARN_COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("base-model", help="build or locate the offline stand-in base model")
+    p.add_argument("--cache-dir", type=Path, default=None, help="default: $PRISMESH_HOME/models")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_base_model)
+
+    p = sub.add_parser("benchmark", help="write the synthetic non-IID three-client benchmark")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0)
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("train", help="train a LoRA adapter on one client's JSONL file")
+    p.add_argument("--base-model", default="auto", help="HF model directory, or 'auto' for the stand-in")
+    p.add_argument("--data", type=Path, required=True, help="MedQA or MedMCQA JSONL")
+    p.add_argument("--fmt", choices=("medqa", "medmcqa"), default=None)
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="hold out this fraction (deterministic split) and train on the rest")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="adapter directory to write")
+    p.add_argument("--init-adapter", type=Path, default=None, help="start from this PEFT adapter")
+    p.add_argument("--config", type=Path, default=None, help="JSON file of TrainConfig fields")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one TrainConfig field (JSON value), repeatable")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="option log-likelihood accuracy on JSONL test files")
+    p.add_argument("--base-model", default="auto")
+    p.add_argument("--adapter", type=Path, default=None)
+    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="[NAME=]FILE")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("matrix", help="cross-dataset matrix (paper Table 2) as JSON + Markdown")
+    p.add_argument("--base-model", default="auto")
+    p.add_argument("--benchmark", type=Path, default=None,
+                   help="benchmark directory (default: generate one under --out)")
+    p.add_argument("--seed", type=int, default=0, help="benchmark and training seed")
+    p.add_argument("--row", action="append", default=[], metavar="LABEL=ADAPTER",
+                   help="a row to evaluate; without any, one single-client LoRA per client is trained")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs of the trained single-client rows")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_matrix)
+
+
+def _base(arg: str, progress: bool = True) -> Path:
+    from node.basemodel import ensure_base_model
+
+    if arg == "auto":
+        return ensure_base_model(progress=progress)
+    path = Path(arg)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"--base-model {arg}: not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_base_model(args: argparse.Namespace) -> int:
+    from node.basemodel import ensure_base_model, model_fingerprint
+
+    path = ensure_base_model(args.cache_dir, seed=args.seed, progress=True)
+    print(json.dumps({"path": str(path), "sha256": model_fingerprint(path)}, indent=2))
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from node.synthetic import make_benchmark
+
+    specs = make_benchmark(args.out, seed=args.seed, scale=args.scale)
+    print(json.dumps([s.to_dict() for s in specs], indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from node.data import DataFormatError, load_jsonl, train_test_split
+    from node.trainer import TrainConfig, TrainConfigError, train_lora
+
+    try:
+        examples = load_jsonl(args.data, args.fmt)
+        raw = json.loads(args.config.read_text()) if args.config else {}
+        config = TrainConfig.from_dict({**raw, **_parse_overrides(args.set)})
+    except (DataFormatError, TrainConfigError, json.JSONDecodeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.test_fraction > 0:
+        examples, _ = train_test_split(examples, args.test_fraction, args.split_seed)
+    result = train_lora(_base(args.base_model), examples, args.out, config,
+                        init_adapter=args.init_adapter, progress=not args.no_progress)
+    print(json.dumps({"adapter_dir": str(result.adapter_dir), "num_samples": result.num_samples,
+                      "metrics": result.metrics}, indent=2))
+    return 0
+
+
+def _named_files(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).stem, item
+        out[name] = Path(path)
+    return out
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from node.data import DataFormatError, load_jsonl
+    from node.evaluate import Evaluator, fairness
+
+    try:
+        test_sets = {name: load_jsonl(path) for name, path in _named_files(args.data).items()}
+    except DataFormatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ev = Evaluator(_base(args.base_model))
+    acc = ev.accuracies(args.adapter, test_sets, args.batch_size)
+    print(json.dumps({"accuracy": acc, **fairness(acc)}, indent=2))
+    return 0
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from node.data import load_jsonl
+    from node.evaluate import Evaluator, cross_dataset_matrix, render_markdown
+    from node.synthetic import BENCHMARK_TRAIN_CONFIG, make_benchmark
+    from node.trainer import TrainConfig, train_lora
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    base = _base(args.base_model, progress=not args.no_progress)
+    bench = args.benchmark or out / "benchmark"
+    manifest = bench / "benchmark.json"
+    if not manifest.is_file():
+        make_benchmark(bench, seed=args.seed)
+    clients = json.loads(manifest.read_text())["clients"]
+    tests = {c["name"]: load_jsonl(Path(c["test_path"])) for c in clients}
+
+    rows: dict[str, Path | None] = {"Base model": None}
+    summary: dict = {}
+    if args.row:
+        rows.update(_named_files(args.row))
+    else:
+        config = TrainConfig.from_dict({**BENCHMARK_TRAIN_CONFIG, "seed": args.seed, "epochs": args.epochs})
+        for c in clients:
+            res = train_lora(base, load_jsonl(Path(c["train_path"])), out / "adapters" / c["name"],
+                             config, progress=not args.no_progress)
+            rows[f"+ LoRA ({c['name']})"] = res.adapter_dir
+            summary[c["name"]] = {"num_samples": res.num_samples, **res.metrics}
+    matrix = cross_dataset_matrix(Evaluator(base), rows, tests)
+    matrix["training"] = summary
+    (out / "matrix.json").write_text(json.dumps(matrix, indent=2) + "\n")
+    md = render_markdown(matrix, title="Cross-dataset accuracy (%)")
+    (out / "matrix.md").write_text(md)
+    print(md)
+    return 0
