@@ -1,0 +1,234 @@
+"""Deployment: `prismesh deploy` (web3.py) and `brownie run scripts/deploy.py` write the same
+manifest; manifests are validated on load; identities; the gas report covers every call."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chain import cli
+from chain.contracts import AGGREGATOR_ROLE, MINTER_ROLE, Coordinator, Registry, RewardToken
+from chain.deploy import (
+    CORE_CONTRACTS,
+    GADGET,
+    ManifestError,
+    default_manifest_path,
+    is_deployed,
+    load_manifest,
+)
+from chain.devnet import AnvilDevnet, free_port
+from chain.identity import (
+    IdentityError,
+    account_from_seed,
+    descriptor_hash,
+    dev_account,
+    load_account,
+    load_keystore,
+    save_keystore,
+)
+from chain.toolchain import abi_hash, compile_contracts, repo_root
+
+ROOT = repo_root()
+HAS_GADGET = (ROOT / "contracts" / "FinalityGadget.sol").is_file()
+
+
+def _cli_deploy(anvil: AnvilDevnet, out: Path, *extra: str) -> int:
+    return cli.main(["deploy", "--rpc-url", anvil.rpc_url or "", "--manifest", str(out), *extra])
+
+
+def test_prismesh_deploy_writes_a_checked_manifest(anvil: AnvilDevnet, tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    agg = anvil.accounts[3].address
+    assert _cli_deploy(anvil, out, "--validators", "4", "--aggregator", agg) == 0
+    m = load_manifest(out)
+    assert m.chain_id == 31337 and m.kind == "anvil" and m.rpc_url == anvil.rpc_url
+    assert m.governance == anvil.accounts[0].address and m.deployed_by == "web3"
+    assert m.solc_version == "0.8.28" and m.deploy_block >= 1
+    assert is_deployed(m, anvil.w3)
+    arts = compile_contracts()
+    for name in CORE_CONTRACTS:
+        assert m.abi_hashes[name] == abi_hash(arts[name]["abi"])
+        code = bytes(anvil.w3.eth.get_code(m.address(name)))
+        expected = bytes.fromhex(arts[name]["deployedBytecode"][2:])
+        assert len(code) == len(expected)
+        if name != "Coordinator":  # the Coordinator's immutables are filled in at deployment
+            assert code == expected
+    if HAS_GADGET:
+        assert m.finality_gadget == m.addresses[GADGET]
+        assert m.abi_hashes[GADGET] == abi_hash(arts[GADGET]["abi"])
+    # Wiring: the coordinator mints, the named aggregator holds its role.
+    assert RewardToken.read_only(m, anvil.w3).has_role(MINTER_ROLE, m.address("Coordinator"))
+    reg = Registry.read_only(m, anvil.w3)
+    assert reg.has_role(AGGREGATOR_ROLE, agg) and reg.is_governance(m.governance)
+    assert Coordinator.read_only(m, anvil.w3).registry_address() == m.address("Registry")
+
+
+def test_deploy_without_validators_has_no_gadget(anvil: AnvilDevnet, tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    assert _cli_deploy(anvil, out) == 0
+    m = load_manifest(out)
+    assert m.finality_gadget is None and GADGET not in m.addresses
+    assert set(m.addresses) == set(CORE_CONTRACTS)
+
+
+def test_deploy_refuses_unknown_chain_without_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    assert (
+        cli.main(
+            [
+                "deploy",
+                "--rpc-url",
+                f"http://127.0.0.1:{port}",
+                "--manifest",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 2
+    )
+    assert "no chain answers" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_manifest_validation(anvil: AnvilDevnet, tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    assert _cli_deploy(anvil, out) == 0
+    with pytest.raises(ManifestError, match="not found"):
+        load_manifest(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ManifestError, match="not JSON"):
+        load_manifest(bad)
+    data = json.loads(out.read_text())
+    data["abis"]["Registry"] = data["abis"]["Registry"][1:]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="ABI of Registry does not match"):
+        load_manifest(bad)
+    data = json.loads(out.read_text())
+    del data["addresses"]["Coordinator"]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="no address for Coordinator"):
+        load_manifest(bad)
+    assert default_manifest_path(31337) == ROOT / ".prismesh" / "deployments" / "31337.json"
+
+
+def _brownie_project(tmp: Path, port: int) -> Path:
+    """A copy of the brownie project whose `anvil` network listens on ``port`` (brownie
+    writes build/ and the anvil port comes from the config; the repository stays untouched)."""
+    proj = tmp / "brownie-project"
+    proj.mkdir()
+    shutil.copytree(ROOT / "contracts", proj / "contracts")
+    shutil.copytree(
+        ROOT / "scripts", proj / "scripts", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (proj / "node_modules").symlink_to(ROOT / "node_modules")
+    config = yaml.safe_load((ROOT / "brownie-config.yaml").read_text())
+    config["networks"]["anvil"]["cmd_settings"]["port"] = port
+    (proj / "brownie-config.yaml").write_text(yaml.safe_dump(config))
+    return proj
+
+
+def test_brownie_run_deploy_writes_the_same_manifest(anvil: AnvilDevnet, tmp_path: Path) -> None:
+    port = free_port()
+    proj = _brownie_project(tmp_path, port)
+    out = tmp_path / "brownie-manifest.json"
+    env = dict(os.environ)
+    env["PATH"] = (
+        f"{ROOT / 'node_modules' / '.bin'}{os.pathsep}{ROOT / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
+    )
+    env.update(
+        PRISMESH_MANIFEST=str(out),
+        PRISMESH_VALIDATORS="4",
+        PRISMESH_AGGREGATORS=anvil.accounts[1].address,
+    )
+    proc = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "brownie"), "run", "scripts/deploy.py", "--network", "anvil"],
+        cwd=proj,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "manifest:" in proc.stdout
+    brownie_m = load_manifest(out)
+
+    web3_out = tmp_path / "web3-manifest.json"
+    assert _cli_deploy(anvil, web3_out, "--validators", "4") == 0
+    web3_m = load_manifest(web3_out)
+
+    b, w = json.loads(out.read_text()), json.loads(web3_out.read_text())
+    assert set(b) == set(w)
+    assert b["deployed_by"] == "brownie" and w["deployed_by"] == "web3"
+    assert set(brownie_m.addresses) == set(web3_m.addresses)
+    assert brownie_m.abi_hashes == web3_m.abi_hashes
+    assert brownie_m.abis == web3_m.abis
+    assert (brownie_m.chain_id, brownie_m.kind) == (web3_m.chain_id, web3_m.kind)
+    assert brownie_m.governance == web3_m.governance == anvil.accounts[0].address
+    assert brownie_m.rpc_url == f"http://127.0.0.1:{port}"
+    assert (brownie_m.finality_gadget is not None) == HAS_GADGET
+    # brownie built into the copy, never into the repository's build/.
+    assert (proj / "build" / "contracts" / "Coordinator.json").is_file()
+
+
+def test_identity_keystores_and_descriptors(tmp_path: Path) -> None:
+    acct = account_from_seed("hospital-a")
+    assert (
+        acct.address
+        == account_from_seed("hospital-a").address
+        != account_from_seed("hospital-b").address
+    )
+    path = save_keystore(acct, tmp_path / "keys" / "a.json", "pw", iterations=2)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert load_keystore(path, "pw").address == acct.address
+    with pytest.raises(IdentityError, match="cannot decrypt"):
+        load_keystore(path, "wrong")
+    with pytest.raises(IdentityError, match="empty password"):
+        save_keystore(acct, tmp_path / "b.json", "")
+    assert load_account("dev:1").address == dev_account(1).address
+    assert load_account("0x" + bytes(acct.key).hex()).address == acct.address
+    assert load_account(str(path), "pw").address == acct.address
+    with pytest.raises(IdentityError, match="not dev:N"):
+        load_account("nonsense")
+    d1 = descriptor_hash({"name": "Hospital A", "country": "FR"})
+    assert d1 == descriptor_hash({"country": "FR", "name": "Hospital A"}) and len(d1) == 32
+    assert d1 != descriptor_hash({"country": "FR", "name": "Hospital B"})
+    with pytest.raises(IdentityError):
+        descriptor_hash({})
+
+
+def test_gas_report_covers_every_external_call(anvil: AnvilDevnet, tmp_path: Path) -> None:
+    from chain.gas import run_gas_report, write_report
+
+    report = run_gas_report(anvil)
+    measured = {(c, f) for c, f, *_ in report.rows()}
+    arts = compile_contracts()
+    for name in ("Registry", "Coordinator"):
+        writes = {
+            e["name"]
+            for e in arts[name]["abi"]
+            if e["type"] == "function" and e["stateMutability"] not in ("view", "pure")
+        }
+        writes -= {"renounceRole", "revokeRole"}
+        assert writes <= {f for c, f in measured if c == name}, name
+    for c, f, n, lo, avg, hi in report.rows():
+        assert n >= 1 and 21_000 <= lo <= avg <= hi, (c, f)
+    assert (
+        report.round_total()
+        == sum(
+            report.calls[("Coordinator", fn)][i]
+            for fn in ("commitUpdate", "revealUpdate")
+            for i in range(3)
+        )
+        + report.calls[("Coordinator", "submitAggregate")][0]
+    )
+    path = write_report(report, tmp_path / "gas.md")
+    text = path.read_text()
+    assert "| Coordinator | submitAggregate | 1 |" in text and "One 3-client round" in text
