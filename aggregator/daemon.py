@@ -229,7 +229,10 @@ class AggregatorDaemon:
         spec = TaskSpec.from_bytes(self.store.cat(params.hyper_params_cid), where=f"hyper-parameter file {params.hyper_params_cid}")
         lora_cfg = spec.lora.to_dict()
         expected = expected_lora_shapes(spec.model_config, lora_cfg)
-        refs = [UpdateRef(client, r["cid"], r["num_samples"]) for client, r in sorted(rec["reveals"].items())]
+        refs = [
+            UpdateRef(client, r["cid"], r["num_samples"], sha256=r["sha256"])
+            for client, r in sorted(rec["reveals"].items())
+        ]
         work = self.config.state_dir / "work" / f"task{task}-round{rnd}"
         results = fetch_and_verify(
             refs,
@@ -245,13 +248,8 @@ class AggregatorDaemon:
         for res in results:
             if isinstance(res, Rejected):
                 rejected[res.client] = res.reason
-                continue
-            want = rec["reveals"][res.client]["sha256"]
-            got = sha256_file(res.path / "adapter_model.safetensors").hex()
-            if got != want:
-                rejected[res.client] = f"adapter weights sha256 {got} differs from the revealed {want}"
-                continue
-            verified.append(res)
+            else:
+                verified.append(res)
         for client, reason in rejected.items():
             log.warning("task %d round %d: excluding %s: %s", task, rnd, client, reason)
         if len(verified) < params.min_participants:
@@ -261,10 +259,10 @@ class AggregatorDaemon:
             )
             self._fail(task, rnd, reason[:1000], rec, rejected)
             return None
-        global_adapter = None
         if rec.get("global_cid"):
-            gdir = fetch_adapter(self.store, rec["global_cid"], work / "global")
-            global_adapter = load_adapter(gdir)
+            global_adapter = load_adapter(fetch_adapter(self.store, rec["global_cid"], work / "global"))
+        else:
+            global_adapter = config_only_adapter(spec)
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
         result = strategy.aggregate([v.to_update() for v in verified], global_adapter)
         out = save_adapter(result.adapter, self.config.state_dir / "aggregates" / f"task{task}-round{rnd}")
@@ -289,6 +287,21 @@ class AggregatorDaemon:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, indent=1, sort_keys=True))
         tmp.replace(path)
+
+
+def config_only_adapter(spec: Any) -> Any:
+    """The round's starting point when a task starts from the bare base model: no tensors, and
+    the task's own LoRA config, so the aggregate never inherits one client's local settings."""
+    from aggregator.adapters import Adapter
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": spec.base_model_id,
+        "bias": "none",
+        **spec.lora.to_dict(),
+    }
+    return Adapter(config, {})
 
 
 def _jsonable(value: Any) -> Any:

@@ -51,9 +51,8 @@ class TaskSettings:
 def make_stream(devnet: Any, manifest: Any, names: tuple[str, ...], cursor_path: Path | None,
                 committee: Any = None, finality: bool = True) -> Any:
     """The finality-aware stream of coordinator events, the only event source of a daemon."""
-    from chain.events import FinalEventStream
-
     from chain.contracts import Coordinator
+    from chain.events import FinalEventStream
     from chain.finality import FinalityGadgetClient
 
     coordinator = Coordinator.read_only(manifest, devnet.w3)
