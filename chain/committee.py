@@ -631,7 +631,11 @@ class Committee:
             verify_vote_signature,
             committee_domain(self.chain_id, self.client.address),
         )
-        start = self.ledger.head()
+        # HotStuff starts from the gadget's final block: everything after it, including blocks
+        # mined before the committee started, still needs a certificate.
+        start_hash = self.ledger.block_hash(self.final_height)
+        assert start_hash is not None
+        start = ChainRef(self.final_height, start_hash)
         genesis = genesis_node(start)
         timeout = base_timeout if base_timeout is not None else (2.0 if realtime else 1.0)
         pace = PacemakerConfig(base_timeout=timeout)
@@ -789,12 +793,16 @@ class Committee:
 VALIDATOR_ACCOUNT_OFFSET = 16
 
 
-def devnet_validator_keys(devnet: Any, n: int = 4) -> list[ValidatorKey]:
-    """The devnet committee's keys: dev accounts 16 .. 16 + n - 1 (as ``prismesh deploy`` uses)."""
-    accounts = devnet.accounts[VALIDATOR_ACCOUNT_OFFSET : VALIDATOR_ACCOUNT_OFFSET + n]
-    if len(accounts) != n:
-        raise ValueError(f"the devnet has {len(devnet.accounts)} accounts; {n} validators need "
-                         f"accounts {VALIDATOR_ACCOUNT_OFFSET}..{VALIDATOR_ACCOUNT_OFFSET + n - 1}")
+def devnet_validator_keys(devnet: Any = None, n: int = 4) -> list[ValidatorKey]:
+    """The devnet committee's keys: dev accounts 16 .. 16 + n - 1 (as ``prismesh deploy`` uses).
+
+    They come from the devnet's mnemonic, so they exist whether or not the devnet funds them.
+    """
+    from chain.devnet import dev_accounts
+
+    if n < 1 or (n - 1) % 3:
+        raise ValueError(f"committee size must be n = 3f + 1 (1, 4, 7, ...), got {n}")
+    accounts = dev_accounts(VALIDATOR_ACCOUNT_OFFSET + n)[VALIDATOR_ACCOUNT_OFFSET:]
     return [ValidatorKey(bytes(a.key)) for a in accounts]
 
 
@@ -846,3 +854,50 @@ def in_process_committee(
     keys = list(keys) if keys is not None else devnet_validator_keys(devnet)
     submitter = submitter if submitter is not None else devnet.accounts[VALIDATOR_ACCOUNT_OFFSET]
     return Committee(devnet.w3, gadget_address_from_manifest(manifest), keys, submitter)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Process mode: ``python -m chain.committee --rpc URL --manifest PATH`` runs the committee
+    beside an already running anvil (e.g. a detached ``prismesh devnet``) until interrupted."""
+    import argparse
+    import signal
+    from types import SimpleNamespace
+
+    from chain.deploy import load_manifest
+    from chain.devnet import dev_accounts, http_web3
+
+    parser = argparse.ArgumentParser(prog="python -m chain.committee", description=main.__doc__)
+    parser.add_argument("--rpc", default="http://127.0.0.1:8545", help="anvil's JSON-RPC URL")
+    parser.add_argument("--manifest", required=True, help="deployment manifest (JSON)")
+    parser.add_argument("--validators", type=int, default=4, help="committee size n = 3f + 1")
+    parser.add_argument("--silent", default="", help="comma-separated validator indices kept down")
+    args = parser.parse_args(argv)
+    silent = [int(x) for x in args.silent.split(",") if x.strip()]
+    devnet = SimpleNamespace(w3=http_web3(args.rpc), accounts=dev_accounts(20))
+    committee = start_committee_thread(
+        devnet,
+        load_manifest(args.manifest),
+        keys=devnet_validator_keys(n=args.validators),
+        silent=silent,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"committee of {args.validators} running against {args.rpc}; Ctrl-C stops it", flush=True)
+    try:
+        last = -1
+        while not stop.wait(1.0):
+            if committee.errors:
+                raise RuntimeError("committee thread failed") from committee.errors[0]
+            if committee.final_height != last:
+                last = committee.final_height
+                print(f"final height {last}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        committee.stop()
+        print(f"stopped at final height {committee.final_height}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -107,3 +107,29 @@ def test_refuses_a_chain_reverted_underneath(embedded_env: ChainEnv) -> None:
     dev.revert(snap)
     with pytest.raises(RuntimeError, match="reverted"):
         committee.run_until_final()
+
+
+def test_process_mode_beside_a_running_anvil(chain_env: ChainEnv, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    manifest_path = chain_env.manifest.save(tmp_path / "manifest.json")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chain.committee", "--rpc", chain_env.devnet.rpc_url,
+         "--manifest", str(manifest_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        block = _work(chain_env, 0)
+        gadget = FinalityGadgetClient(chain_env.w3, chain_env.manifest.finality_gadget)
+        deadline = time.monotonic() + 30
+        while gadget.finalized_height() < block and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=15)
+    assert gadget.finalized_height() >= block, out
+    assert proc.returncode == 0, out
+    assert "final height" in out
