@@ -56,7 +56,7 @@ def _logging(verbose: bool) -> None:
 def _aggregator(args: argparse.Namespace) -> int:
     from aggregator.daemon import AggregatorConfig, AggregatorDaemon
     from aggregator.parallel import ensure_ray
-    from chain.events import open_final_stream
+    from chain.coordinator_stream import open_final_stream
     from chain.identity import load_account
     from chain.localstate import ConfigError
     from chain.storage import open_store

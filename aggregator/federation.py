@@ -49,23 +49,11 @@ class TaskSettings:
 
 
 def make_stream(devnet: Any, manifest: Any, names: tuple[str, ...], cursor_path: Path | None,
-                committee: Any = None, finality: bool = True) -> Any:
+                finality: bool = True) -> Any:
     """The finality-aware stream of coordinator events, the only event source of a daemon."""
-    from chain.contracts import Coordinator
-    from chain.events import FinalEventStream
-    from chain.finality import FinalityGadgetClient
+    from chain.coordinator_stream import open_final_stream
 
-    coordinator = Coordinator.read_only(manifest, devnet.w3)
-    gadget = FinalityGadgetClient(devnet.w3, manifest.finality_gadget) if finality else None
-    return FinalEventStream(
-        devnet.w3,
-        coordinator.contract,
-        names,
-        final_height=(gadget.finalized_height if gadget is not None else None),
-        cursor_path=cursor_path,
-        from_block=manifest.deploy_block,
-        finality=finality,
-    )
+    return open_final_stream(devnet.w3, manifest, names, cursor_path, finality=finality)
 
 
 class Federation:
@@ -84,7 +72,7 @@ class Federation:
         self.accounts = self.devnet.accounts
         self.finality = finality
         self.parallel = parallel
-        keys = devnet_validator_keys(n_validators)
+        keys = devnet_validator_keys(n=n_validators)
         self.validator_keys = keys
         self.manifest = deploy_to_devnet(
             self.devnet,
@@ -135,7 +123,7 @@ class Federation:
             finality=self.finality,
             device=device,
         )
-        stream = make_stream(self.devnet, self.manifest, NODE_EVENTS, state_dir / "cursor.json", self.committee, self.finality)
+        stream = make_stream(self.devnet, self.manifest, NODE_EVENTS, state_dir / "cursor.json", self.finality)
         daemon = NodeDaemon(cfg, w3=self.w3, manifest=self.manifest, account=account, store=self.store, stream=stream, progress=progress)
         hospital = Hospital(name, train_path, test_path, daemon)
         self.hospitals.append(hospital)
@@ -153,7 +141,7 @@ class Federation:
             finality=self.finality,
             parallel=self.parallel,
         )
-        stream = make_stream(self.devnet, self.manifest, AGGREGATOR_EVENTS, state_dir / "cursor.json", self.committee, self.finality)
+        stream = make_stream(self.devnet, self.manifest, AGGREGATOR_EVENTS, state_dir / "cursor.json", self.finality)
         self.aggregator = AggregatorDaemon(
             cfg, w3=self.w3, manifest=self.manifest, account=self.accounts[AGGREGATOR],
             store=self.store, store_spec=self.store_spec, stream=stream,

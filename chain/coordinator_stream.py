@@ -1,0 +1,77 @@
+"""Typed coordinator events from the finality-aware stream: what the daemons consume.
+
+``chain.events.FinalEventStream`` delivers raw decoded events once their block is final; this
+wraps it so each event arrives as the typed dataclass of ``chain.contracts`` (``RoundOpened``,
+``UpdateRevealed`` …), keeping acknowledgement (and so restart safety) with the raw stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from chain.contracts import EVENT_CLASSES, Coordinator, Event, _decode_event
+from chain.events import FinalEvent, FinalEventStream
+
+
+class CoordinatorStream:
+    """Final ``Coordinator`` events as typed dataclasses, with the raw stream's cursor."""
+
+    def __init__(self, raw: FinalEventStream) -> None:
+        self.raw = raw
+        self._pending: dict[tuple[int, int], FinalEvent] = {}
+
+    def poll(self) -> list[Event]:
+        out = []
+        for ev in self.raw.poll():
+            cls = EVENT_CLASSES[ev.name]
+            log = {
+                "args": ev.args,
+                "event": ev.name,
+                "address": ev.address,
+                "blockNumber": ev.block_number,
+                "transactionHash": ev.transaction_hash,
+                "logIndex": ev.log_index,
+            }
+            typed = _decode_event(cls, log)
+            self._pending[(ev.block_number, ev.log_index)] = ev
+            out.append(typed)
+        return out
+
+    def ack(self, event: Event) -> None:
+        raw = self._pending.pop((event.block_number, event.log_index))
+        self.raw.ack(raw)
+
+    def final_height(self) -> int:
+        return self.raw.final_height()
+
+
+def open_final_stream(
+    w3: Any,
+    manifest: Any,
+    names: Sequence[str],
+    cursor_path: Path | None,
+    *,
+    finality: bool = True,
+) -> CoordinatorStream:
+    """The coordinator's ``names`` events, final per the manifest's gadget (unless ``finality``
+    is off), resuming from ``cursor_path``."""
+    from chain.finality import FinalityGadgetClient
+
+    coordinator = Coordinator.read_only(manifest, w3)
+    final_height = None
+    if finality:
+        if not manifest.finality_gadget:
+            raise ValueError("the deployment has no finality gadget; run with finality off or redeploy with validators")
+        final_height = FinalityGadgetClient(w3, manifest.finality_gadget).finalized_height
+    raw = FinalEventStream(
+        w3,
+        coordinator.contract,
+        list(names),
+        final_height,
+        cursor_path,
+        finality,
+        from_block=manifest.deploy_block,
+    )
+    return CoordinatorStream(raw)
