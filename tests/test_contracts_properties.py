@@ -171,6 +171,11 @@ def test_coordinator_invariants(chain_env: ChainEnv) -> None:
                 env.devnet.increase_time(101)
             self.aggregate_revealed(mode)
 
+        @rule(n_commit=st.integers(2, N_CLIENTS))
+        def drive_honest_round(self, n_commit: int) -> None:
+            """A clean round (commits, reveals, aggregate of exactly the revealers)."""
+            self.drive_round(n_commit, n_commit, "revealed", False)
+
         def _aggregate(self, included: list[str]) -> None:
             rnd = self._round()
             try:
@@ -228,7 +233,7 @@ def test_coordinator_invariants(chain_env: ChainEnv) -> None:
     run_state_machine_as_test(
         CoordinatorMachine,
         settings=settings(
-            max_examples=25,
+            max_examples=20,
             stateful_step_count=10,
             deadline=None,
             derandomize=True,
