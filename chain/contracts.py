@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -798,6 +799,13 @@ def _decode_event(cls: type[Event], log: Any) -> Event:
 
 
 _IN_PROCESS_GAS = 10_000_000
+_NONCE_LOCKS: dict[str, threading.Lock] = {}
+_NONCE_LOCKS_GUARD = threading.Lock()
+
+
+def _nonce_lock(address: str) -> threading.Lock:
+    with _NONCE_LOCKS_GUARD:
+        return _NONCE_LOCKS.setdefault(address, threading.Lock())
 
 
 class TxSender:
@@ -850,14 +858,16 @@ class TxSender:
             tip = 10**9
             tx["maxPriorityFeePerGas"] = tip
             tx["maxFeePerGas"] = 2 * int(block.get("baseFeePerGas", 0) or 0) + tip
-        tx["nonce"] = self.w3.eth.get_transaction_count(self.account.address, "pending")
         tx.setdefault("chainId", self.chain_id)
-        signed = self.account.sign_transaction(tx)
-        try:
-            tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-        except (ContractLogicError, Web3RPCError, TesterTransactionFailed) as exc:
-            # The in-process chain executes on submission and raises instead of mining.
-            raise self._decode_exc(exc, contract, function) from exc
+        # Threads of one process sending from the same account take nonces in turn.
+        with _nonce_lock(self.account.address):
+            tx["nonce"] = self.w3.eth.get_transaction_count(self.account.address, "pending")
+            signed = self.account.sign_transaction(tx)
+            try:
+                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            except (ContractLogicError, Web3RPCError, TesterTransactionFailed) as exc:
+                # The in-process chain executes on submission and raises instead of mining.
+                raise self._decode_exc(exc, contract, function) from exc
         receipt = self.w3.eth.wait_for_transaction_receipt(
             tx_hash, timeout=self.timeout, poll_latency=0.05
         )

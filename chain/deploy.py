@@ -246,6 +246,24 @@ def deploy_to_devnet(
     )
 
 
+def connect(manifest: Manifest) -> Web3:
+    """A Web3 for the manifest's RPC URL, checked to reach the manifest's chain."""
+    from chain.devnet import http_web3
+
+    if not manifest.rpc_url:
+        raise ManifestError(f"manifest of a {manifest.kind} chain has no RPC URL to connect to")
+    w3 = http_web3(manifest.rpc_url)
+    try:
+        chain_id = int(w3.eth.chain_id)
+    except Exception as exc:
+        raise ManifestError(f"no chain answers at {manifest.rpc_url}: {exc}") from None
+    if chain_id != manifest.chain_id:
+        raise ManifestError(
+            f"{manifest.rpc_url} is chain {chain_id}, the manifest is for chain {manifest.chain_id}"
+        )
+    return w3
+
+
 def is_deployed(manifest: Manifest, w3: Web3) -> bool:
     """Whether every contract of ``manifest`` has code on the chain ``w3`` reaches."""
     if int(w3.eth.chain_id) != manifest.chain_id:

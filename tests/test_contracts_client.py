@@ -67,3 +67,19 @@ def test_mined_failures_are_decoded(chain_env: ChainEnv) -> None:
         sender.send({"to": reg.address, "data": ok, "gas": 30_000}, "Registry", "register")
     assert exc.value.args["gas_used"] <= 30_000 and exc.value.args["tx_hash"].startswith("0x")
     assert reg.get_client(acct.address).descriptor_hash == b"\x00" * 32  # nothing was stored
+
+
+def test_concurrent_senders_share_one_account(chain_env: ChainEnv) -> None:
+    """Threads sending from one account get distinct nonces (all transactions land)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gov = chain_env.registry()
+    targets = chain_env.outsiders[:6]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        receipts = list(
+            pool.map(
+                lambda a: gov.with_sender(chain_env.governance).add_aggregator(a.address), targets
+            )
+        )
+    assert all(r["status"] == 1 for r in receipts)
+    assert all(gov.is_aggregator(a.address) for a in targets)

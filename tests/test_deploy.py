@@ -232,3 +232,20 @@ def test_gas_report_covers_every_external_call(anvil: AnvilDevnet, tmp_path: Pat
     path = write_report(report, tmp_path / "gas.md")
     text = path.read_text()
     assert "| Coordinator | submitAggregate | 1 |" in text and "One 3-client round" in text
+
+
+def test_connect_checks_the_chain(anvil: AnvilDevnet, tmp_path: Path) -> None:
+    import dataclasses
+
+    from chain.deploy import connect
+
+    out = tmp_path / "m.json"
+    assert _cli_deploy(anvil, out) == 0
+    m = load_manifest(out)
+    assert is_deployed(m, connect(m))
+    with pytest.raises(ManifestError, match="manifest is for chain 1"):
+        connect(dataclasses.replace(m, chain_id=1))
+    with pytest.raises(ManifestError, match="no chain answers"):
+        connect(dataclasses.replace(m, rpc_url=f"http://127.0.0.1:{free_port()}"))
+    with pytest.raises(ManifestError, match="no RPC URL"):
+        connect(dataclasses.replace(m, rpc_url=None, kind="embedded"))
