@@ -120,6 +120,8 @@ class AggregatorDaemon:
     # ------------------------------------------------------------------ events
 
     def _record(self, ev: Any) -> None:
+        from chain.contracts import Phase
+
         rounds = self.state.section("rounds")
         name = ev.event
         if name == "RoundOpened":
@@ -145,7 +147,7 @@ class AggregatorDaemon:
                 self.state.save()
         elif name == "PhaseChanged":
             rec = rounds.get(f"{ev.task_id}:{ev.round}")
-            if rec is not None and int(ev.current) == 4:  # Phase.Aggregating
+            if rec is not None and int(ev.current) == int(Phase.AGGREGATING):
                 rec["aggregating_final"] = True
                 self.state.save()
         elif name in ("AggregateAccepted", "RoundFailed"):

@@ -333,9 +333,9 @@ class NodeDaemon:
                 self.state.save()
                 continue
             phase = self.coordinator.phase_of(task, rnd)
-            if phase < Phase.Reveal:
+            if phase < Phase.REVEAL:
                 continue
-            if phase > Phase.Reveal:
+            if phase > Phase.REVEAL:
                 rec["stage"] = "missed"
                 rec["reason"] = f"round moved to {phase.name} before the reveal"
                 self.state.save()

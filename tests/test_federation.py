@@ -1,0 +1,170 @@
+"""End to end on the embedded chain: finality committee, store, three node daemons and the
+aggregator daemon run a whole task; then bad updates, determinism and the audit.
+
+A tiny untrained model stands in for the base model: these tests check the system's flow and
+its guarantees, not learning quality (the learning tests and the experiment do that).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.adapters import load_adapter, save_adapter
+from aggregator.federation import Federation, TaskSettings, model_config_of
+from chain.contracts import TaskStatus
+from chain.storage import add_adapter, fetch_adapter
+from chain.taskspec import LoraSpec, TaskSpec
+from node.basemodel import build_random_model, model_fingerprint
+from node.data import load_jsonl
+from node.synthetic import make_benchmark
+from node.trainer import TrainConfig, create_initial_adapter
+
+pytestmark = pytest.mark.timeout(600)
+
+TARGETS = ("q_proj", "v_proj")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> tuple[Path, list]:
+    root = tmp_path_factory.mktemp("bench")
+    clients = make_benchmark(root / "data", seed=0, scale=0.05)
+    texts = []
+    for c in clients:
+        for m in load_jsonl(c.train_path)[:50] + load_jsonl(c.test_path)[:20]:
+            texts.append(m.question + " " + " ".join(m.options.values()))
+    base = build_random_model(root / "base", texts, seed=0, hidden_size=32, layers=1)
+    return base, clients
+
+
+def make_spec(base: Path, strategy: str = "fedavg", norm_bound: float = 1e4) -> TaskSpec:
+    return TaskSpec(
+        base_model_id="test/tiny-qwen3",
+        base_model_sha256=model_fingerprint(base),
+        lora=LoraSpec(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS),
+        model_config=model_config_of(base),
+        train={"lr": 1e-3, "max_length": 96, "seed": 0},
+        strategy=strategy,
+        norm_bound=norm_bound,
+        report_metrics=False,
+    )
+
+
+def start(tmp: Path, bench, *, rounds: int = 1, strategy: str = "fedavg", finality: bool = True, parallel: bool = False):
+    base, clients = bench
+    fed = Federation(tmp / "fed", finality=finality, parallel=parallel)
+    for c in clients:
+        fed.add_hospital(c.name, c.train_path, c.test_path, base, device="cpu")
+    fed.add_aggregator()
+    fed.approve_all()
+    spec = make_spec(base, strategy)
+    initial = create_initial_adapter(base, tmp / "initial", TrainConfig.from_dict({**spec.train_config(), "device": "cpu"}))
+    task = fed.create_task(spec, TaskSettings(num_rounds=rounds, min_participants=2), initial_adapter=initial)
+    return fed, task
+
+
+def test_full_task_with_finality_pays_every_client(tmp_path, bench):
+    fed, task = start(tmp_path, bench, rounds=2)
+    try:
+        state = fed.run_task(task)
+        assert state.status == TaskStatus.COMPLETED
+        coord = fed.coordinator()
+        accepted = coord.get_events("AggregateAccepted", fed.manifest.deploy_block, taskId=task)
+        assert [ev.round for ev in accepted] == [1, 2]
+        addresses = sorted(h.daemon.address for h in fed.hospitals)
+        for ev in accepted:
+            assert sorted(ev.included) == addresses
+        # Round 2 trained from round 1's aggregate.
+        opened = {ev.round: ev for ev in coord.get_events("RoundOpened", fed.manifest.deploy_block, taskId=task)}
+        assert opened[2].global_adapter_cid == accepted[0].aggregate_cid
+        from chain.contracts import RewardToken
+
+        t = RewardToken(fed.manifest, fed.w3, fed.governance)
+        for a in addresses:
+            assert t.balance_of(a) == 2 * TaskSettings().reward_per_update
+        # Each event a node acted on was final when it acted: everything up to the last
+        # aggregate is certified by the committee.
+        assert fed.committee.final_height >= accepted[-1].block_number
+        from aggregator.audit import audit_task
+
+        report = audit_task(fed.w3, fed.manifest, fed.store, task)
+        assert report.ok, report.render()
+    finally:
+        fed.close()
+
+
+def _corrupting(fed, node, how: str, tmp: Path) -> None:
+    """Make ``node`` publish a bad adapter: NaN weights, a wrong shape, or stored bytes that do
+    not match the CID it reveals (its own honest training runs first, as a real node's would)."""
+    import hashlib
+
+    original = node.daemon._train_and_pin
+
+    def train_and_pin(task, rnd, global_cid, spec, rec):
+        rec = original(task, rnd, global_cid, spec, rec)
+        ad = load_adapter(fetch_adapter(fed.store, rec["cid"], tmp / f"{how}-src"))
+        tensors = dict(ad.tensors)
+        key = sorted(tensors)[0]
+        if how == "nan":
+            arr = np.array(tensors[key], dtype=np.float32)
+            arr.flat[0] = np.nan
+            tensors[key] = arr
+        elif how == "shape":
+            tensors[key] = np.zeros((3, 3), dtype=np.float32)
+        out = save_adapter(type(ad)(ad.config, tensors), tmp / f"{how}-out")
+        cid = add_adapter(fed.store, out)
+        if how == "tamper":
+            root = fed.store.node(cid)
+            link = next(lnk for lnk in root.links if lnk.name == "adapter_model.safetensors")
+            path = fed.store.block_path(link.cid)
+            raw = bytearray(path.read_bytes())
+            raw[len(raw) // 2] ^= 0xFF
+            path.write_bytes(bytes(raw))
+        digest = hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest()
+        rec.update(cid=cid, sha256=digest)
+        node.daemon.state.save()
+        return rec
+
+    node.daemon._train_and_pin = train_and_pin
+
+
+def test_bad_updates_are_excluded_with_reasons_and_honest_clients_paid(tmp_path, bench):
+    base, clients = bench
+    fed = Federation(tmp_path / "fed", finality=False, parallel=True)
+    try:
+        extra = make_benchmark(tmp_path / "more", seed=1, scale=0.05)
+        for i, c in enumerate((clients + extra)[:5]):
+            fed.add_hospital(f"site-{i}", c.train_path, c.test_path, base, device="cpu")
+        fed.add_aggregator()
+        fed.approve_all()
+        spec = make_spec(base)
+        initial = create_initial_adapter(base, tmp_path / "initial", TrainConfig.from_dict({**spec.train_config(), "device": "cpu"}))
+        task = fed.create_task(spec, TaskSettings(num_rounds=1, min_participants=2), initial_adapter=initial)
+        honest = fed.hospitals[:2]
+        bad = {"nan": fed.hospitals[2], "shape": fed.hospitals[3], "tamper": fed.hospitals[4]}
+        for how, node in bad.items():
+            _corrupting(fed, node, how, tmp_path)
+        state = fed.run_task(task)
+        assert state.status == TaskStatus.COMPLETED
+        rec = fed.aggregator.state.section("rounds")[f"{task}:1"]
+        assert rec["included"] == sorted(h.daemon.address for h in honest)
+        rejected = rec["rejected"]
+        assert set(rejected) == {n.daemon.address for n in bad.values()}
+        assert "finite" in rejected[bad["nan"].daemon.address].lower()
+        assert "shape" in rejected[bad["shape"].daemon.address].lower()
+        assert "fetch failed" in rejected[bad["tamper"].daemon.address].lower()
+        # The report file names every exclusion too.
+        report = json.loads((fed.aggregator.reports_dir / f"task{task}-round1.json").read_text())
+        assert set(report["rejected"]) == set(rejected)
+        from chain.contracts import RewardToken
+
+        token = RewardToken(fed.manifest, fed.w3, fed.governance)
+        for h in honest:
+            assert token.balance_of(h.daemon.address) == TaskSettings().reward_per_update
+        for n in bad.values():
+            assert token.balance_of(n.daemon.address) == 0
+    finally:
+        fed.close()
