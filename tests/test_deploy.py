@@ -174,8 +174,13 @@ def test_brownie_run_deploy_writes_the_same_manifest(anvil: AnvilDevnet, tmp_pat
     assert brownie_m.governance == web3_m.governance == anvil.accounts[0].address
     assert brownie_m.rpc_url == f"http://127.0.0.1:{port}"
     assert (brownie_m.finality_gadget is not None) == HAS_GADGET
-    # brownie built into the copy, never into the repository's build/.
-    assert (proj / "build" / "contracts" / "Coordinator.json").is_file()
+    # brownie built into the copy, never into the repository's build/, and through the same
+    # pinned compiler and settings it produced the very same bytecode.
+    arts = compile_contracts()
+    for name in CORE_CONTRACTS:
+        built = json.loads((proj / "build" / "contracts" / f"{name}.json").read_text())
+        assert built["compiler"]["version"].startswith("0.8.28")
+        assert "0x" + built["bytecode"].removeprefix("0x") == arts[name]["bytecode"], name
 
 
 def test_identity_keystores_and_descriptors(tmp_path: Path) -> None:
