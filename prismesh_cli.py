@@ -13,6 +13,7 @@ import sys
 
 REGISTRARS = (
     "chain.cli",
+    "chain.govern_cli",
     "chain.ipfs_cli",
     "node.cli",
     "aggregator.cli",

@@ -54,7 +54,7 @@ def _logging(verbose: bool) -> None:
 
 
 def _aggregator(args: argparse.Namespace) -> int:
-    from aggregator.daemon import AggregatorConfig, AggregatorDaemon
+    from aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
     from aggregator.parallel import ensure_ray
     from chain.coordinator_stream import open_final_stream
     from chain.identity import load_account
@@ -71,7 +71,7 @@ def _aggregator(args: argparse.Namespace) -> int:
     account = load_account(cfg.keystore)
     store = open_store(cfg.store)
     stream = open_final_stream(
-        w3, manifest, ("RoundOpened", "UpdateRevealed", "PhaseChanged", "AggregateAccepted", "RoundFailed"),
+        w3, manifest, AGGREGATOR_EVENTS,
         cfg.state_dir / "cursor.json", finality=cfg.finality,
     )
     if cfg.parallel:
@@ -85,20 +85,14 @@ def _aggregator(args: argparse.Namespace) -> int:
 
 
 def _connect(manifest_path: Path, rpc_url: str | None):
-    from web3 import Web3
+    from dataclasses import replace
 
-    from chain.deploy import load_manifest
+    from chain.deploy import connect, load_manifest
 
     manifest = load_manifest(manifest_path)
-    url = rpc_url or manifest.rpc_url
-    if not url:
-        raise SystemExit(f"error: {manifest_path} names no RPC URL (an embedded chain); pass --rpc-url")
-    w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 60}))
-    if not w3.is_connected():
-        raise SystemExit(f"error: no chain answers at {url}")
-    if int(w3.eth.chain_id) != manifest.chain_id:
-        raise SystemExit(f"error: {url} is chain {w3.eth.chain_id}, the manifest says {manifest.chain_id}")
-    return w3, manifest
+    if rpc_url:
+        manifest = replace(manifest, rpc_url=rpc_url)
+    return connect(manifest), manifest
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -33,6 +33,8 @@ from chain.localstate import (
 
 log = logging.getLogger("prismesh.aggregator")
 
+AGGREGATOR_EVENTS = ("RoundOpened", "UpdateRevealed", "PhaseChanged", "AggregateAccepted", "RoundFailed")
+
 
 @dataclass
 class AggregatorConfig:

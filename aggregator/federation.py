@@ -17,8 +17,6 @@ from typing import Any
 
 log = logging.getLogger("prismesh.federation")
 
-NODE_EVENTS = ("TaskCreated", "RoundOpened", "PhaseChanged", "AggregateAccepted", "RoundFailed", "TaskCompleted")
-AGGREGATOR_EVENTS = ("RoundOpened", "UpdateRevealed", "PhaseChanged", "AggregateAccepted", "RoundFailed")
 
 # Devnet account roles (the committee's certificate submitter is the last account).
 GOVERNANCE, AGGREGATOR, FIRST_CLIENT = 0, 1, 2
@@ -103,7 +101,7 @@ class Federation:
         return Registry(self.manifest, self.w3, account or self.governance)
 
     def add_hospital(self, name: str, train_path: Path, test_path: Path, base_model: Path, *, device: str = "cpu", progress: bool = False) -> Hospital:
-        from node.daemon import NodeConfig, NodeDaemon
+        from node.daemon import NODE_EVENTS, NodeConfig, NodeDaemon
 
         index = FIRST_CLIENT + len(self.hospitals)
         if index >= len(self.accounts) - 1:
@@ -130,7 +128,7 @@ class Federation:
         return hospital
 
     def add_aggregator(self) -> Any:
-        from aggregator.daemon import AggregatorConfig, AggregatorDaemon
+        from aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
 
         state_dir = self.root / "aggregator"
         cfg = AggregatorConfig(

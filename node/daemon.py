@@ -402,6 +402,36 @@ class NodeDaemon:
         return self._evaluator
 
 
+NODE_EVENTS = ("TaskCreated", "RoundOpened", "PhaseChanged", "AggregateAccepted", "RoundFailed", "TaskCompleted")
+
+
+def run_node(config_path: Path, *, once: bool = False, progress: bool = True) -> int:
+    """``prismesh node --config FILE``: connect, register, then follow final events until SIGTERM."""
+    from dataclasses import replace
+
+    from chain.coordinator_stream import open_final_stream
+    from chain.deploy import connect, load_manifest
+    from chain.identity import load_account
+    from chain.storage import open_store
+
+    config = NodeConfig.load(config_path)
+    manifest = load_manifest(config.manifest)
+    if config.rpc_url:
+        manifest = replace(manifest, rpc_url=config.rpc_url)
+    w3 = connect(manifest)
+    account = load_account(config.keystore)
+    store = open_store(config.store)
+    stream = open_final_stream(w3, manifest, NODE_EVENTS, config.state_dir / "cursor.json", finality=config.finality)
+    daemon = NodeDaemon(config, w3=w3, manifest=manifest, account=account, store=store, stream=stream, progress=progress)
+    log.info("%s: node %s on chain %d (%s)", config.name, account.address, manifest.chain_id, manifest.rpc_url)
+    if once:
+        daemon.ensure_registered()
+        daemon.step()
+        return 0
+    daemon.run()
+    return 0
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:
     """Poll ``predicate`` until it holds or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
