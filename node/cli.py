@@ -18,6 +18,12 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    d = subparsers.add_parser("node", help="run the client node daemon (one per GPU host)")
+    d.add_argument("--config", type=Path, required=True, help="node TOML/JSON config")
+    d.add_argument("--once", action="store_true", help="register, handle what is final now, then exit")
+    d.add_argument("-q", "--quiet", action="store_true", help="no training progress bars")
+    d.set_defaults(func=cmd_node)
+
     learn = subparsers.add_parser("learn", help="local LoRA training and evaluation (no chain)")
     sub = learn.add_subparsers(dest="learn_command", metavar="LEARN_COMMAND")
     sub.required = True
@@ -187,3 +193,17 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     (out / "matrix.md").write_text(md)
     print(md)
     return 0
+
+
+def cmd_node(args) -> int:
+    import logging
+
+    from chain.localstate import ConfigError
+    from node.daemon import run_node
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return run_node(args.config, once=args.once, progress=not args.quiet)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
