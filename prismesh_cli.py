@@ -14,6 +14,7 @@ import sys
 REGISTRARS = (
     "chain.cli",
     "chain.govern_cli",
+    "chain.keys_cli",
     "chain.ipfs_cli",
     "node.cli",
     "aggregator.cli",

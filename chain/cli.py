@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,11 @@ def register(subparsers: Any) -> None:
         help="finality validators: a count N (dev accounts 16..16+N-1) or comma-separated addresses; 0 for none",
     )
     p.add_argument("--fresh", action="store_true", help="discard the saved state and deploy anew")
+    p.add_argument(
+        "--no-finality",
+        action="store_true",
+        help="do not run the HotStuff committee (nothing becomes final; for quick experiments)",
+    )
     p.add_argument(
         "--detach", action="store_true", help="leave anvil running in the background and exit"
     )
@@ -167,6 +173,21 @@ def _pid_file(state: Path) -> Path:
     return state.parent / "anvil.pid"
 
 
+def _committee_pid_file(state: Path) -> Path:
+    return state.parent / "committee.pid"
+
+
+def _committee_size(args: argparse.Namespace, manifest: Any) -> int | None:
+    """The committee size when the devnet's own validator keys back the gadget, else None."""
+    if args.no_finality or not manifest.finality_gadget:
+        return None
+    spec = str(args.validators).strip()
+    if not spec.isdigit() or int(spec) == 0:
+        print("note: validators given as addresses; start their committee yourself", file=sys.stderr)
+        return None
+    return int(spec)
+
+
 def cmd_devnet(args: argparse.Namespace) -> int:
     from chain.deploy import default_manifest_path, deploy_to_devnet, is_deployed, load_manifest
     from chain.devnet import DevnetError, start_anvil
@@ -174,6 +195,7 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     state = (args.state or DEFAULT_DEVNET_DIR / "anvil-state.json").resolve()
     pid_file = _pid_file(state)
     if args.stop:
+        _stop_detached(_committee_pid_file(state), quiet=True)
         return _stop_detached(pid_file)
     if pid_file.exists():
         pid = int(pid_file.read_text().split()[0])
@@ -195,6 +217,7 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     except DevnetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    committee = None
     try:
         manifest = None
         if manifest_path.exists():
@@ -223,11 +246,30 @@ def cmd_devnet(args: argparse.Namespace) -> int:
             f"governance {dev.accounts[0].address} (dev:0), aggregator {dev.accounts[1].address} (dev:1)"
         )
         sys.stdout.flush()
+        n_validators = _committee_size(args, manifest)
         if args.detach:
             pid = dev.detach()
             pid_file.write_text(f"{pid} {dev.port}\n")
+            if n_validators:
+                log_path = state.parent / "committee.log"
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "chain.committee", "--rpc", dev.rpc_url,
+                     "--manifest", str(manifest_path), "--validators", str(n_validators)],
+                    stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+                )
+                _committee_pid_file(state).write_text(f"{proc.pid}\n")
+                print(f"finality: HotStuff committee of {n_validators} (pid {proc.pid}, log {log_path})")
             print(f"detached (pid {pid}); stop with `prismesh devnet --stop`")
             return 0
+        if n_validators:
+            from chain.committee import devnet_validator_keys, start_committee_thread
+
+            committee = start_committee_thread(
+                dev, manifest.to_json(), keys=devnet_validator_keys(n=n_validators)
+            )
+            print(f"finality: HotStuff committee of {n_validators} validators running beside anvil")
+        else:
+            print("finality: off (no committee; nothing becomes final)")
         print("running; Ctrl-C stops it (state is saved)")
         sys.stdout.flush()
         stop = {"now": False}
@@ -242,6 +284,8 @@ def cmd_devnet(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
     finally:
+        if committee is not None:
+            committee.stop()
         if not args.detach:
             dev.stop()
     print("devnet stopped")
@@ -256,9 +300,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _stop_detached(pid_file: Path) -> int:
+def _stop_detached(pid_file: Path, quiet: bool = False) -> int:
     if not pid_file.exists():
-        print(f"no detached devnet ({pid_file} missing)", file=sys.stderr)
+        if not quiet:
+            print(f"no detached devnet ({pid_file} missing)", file=sys.stderr)
         return 1
     pid = int(pid_file.read_text().split()[0])
     if _alive(pid):
@@ -270,7 +315,7 @@ def _stop_detached(pid_file: Path) -> int:
         else:
             os.kill(pid, signal.SIGKILL)
     pid_file.unlink(missing_ok=True)
-    print(f"stopped devnet pid {pid}")
+    print(f"stopped {pid_file.stem} pid {pid}")
     return 0
 
 
