@@ -92,6 +92,23 @@ def test_full_task_with_finality_pays_every_client(tmp_path, bench):
 
         report = audit_task(fed.w3, fed.manifest, fed.store, task)
         assert report.ok, report.render()
+        recomputed = [f for f in report.findings if f.check == "aggregate recomputed"]
+        assert len(recomputed) == 2 and all(f.ok for f in recomputed)
+        assert any(f.check == "finality certificate" for f in report.findings)
+
+        # Tamper with one stored client adapter: the audit must fail and name it.
+        victim = coord.get_events("UpdateRevealed", fed.manifest.deploy_block, taskId=task)[0]
+        root = fed.store.node(victim.cid)
+        link = next(lnk for lnk in root.links if lnk.name == "adapter_model.safetensors")
+        path = fed.store.block_path(link.cid)
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0x01
+        path.write_bytes(bytes(raw))
+        tampered = audit_task(fed.w3, fed.manifest, fed.store, task)
+        assert not tampered.ok
+        failed = tampered.failures()
+        assert any(f.check == "adapter vs CID" and victim.cid in f.subject for f in failed), tampered.render()
+        assert any(f.check == "aggregate recomputed" and f"round {victim.round}" in f.subject for f in failed)
     finally:
         fed.close()
 
