@@ -19,29 +19,22 @@ log = logging.getLogger("prismesh.demo")
 HOSPITAL_ORDER = ("hospital-a", "hospital-b", "hospital-c")
 
 
-def demo_train_settings(seed: int) -> dict[str, Any]:
-    """Local-training settings of the demo task (the benchmark's tuned defaults)."""
-    from node.synthetic import RECOMMENDED_TRAIN
-
-    return {**RECOMMENDED_TRAIN, "seed": seed}
-
-
-def build_spec(base_model: Path, seed: int, strategy: str = "fedavg", lora: dict | None = None) -> Any:
+def build_spec(base_model: Path, seed: int, strategy: str = "fedavg") -> Any:
+    """The demo task's hyper-parameter file: the benchmark's tuned LoRA and training settings."""
     from aggregator.federation import model_config_of
     from chain.taskspec import LoraSpec, TaskSpec
     from node.basemodel import model_fingerprint
-    from node.synthetic import RECOMMENDED_LORA
+    from node.synthetic import BENCHMARK_TRAIN_CONFIG
 
-    lo = {**RECOMMENDED_LORA, **(lora or {})}
+    train = dict(BENCHMARK_TRAIN_CONFIG)
+    rank, alpha = train.pop("rank", 8), train.pop("alpha", 16)
+    dropout = train.pop("dropout", 0.1)
     return TaskSpec(
         base_model_id="prismesh/tiny-qwen3-medical-standin",
         base_model_sha256=model_fingerprint(base_model),
-        lora=LoraSpec(
-            r=lo["r"], lora_alpha=lo["lora_alpha"], lora_dropout=lo["lora_dropout"],
-            target_modules=tuple(lo["target_modules"]),
-        ),
+        lora=LoraSpec(r=rank, lora_alpha=alpha, lora_dropout=dropout),
         model_config=model_config_of(base_model),
-        train=demo_train_settings(seed),
+        train={**train, "seed": seed},
         strategy=strategy,
         report_metrics=True,
     )
