@@ -228,22 +228,24 @@ def _dir_bytes(path: Path) -> int:
 
 
 def compute_baselines(base: Path, clients: list, initial: Path, spec: Any, rounds: int) -> dict[str, Any]:
-    """Base model and each client's own LoRA (trained for as many local epochs as the federation)."""
+    """Base model and each client's own LoRA (as many one-epoch rounds as the federation, on its
+    own data only, so its learning-rate schedule is the federation's)."""
     import tempfile
 
+    from aggregator.experiment import single_client
     from node.data import load_jsonl
     from node.evaluate import Evaluator, fairness
-    from node.trainer import TrainConfig, train_lora
+    from node.trainer import TrainConfig
 
     ev = Evaluator(base, device="cpu")
     tests = {c.name: load_jsonl(c.test_path) for c in clients}
     base_acc = {name: ev.accuracy(None, t) for name, t in tests.items()}
     single: dict[str, float] = {}
-    cfg = TrainConfig.from_dict({**spec.train_config(), "epochs": rounds, "device": "cpu"})
+    cfg = TrainConfig.from_dict({**spec.train_config(), "device": "cpu"})
     with tempfile.TemporaryDirectory() as tmp:
         for c in clients:
-            res = train_lora(base, load_jsonl(c.train_path), Path(tmp) / c.name, cfg, init_adapter=initial, progress=False)
-            single[c.name] = ev.accuracy(res.adapter_dir, tests[c.name])
+            adapter = single_client(base, load_jsonl(c.train_path), cfg, rounds, Path(tmp), c.name, initial)
+            single[c.name] = ev.accuracy(adapter, tests[c.name])
             _say(f"      single-client LoRA {c.name}: {single[c.name]:.3f} on its own test set")
     return {
         "base": base_acc,
