@@ -57,18 +57,19 @@ def _aggregator(args: argparse.Namespace) -> int:
     from aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
     from aggregator.parallel import ensure_ray
     from chain.coordinator_stream import open_final_stream
-    from chain.identity import load_account
+    from chain.identity import IdentityError
+    from chain.keys_cli import load_daemon_account
     from chain.localstate import ConfigError
     from chain.storage import open_store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = AggregatorConfig.load(args.config)
-    except ConfigError as exc:
+        account = load_daemon_account(cfg.keystore)
+    except (ConfigError, IdentityError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     w3, manifest = _connect(cfg.manifest, cfg.rpc_url)
-    account = load_account(cfg.keystore)
     store = open_store(cfg.store)
     stream = open_final_stream(
         w3, manifest, AGGREGATOR_EVENTS,

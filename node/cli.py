@@ -198,12 +198,13 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 def cmd_node(args) -> int:
     import logging
 
+    from chain.identity import IdentityError
     from chain.localstate import ConfigError
     from node.daemon import run_node
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return run_node(args.config, once=args.once, progress=not args.quiet)
-    except ConfigError as exc:
+    except (ConfigError, IdentityError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -411,15 +411,15 @@ def run_node(config_path: Path, *, once: bool = False, progress: bool = True) ->
 
     from chain.coordinator_stream import open_final_stream
     from chain.deploy import connect, load_manifest
-    from chain.identity import load_account
+    from chain.keys_cli import load_daemon_account
     from chain.storage import open_store
 
     config = NodeConfig.load(config_path)
+    account = load_daemon_account(config.keystore)
     manifest = load_manifest(config.manifest)
     if config.rpc_url:
         manifest = replace(manifest, rpc_url=config.rpc_url)
     w3 = connect(manifest)
-    account = load_account(config.keystore)
     store = open_store(config.store)
     stream = open_final_stream(w3, manifest, NODE_EVENTS, config.state_dir / "cursor.json", finality=config.finality)
     daemon = NodeDaemon(config, w3=w3, manifest=manifest, account=account, store=store, stream=stream, progress=progress)
