@@ -273,6 +273,8 @@ def build_random_model(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
         head_dim=hidden_size // 2, max_position_embeddings=512, tie_word_embeddings=True,
+        # Large enough embeddings that a random model can still express a confident prediction.
+        initializer_range=0.3,
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
     )
     Qwen3ForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)

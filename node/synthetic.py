@@ -74,14 +74,14 @@ CLIENTS = (
     _Client("medqa-en", "medqa", "en", 4, 10.2),
     _Client("medmcqa-in", "medmcqa", "en", 4, 33.5),
 )
-TRAIN_PER_K = 8.0  # training questions per thousand at scale 1.0 -> 219 / 82 / 268
+TRAIN_PER_K = 6.0  # training questions per thousand at scale 1.0 -> 164 / 61 / 201
 TEST_PER_CLIENT = 60  # at scale 1.0, equal for every client
-FACTS_PER_TRAIN = 1 / 12  # facts per training question: each fact is asked ~12 times
+FACTS_PER_TRAIN = 1 / 16  # facts per training question: each fact is asked ~16 times
 DECOY_DISEASES = 40  # diseases (x 3 relations) in the base model's pretraining facts
 OWN_TEST_FRACTION = 1 / 3
 # Training hyper-parameters for the stand-in base model on this benchmark (the rest are the
 # paper's defaults in TrainConfig); a tiny model needs a larger learning rate than 1.7B.
-BENCHMARK_TRAIN_CONFIG = {"lr": 1e-2, "rank": 8, "alpha": 16, "max_length": 128}
+BENCHMARK_TRAIN_CONFIG = {"lr": 3e-3, "rank": 16, "alpha": 32, "max_length": 128}
 
 # -- lexicon -------------------------------------------------------------------------------
 
@@ -230,7 +230,7 @@ def make_benchmark(out_dir: Path, seed: int = 0, scale: float = 1.0) -> list[Cli
     n_test = max(6, round(TEST_PER_CLIENT * scale))
     total_train = sum(n_train.values())
     n_facts_wanted = max(3 * len(RELATIONS), round(total_train * FACTS_PER_TRAIN))
-    n_diseases = min(_DECOY_START, max(3, round(n_facts_wanted / len(RELATIONS))))
+    n_diseases = min(_DECOY_START, max(6, round(n_facts_wanted / len(RELATIONS))))
     pool = benchmark_pool()
     facts = _facts(rng, pool, n_diseases)
     rng.shuffle(facts)
@@ -268,7 +268,7 @@ def make_benchmark(out_dir: Path, seed: int = 0, scale: float = 1.0) -> list[Cli
         crng.shuffle(test_facts)
         test = [
             _mcq(crng, c.fmt, c.language, c.n_options, f.relation, f.disease, f.answer,
-                 _answers(facts, f.relation), f"{c.name}/test/{i:05d}/{owner[f]}")
+                 _candidates(facts, owner, c.name, f, c.n_options), f"{c.name}/test/{i:05d}/{owner[f]}")
             for i, f in enumerate(test_facts)
         ]
         cdir = out_dir / c.name
@@ -295,6 +295,21 @@ def make_benchmark(out_dir: Path, seed: int = 0, scale: float = 1.0) -> list[Cli
 def _answers(facts: list[Fact], relation: str) -> list[str]:
     """Candidate options for a relation: the answers of the benchmark's facts of that kind."""
     return sorted({f.answer for f in facts if f.relation == relation})
+
+
+def _candidates(facts: list[Fact], owner: dict[Fact, str], client: str, fact: Fact, n: int) -> list[str]:
+    """Options for a question in ``client``'s file about ``fact``.
+
+    About its own facts: any answer of the relation (it must know which one goes with the
+    disease). About another client's fact: answers the client has not been taught, when there
+    are enough, so that a model that merely prefers names it was trained on gains nothing
+    and loses nothing there; it has to know the fact.
+    """
+    if owner[fact] == client:
+        return _answers(facts, fact.relation)
+    foreign = [f for f in facts if owner[f] != client]
+    pool = _answers(foreign, fact.relation)
+    return pool if len(pool) >= n else _answers(facts, fact.relation)
 
 
 def fact_owner(mcq_id: str) -> str | None:

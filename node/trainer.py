@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,11 +211,14 @@ def attach_lora(model, config: TrainConfig, init_adapter: Path | None):
     from peft import PeftModel, get_peft_model
 
     torch.manual_seed(config.seed)
-    if init_adapter is None:
-        peft_model = get_peft_model(model, _lora_config(config))
-    else:
-        _check_adapter_matches(init_adapter, config)
-        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    with warnings.catch_warnings():
+        # PEFT still calls a transformers method renamed in v5; nothing for us to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if init_adapter is None:
+            peft_model = get_peft_model(model, _lora_config(config))
+        else:
+            _check_adapter_matches(init_adapter, config)
+            peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
         # The task's dropout governs training, whatever the adapter file says.
         for module in peft_model.modules():
             drop = getattr(module, "lora_dropout", None)
