@@ -223,6 +223,7 @@ class AggregatorDaemon:
 
     def compute(self, task: int, rnd: int, params: Any, rec: dict) -> tuple[Path, list[str], dict[str, str], dict] | None:
         """Fetch and verify every reveal in parallel, then merge the valid ones."""
+        log.info("aggregating task %d round %d: fetching and verifying %d updates", task, rnd, len(rec["reveals"]))
         from aggregator.adapters import load_adapter, save_adapter
         from aggregator.parallel import Rejected, StoreFetch, UpdateRef, fetch_and_verify
         from aggregator.strategies import get_strategy

@@ -42,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=int, default=16)
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--target-modules", default=None,
+                   help="comma-separated LoRA target modules (default: q/k/v/o + gate/up/down)")
+    p.add_argument("--no-report-metrics", action="store_true",
+                   help="nodes do not evaluate and report each aggregate's accuracy")
     p.add_argument("--strategy", default="fedavg")
     p.add_argument("--norm-bound", type=float, default=1.0e4)
     p.add_argument("--train", default="{}", help="training settings as JSON (lr, max_length, seed, ...)")
@@ -85,9 +89,13 @@ def _open(args: argparse.Namespace, signer: bool = True) -> tuple[Any, Any, Any]
     w3 = connect(manifest)
     account = None
     if signer:
-        from chain.identity import load_account
+        from chain.identity import IdentityError
+        from chain.keys_cli import load_daemon_account
 
-        account = load_account(args.account)
+        try:
+            account = load_daemon_account(args.account)
+        except IdentityError as exc:
+            raise SystemExit(f"error: --account: {exc}") from None
     return manifest, w3, account
 
 
@@ -132,14 +140,18 @@ def _make_spec(args: argparse.Namespace) -> int:
         return 2
     try:
         train = json.loads(args.train)
+        lora = {"r": args.rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout}
+        if args.target_modules is not None:
+            lora["target_modules"] = tuple(m.strip() for m in args.target_modules.split(",") if m.strip())
         spec = TaskSpec(
             base_model_id=args.base_model_id or args.base_model.name,
             base_model_sha256=model_fingerprint(args.base_model),
-            lora=LoraSpec(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout),
+            lora=LoraSpec(**lora),
             model_config=json.loads(cfg_path.read_text()),
             train=train,
             strategy=args.strategy,
             norm_bound=args.norm_bound,
+            report_metrics=not args.no_report_metrics,
         )
     except (json.JSONDecodeError, TaskSpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)

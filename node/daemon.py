@@ -216,10 +216,13 @@ class NodeDaemon:
     def _on_round_opened(self, ev: Any) -> int:
         task, rnd = ev.task_id, ev.round
         if not self.coordinator.is_participant(task, self.address):
+            log.info("%s: task %d round %d opened; skipping: not a participant of this task", self.config.name, task, rnd)
             return 0
         key = f"{task}:{rnd}"
         rec = self.state.section("rounds").get(key, {})
         if rec.get("stage") in ("committed", "revealed", "missed"):
+            log.info("%s: task %d round %d: skipping the opening event: this round is already %s",
+                     self.config.name, task, rnd, rec["stage"])
             return 0
         params = self.coordinator.get_task_params(task)
         spec = self.task_spec(task, params.hyper_params_cid)
