@@ -110,9 +110,21 @@ class AggregatorDaemon:
                 pass
         if not self.registry.is_aggregator(self.account.address):
             log.warning("%s does not hold the aggregator role yet; its submissions will revert", self.account.address)
+        from node.daemon import RetryDelay
+
         log.info("aggregator %s following final events", self.account.address)
+        retry = RetryDelay(self.config.poll_interval)
         while not self._stop.is_set():
-            if self.step() == 0:
+            try:
+                acted = self.step()
+            except Exception:  # noqa: BLE001 - the failed step is retried from the durable cursor
+                delay = retry.next()
+                log.exception("aggregator step failed; retrying in %.0f s from the last handled event", delay)
+                self.stream.rewind()
+                self._stop.wait(delay)
+                continue
+            retry.reset()
+            if acted == 0:
                 self._stop.wait(self.config.poll_interval)
         log.info("aggregator stopped cleanly")
 

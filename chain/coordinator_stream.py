@@ -7,7 +7,7 @@ wraps it so each event arrives as the typed dataclass of ``chain.contracts`` (``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,21 @@ from chain.events import FinalEvent, FinalEventStream
 class CoordinatorStream:
     """Final ``Coordinator`` events as typed dataclasses, with the raw stream's cursor."""
 
-    def __init__(self, raw: FinalEventStream) -> None:
+    def __init__(self, raw: FinalEventStream, reopen: Callable[[], FinalEventStream] | None = None) -> None:
         self.raw = raw
+        self._reopen = reopen
         self._pending: dict[tuple[int, int], FinalEvent] = {}
+
+    def rewind(self) -> None:
+        """Forget what was delivered but not acknowledged, so the next ``poll`` delivers it again.
+
+        A daemon whose step failed half-way (an RPC error, a store that did not answer) calls
+        this before retrying: the raw stream is reopened from its durable cursor, which only
+        ever moves past events that were fully handled."""
+        if self._reopen is None:
+            raise RuntimeError("this stream was not opened with a way to reopen it")
+        self.raw = self._reopen()
+        self._pending.clear()
 
     def poll(self) -> list[Event]:
         out = []
@@ -65,13 +77,16 @@ def open_final_stream(
         if not manifest.finality_gadget:
             raise ValueError("the deployment has no finality gadget; run with finality off or redeploy with validators")
         final_height = FinalityGadgetClient(w3, manifest.finality_gadget).finalized_height
-    raw = FinalEventStream(
-        w3,
-        coordinator.contract,
-        list(names),
-        final_height,
-        cursor_path,
-        finality,
-        from_block=manifest.deploy_block,
-    )
-    return CoordinatorStream(raw)
+
+    def reopen() -> FinalEventStream:
+        return FinalEventStream(
+            w3,
+            coordinator.contract,
+            list(names),
+            final_height,
+            cursor_path,
+            finality,
+            from_block=manifest.deploy_block,
+        )
+
+    return CoordinatorStream(reopen(), reopen)

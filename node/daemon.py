@@ -150,12 +150,30 @@ class NodeDaemon:
                 signal.signal(sig, lambda *_: self._stop.set())
             except ValueError:  # not the main thread
                 pass
-        while not self.ensure_registered():
-            if self._stop.wait(self.config.poll_interval):
+        retry = RetryDelay(self.config.poll_interval)
+        while True:
+            try:
+                if self.ensure_registered():
+                    break
+                delay = self.config.poll_interval
+            except Exception:  # noqa: BLE001 - an unreachable chain at start-up is waited out
+                log.exception("%s: could not check the registration; retrying", self.config.name)
+                delay = retry.next()
+            if self._stop.wait(delay):
+                log.info("%s: stopped cleanly", self.config.name)
                 return
         log.info("%s: approved; following final events", self.config.name)
         while not self._stop.is_set():
-            if self.step() == 0:
+            try:
+                acted = self.step()
+            except Exception:  # noqa: BLE001 - the failed step is retried from the durable cursor
+                delay = retry.next()
+                log.exception("%s: step failed; retrying in %.0f s from the last handled event", self.config.name, delay)
+                self.stream.rewind()
+                self._stop.wait(delay)
+                continue
+            retry.reset()
+            if acted == 0:
                 self._stop.wait(self.config.poll_interval)
         log.info("%s: stopped cleanly", self.config.name)
 
@@ -403,6 +421,23 @@ class NodeDaemon:
         if self._evaluator is None:
             self._evaluator = Evaluator(self.config.base_model, device=self.config.device)
         return self._evaluator
+
+
+class RetryDelay:
+    """Exponential back-off for a daemon's failed steps: a flaky RPC endpoint or store is
+    retried quickly at first, a long outage at most once a minute."""
+
+    def __init__(self, first: float, ceiling: float = 60.0) -> None:
+        self.first = max(first, 0.5)
+        self.ceiling = ceiling
+        self.current = 0.0
+
+    def next(self) -> float:
+        self.current = self.first if self.current == 0.0 else min(self.current * 2, self.ceiling)
+        return self.current
+
+    def reset(self) -> None:
+        self.current = 0.0
 
 
 NODE_EVENTS = ("TaskCreated", "RoundOpened", "PhaseChanged", "AggregateAccepted", "RoundFailed", "TaskCompleted")
