@@ -401,3 +401,32 @@ def test_keys_new_writes_a_keystore_the_daemons_can_open(tmp_path: Path) -> None
     res = subprocess.run([PRISMESH, "keys", "address", str(out)], env=none, capture_output=True, text=True,
                          timeout=60, stdin=subprocess.DEVNULL)
     assert res.returncode == 2 and "PRISMESH_KEYSTORE_PASSWORD" in res.stderr
+
+
+def test_stream_rewind_redelivers_only_unhandled_events(tmp_path: Path) -> None:
+    """What a daemon's retry after a failed step relies on: rewinding the final-event stream
+    re-delivers exactly the events that were delivered but not acknowledged."""
+    from aggregator.federation import Federation, TaskSettings
+    from chain.coordinator_stream import open_final_stream
+    from chain.taskspec import TaskSpec
+
+    fed = Federation(tmp_path / "fed", finality=False, parallel=False)
+    try:
+        spec = TaskSpec(base_model_id="test/none", base_model_sha256="0" * 64)
+        tasks = [fed.create_task(spec, TaskSettings(num_rounds=1)) for _ in range(3)]
+        cursor = tmp_path / "cursor.json"
+        stream = open_final_stream(fed.w3, fed.manifest, ("TaskCreated",), cursor, finality=False)
+        first = stream.poll()
+        assert [ev.task_id for ev in first] == tasks
+        stream.ack(first[0])  # the step handled one event, then failed
+        assert stream.poll() == []
+        stream.rewind()
+        assert [ev.task_id for ev in stream.poll()] == tasks[1:]
+        again = open_final_stream(fed.w3, fed.manifest, ("TaskCreated",), cursor, finality=False)
+        redelivered = again.poll()
+        assert [ev.task_id for ev in redelivered] == tasks[1:]
+        again.ack(redelivered[-1])
+        again.rewind()
+        assert again.poll() == []
+    finally:
+        fed.close()
