@@ -110,7 +110,7 @@ class AggregatorDaemon:
                 pass
         if not self.registry.is_aggregator(self.account.address):
             log.warning("%s does not hold the aggregator role yet; its submissions will revert", self.account.address)
-        from node.daemon import RetryDelay
+        from chain.localstate import RetryDelay
 
         log.info("aggregator %s following final events", self.account.address)
         retry = RetryDelay(self.config.poll_interval)

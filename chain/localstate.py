@@ -77,3 +77,20 @@ class StateFile:
 
     def section(self, name: str) -> dict[str, Any]:
         return self.data.setdefault(name, {})
+
+
+class RetryDelay:
+    """Exponential back-off for a daemon's failed steps: a flaky RPC endpoint or store is
+    retried quickly at first, a long outage at most once a minute."""
+
+    def __init__(self, first: float, ceiling: float = 60.0) -> None:
+        self.first = max(first, 0.5)
+        self.ceiling = ceiling
+        self.current = 0.0
+
+    def next(self) -> float:
+        self.current = self.first if self.current == 0.0 else min(self.current * 2, self.ceiling)
+        return self.current
+
+    def reset(self) -> None:
+        self.current = 0.0

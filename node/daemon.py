@@ -28,6 +28,7 @@ from eth_account.messages import encode_defunct
 from eth_utils import keccak
 
 from chain.localstate import (
+    RetryDelay,
     StateFile,
     check_fields,
     read_config,
@@ -421,23 +422,6 @@ class NodeDaemon:
         if self._evaluator is None:
             self._evaluator = Evaluator(self.config.base_model, device=self.config.device)
         return self._evaluator
-
-
-class RetryDelay:
-    """Exponential back-off for a daemon's failed steps: a flaky RPC endpoint or store is
-    retried quickly at first, a long outage at most once a minute."""
-
-    def __init__(self, first: float, ceiling: float = 60.0) -> None:
-        self.first = max(first, 0.5)
-        self.ceiling = ceiling
-        self.current = 0.0
-
-    def next(self) -> float:
-        self.current = self.first if self.current == 0.0 else min(self.current * 2, self.ceiling)
-        return self.current
-
-    def reset(self) -> None:
-        self.current = 0.0
 
 
 NODE_EVENTS = ("TaskCreated", "RoundOpened", "PhaseChanged", "AggregateAccepted", "RoundFailed", "TaskCompleted")
