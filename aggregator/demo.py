@@ -327,7 +327,16 @@ def write_report(out: Path, report: dict[str, Any], *, plots: bool, fed: Any, ta
         md.append(f"- round {row['round']}: aggregate `{row['aggregate_cid']}`, accepted in block "
                   f"{row['accepted_block']}, final at {row['final_block']}, included {len(row['included'])}, "
                   f"rejected {row.get('rejected') or 'none'}")
-    md += ["", f"Adapter tensors: {report['adapter_bytes']} B; base model files: {report['base_model_bytes']} B.", ""]
+    md += ["", "## Cost per round", "",
+           "| round | wall (s) | slowest local training (s) | all local training (s) | overhead | gas | bytes uploaded per client |",
+           "|---|---:|---:|---:|---:|---:|---|"]
+    for row in report["rounds"]:
+        up = ", ".join(f"{k}: {v}" for k, v in sorted(row["bytes_uploaded"].items()))
+        oh = row.get("overhead_fraction")
+        md.append(f"| {row['round']} | {row.get('wall_seconds', '–')} | {row.get('slowest_training_seconds', '–')} | "
+                  f"{row.get('training_seconds_total', '–')} | {'–' if oh is None else f'{100 * oh:.0f}%'} | {row['gas_used']} | {up} |")
+    md += ["", f"Adapter tensors: {report['adapter_bytes']} B per update; full base model files: "
+           f"{report['base_model_bytes']} B (what FedAvg of the whole model would move per client per round).", ""]
     (out / "report.md").write_text("\n".join(md) + "\n")
     if plots:
         from aggregator.plots import plot_accuracy, plot_update_pca
