@@ -2,12 +2,14 @@
 
 It reproduces the three heterogeneity axes of the paper (3.1): language (a Chinese and an
 English template set), exam format (MedQA vignettes with 5 or 4 options vs. MedMCQA short
-stems with 4), and size (27.4k : 10.2k : 33.5k scaled down). Knowledge is a set of *facts*,
-associations of a synthetic disease with its drug, its causative organism and its gene. The
-facts are partitioned across the clients: a client's training file only ever asks about its
-own facts, while its test file asks mostly (by default 2/3) about facts held by the *other*
-clients, phrased in its own format and language. A single-client LoRA can therefore only
-answer its own share well; the rest has to flow in through aggregation.
+stems with 4), size (27.4k : 10.2k : 33.5k scaled down) and knowledge area. Knowledge is a
+set of *facts*, associations of a synthetic disease with its drug (held by ``medqa-cn``), its
+causative organism (``medqa-en``) or its gene (``medmcqa-in``). A client's training file only
+asks about its own facts, while its test file asks mostly (by default 2/3) about facts held by
+the *other* clients, phrased in its own format and language. A single-client LoRA can therefore
+only answer its own share well; the rest has to flow in through aggregation. All options of a
+question are answers of the same area, so it takes the association to answer; a preference
+for names seen in training neither helps nor hurts.
 
 Entity names are Latin-script and appear unchanged (space-separated) inside the Chinese
 templates, so an association learned from one client's format can transfer to another's.
@@ -75,13 +77,14 @@ CLIENTS = (
     _Client("medmcqa-in", "medmcqa", "en", 4, 33.5),
 )
 TRAIN_PER_K = 6.0  # training questions per thousand at scale 1.0 -> 164 / 61 / 201
-TEST_PER_CLIENT = 60  # at scale 1.0, equal for every client
-FACTS_PER_TRAIN = 1 / 16  # facts per training question: each fact is asked ~16 times
+TEST_PER_CLIENT = 90  # at scale 1.0, equal for every client
+FACTS_PER_TRAIN = 1 / 24  # facts per training question: each fact is asked ~12-25 times
 DECOY_DISEASES = 40  # diseases (x 3 relations) in the base model's pretraining facts
 OWN_TEST_FRACTION = 1 / 3
+MIN_FACTS = 5  # per client: enough distinct answers for five options
 # Training hyper-parameters for the stand-in base model on this benchmark (the rest are the
 # paper's defaults in TrainConfig); a tiny model needs a larger learning rate than 1.7B.
-BENCHMARK_TRAIN_CONFIG = {"lr": 3e-3, "rank": 16, "alpha": 32, "max_length": 128}
+BENCHMARK_TRAIN_CONFIG = {"lr": 1.5e-3, "rank": 16, "alpha": 64, "max_length": 128}
 
 # -- lexicon -------------------------------------------------------------------------------
 
@@ -229,22 +232,20 @@ def make_benchmark(out_dir: Path, seed: int = 0, scale: float = 1.0) -> list[Cli
     n_train = {c.name: max(8, round(c.size_k * TRAIN_PER_K * scale)) for c in CLIENTS}
     n_test = max(6, round(TEST_PER_CLIENT * scale))
     total_train = sum(n_train.values())
-    n_facts_wanted = max(3 * len(RELATIONS), round(total_train * FACTS_PER_TRAIN))
-    n_diseases = min(_DECOY_START, max(6, round(n_facts_wanted / len(RELATIONS))))
+    n_facts = max(3 * MIN_FACTS, round(total_train * FACTS_PER_TRAIN))
     pool = benchmark_pool()
-    facts = _facts(rng, pool, n_diseases)
-    rng.shuffle(facts)
 
-    # Partition the facts in proportion to client size so every fact is asked equally often.
+    # Each client holds one area of knowledge (one relation), over as many diseases as its
+    # share of the data, so every fact is asked about about equally often. All options of a
+    # question come from one area, hence from one holder: answering needs the association,
+    # a preference for names seen in training neither helps nor hurts.
     owned: dict[str, list[Fact]] = {}
-    start = 0
-    for i, c in enumerate(CLIENTS):
-        if i == len(CLIENTS) - 1:
-            end = len(facts)
-        else:
-            end = start + max(1, round(len(facts) * n_train[c.name] / total_train))
-        owned[c.name] = facts[start:end]
-        start = end
+    for c, relation in zip(CLIENTS, RELATIONS, strict=True):
+        k = min(_DECOY_START, max(MIN_FACTS, round(n_facts * n_train[c.name] / total_train)))
+        diseases = rng.sample(pool["disease"], k)
+        answers = rng.sample(pool[relation], k)
+        owned[c.name] = [Fact(d, relation, a) for d, a in zip(diseases, answers, strict=True)]
+    facts = [f for fs in owned.values() for f in fs]
     owner = {f: name for name, fs in owned.items() for f in fs}
 
     specs: list[ClientSpec] = []
@@ -268,7 +269,7 @@ def make_benchmark(out_dir: Path, seed: int = 0, scale: float = 1.0) -> list[Cli
         crng.shuffle(test_facts)
         test = [
             _mcq(crng, c.fmt, c.language, c.n_options, f.relation, f.disease, f.answer,
-                 _candidates(facts, owner, c.name, f, c.n_options), f"{c.name}/test/{i:05d}/{owner[f]}")
+                 _answers(facts, f.relation), f"{c.name}/test/{i:05d}/{owner[f]}")
             for i, f in enumerate(test_facts)
         ]
         cdir = out_dir / c.name
@@ -295,21 +296,6 @@ def make_benchmark(out_dir: Path, seed: int = 0, scale: float = 1.0) -> list[Cli
 def _answers(facts: list[Fact], relation: str) -> list[str]:
     """Candidate options for a relation: the answers of the benchmark's facts of that kind."""
     return sorted({f.answer for f in facts if f.relation == relation})
-
-
-def _candidates(facts: list[Fact], owner: dict[Fact, str], client: str, fact: Fact, n: int) -> list[str]:
-    """Options for a question in ``client``'s file about ``fact``.
-
-    About its own facts: any answer of the relation (it must know which one goes with the
-    disease). About another client's fact: answers the client has not been taught, when there
-    are enough, so that a model that merely prefers names it was trained on gains nothing
-    and loses nothing there; it has to know the fact.
-    """
-    if owner[fact] == client:
-        return _answers(facts, fact.relation)
-    foreign = [f for f in facts if owner[f] != client]
-    pool = _answers(foreign, fact.relation)
-    return pool if len(pool) >= n else _answers(facts, fact.relation)
 
 
 def fact_owner(mcq_id: str) -> str | None:

@@ -23,7 +23,7 @@ from node.trainer import (
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    specs = make_benchmark(root / "data", seed=0, scale=0.15)
+    specs = make_benchmark(root / "data", seed=0, scale=0.2)
     examples = load_jsonl(specs[2].train_path)[:32]
     texts = [format_prompt(m) + format_completion(m) for s in specs for m in load_jsonl(s.train_path)]
     model = basemodel.build_random_model(root / "model", texts, seed=0)

@@ -95,7 +95,9 @@ def run(seed: int, rounds: int, work: Path, scale: float, quiet: bool) -> dict:
             oth = [p == m.answer for p, m in zip(preds, examples, strict=True) if fact_owner(m.id) != tname]
             split[label][tname] = [sum(own) / max(1, len(own)), sum(oth) / max(1, len(oth))]
 
+    # "Best single" as in the paper's Table 3: the single-client LoRA with the highest Macro-Acc.
     best_single = max(singles, key=lambda n: matrix["rows"][f"+ LoRA ({n})"]["macro_acc"])
+    single_rows = [matrix["rows"][f"+ LoRA ({n})"] for n in singles]
     fed = matrix["rows"][f"Federated LoRA ({rounds} rounds)"]
     best = matrix["rows"][f"+ LoRA ({best_single})"]
     if not quiet:
@@ -113,6 +115,7 @@ def run(seed: int, rounds: int, work: Path, scale: float, quiet: bool) -> dict:
         "best_single": best_single,
         "federated": {k: fed[k] for k in ("macro_acc", "min_acc", "h_mean")},
         "best_single_metrics": {k: best[k] for k in ("macro_acc", "min_acc", "h_mean")},
+        "max_over_singles": {k: max(r[k] for r in single_rows) for k in ("macro_acc", "min_acc", "h_mean")},
         "max_local_epoch_seconds": max(epoch_seconds),
         "eval_seconds_all_rows": eval_seconds,
     }
@@ -138,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * b['macro_acc']:6.2f}  {100 * b['min_acc']:6.2f}  {100 * b['h_mean']:6.2f}")
         print(f"seed {r['seed']} federated                 "
               f"{100 * f['macro_acc']:6.2f}  {100 * f['min_acc']:6.2f}  {100 * f['h_mean']:6.2f}")
+        m = r["max_over_singles"]
+        print(f"seed {r['seed']} max over singles           "
+              f"{100 * m['macro_acc']:6.2f}  {100 * m['min_acc']:6.2f}  {100 * m['h_mean']:6.2f}")
         ok &= f["min_acc"] > b["min_acc"] and f["h_mean"] > b["h_mean"]
-    print("federated beats best single on Min-Acc and H-mean for every seed:", ok)
+    print("federated beats the best single LoRA on Min-Acc and H-mean for every seed:", ok)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0 if ok else 1
