@@ -247,7 +247,7 @@ def _pretrain(model, encoded: list[tuple[list[int], int]], pad_id: int, seed: in
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()

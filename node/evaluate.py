@@ -11,6 +11,7 @@ one column per client test set.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 from node.data import MCQ, format_completion, format_prompt
@@ -131,7 +132,9 @@ class Evaluator:
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
-        wrapped = PeftModel.from_pretrained(self.model, str(adapter), is_trainable=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapped = PeftModel.from_pretrained(self.model, str(adapter), is_trainable=False)
         wrapped.eval()
         return wrapped, wrapped
 

@@ -322,15 +322,19 @@ def train_lora(
         load_seconds = time.perf_counter() - t_load
         t0 = time.perf_counter()
         bar = tqdm(total=total_steps, desc="train LoRA", disable=not progress, leave=False)
+        single = [_collate([e], pad_id, device) for e in encoded] if config.batch_size == 1 else None
         for _epoch in range(config.epochs):
             order = torch.randperm(len(encoded), generator=gen).tolist()
             window = torch.zeros((), device=device)
             epoch_sum = torch.zeros((), device=device)
             in_window = 0
             for micro in range(micro_per_epoch):
-                batch = [encoded[i] for i in order[micro * config.batch_size : (micro + 1) * config.batch_size]]
-                ids, mask, labels = _collate(batch, pad_id, device)
-                tokens += int(mask.sum())
+                if single is not None:
+                    ids, mask, labels = single[order[micro]]
+                else:
+                    batch = [encoded[i] for i in order[micro * config.batch_size : (micro + 1) * config.batch_size]]
+                    ids, mask, labels = _collate(batch, pad_id, device)
+                tokens += ids.numel() if mask is None else int(mask.sum())
                 with autocast:
                     loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 (loss / config.grad_accum).backward()
@@ -375,9 +379,16 @@ def train_lora(
 
 
 def _collate(batch: list[tuple[list[int], int]], pad_id: int, device: str):
+    """Pad a micro-batch; without padding no attention mask is passed (the model's fast path)."""
     import torch
 
     width = max(len(ids) for ids, _ in batch)
+    if all(len(ids) == width for ids, _ in batch):
+        ids = torch.tensor([seq for seq, _ in batch], dtype=torch.long)
+        labels = ids.clone()
+        for r, (_, n_prompt) in enumerate(batch):
+            labels[r, :n_prompt] = -100
+        return ids.to(device), None, labels.to(device)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
