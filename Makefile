@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@
 
+# `npm install --no-save` rather than `npm ci`: the lock pins every package this platform installs
+# (with integrity hashes), while anvil's other-platform binaries are optional and may be absent from
+# the registry mirror, which `npm ci` would refuse as an out-of-sync lock.
 $(NPM_STAMP): package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm install --no-save --no-audit --no-fund --loglevel=error
 	@touch $@
 
 demo: setup
