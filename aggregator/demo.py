@@ -22,8 +22,7 @@ HOSPITAL_ORDER = ("hospital-a", "hospital-b", "hospital-c")
 def build_spec(base_model: Path, seed: int, strategy: str = "fedavg") -> Any:
     """The demo task's hyper-parameter file: the benchmark's tuned LoRA and training settings."""
     from aggregator.federation import model_config_of
-    from chain.taskspec import LoraSpec, TaskSpec
-    from node.basemodel import model_fingerprint
+    from chain.taskspec import LoraSpec, TaskSpec, model_fingerprint
     from node.synthetic import BENCHMARK_TRAIN_CONFIG
 
     train = dict(BENCHMARK_TRAIN_CONFIG)

@@ -131,8 +131,7 @@ def _add_aggregator(args: argparse.Namespace) -> int:
 
 
 def _make_spec(args: argparse.Namespace) -> int:
-    from chain.taskspec import LoraSpec, TaskSpec, TaskSpecError
-    from node.basemodel import model_fingerprint
+    from chain.taskspec import LoraSpec, TaskSpec, TaskSpecError, model_fingerprint
 
     cfg_path = args.base_model / "config.json"
     if not cfg_path.is_file():

@@ -7,13 +7,22 @@ whitespace) so the same settings always give the same bytes and therefore the sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 SPEC_FORMAT = "prismesh-task/1"
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# Build notes a model directory may carry; like documentation and hidden files they do not
+# define the model, so model_fingerprint skips them.
+BUILD_INFO_NAME = "prismesh_build.json"
+_FINGERPRINT_EXCLUDE_SUFFIXES = (".md",)
+_FINGERPRINT_EXCLUDE_NAMES = {BUILD_INFO_NAME, "LICENSE", "NOTICE"}
 
 
 class TaskSpecError(ValueError):
@@ -148,3 +157,27 @@ class TaskSpec:
 def _require(ok: bool, name: str, expected: str) -> None:
     if not ok:
         raise TaskSpecError(f"field {name!r} must be {expected}")
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 (hex) over the names and bytes of a model directory's weight, config and tokenizer
+    files, in name order: the base-model hash a task records on chain and every node checks its
+    local copy against before it joins."""
+    model_dir = Path(model_dir)
+    files = sorted(
+        p for p in model_dir.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name not in _FINGERPRINT_EXCLUDE_NAMES
+        and not p.name.endswith(_FINGERPRINT_EXCLUDE_SUFFIXES)
+    )
+    if not any(p.suffix in (".safetensors", ".bin") for p in files):
+        raise FileNotFoundError(f"{model_dir}: no weight files (*.safetensors / *.bin)")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        h.update(p.stat().st_size.to_bytes(8, "big"))
+        with p.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -24,6 +23,8 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from chain.taskspec import BUILD_INFO_NAME as _BUILD_INFO
 
 BASE_MODEL_VERSION = 1
 MODEL_NAME = "prismesh-tiny-qwen3"
@@ -42,11 +43,6 @@ MODEL_CONFIG = {
     "rms_norm_eps": 1e-6,
 }
 PRETRAIN = {"n_mcqs": 6000, "steps": 700, "batch_size": 24, "lr": 3e-3, "warmup": 50}
-_BUILD_INFO = "prismesh_build.json"
-# Files that define a model; hashed by model_fingerprint (documentation, hidden files and
-# build notes are not).
-_FINGERPRINT_EXCLUDE_SUFFIXES = (".md",)
-_FINGERPRINT_EXCLUDE_NAMES = {_BUILD_INFO, "LICENSE", "NOTICE"}
 
 
 def prismesh_home() -> Path:
@@ -57,29 +53,6 @@ def prismesh_home() -> Path:
 def default_model_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
     root = Path(cache_dir) if cache_dir is not None else prismesh_home() / "models"
     return root / f"{MODEL_NAME}-v{BASE_MODEL_VERSION}-seed{seed}"
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """sha256 (hex) over the names and bytes of a model directory's weight, config and tokenizer
-    files, in name order; the hash a task records on chain for its base model."""
-    model_dir = Path(model_dir)
-    files = sorted(
-        p for p in model_dir.iterdir()
-        if p.is_file()
-        and not p.name.startswith(".")
-        and p.name not in _FINGERPRINT_EXCLUDE_NAMES
-        and not p.name.endswith(_FINGERPRINT_EXCLUDE_SUFFIXES)
-    )
-    if not any(p.suffix in (".safetensors", ".bin") for p in files):
-        raise FileNotFoundError(f"{model_dir}: no weight files (*.safetensors / *.bin)")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        h.update(p.stat().st_size.to_bytes(8, "big"))
-        with p.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def is_model_dir(path: Path) -> bool:

@@ -99,7 +99,8 @@ def _parse_overrides(items: list[str]) -> dict:
 
 
 def cmd_base_model(args: argparse.Namespace) -> int:
-    from node.basemodel import ensure_base_model, model_fingerprint
+    from chain.taskspec import model_fingerprint
+    from node.basemodel import ensure_base_model
 
     path = ensure_base_model(args.cache_dir, seed=args.seed, progress=True)
     print(json.dumps({"path": str(path), "sha256": model_fingerprint(path)}, indent=2))

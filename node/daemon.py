@@ -398,7 +398,7 @@ class NodeDaemon:
         return dest
 
     def fingerprint(self) -> str:
-        from node.basemodel import model_fingerprint
+        from chain.taskspec import model_fingerprint
 
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.config.base_model)

@@ -17,8 +17,8 @@ from aggregator.adapters import load_adapter, save_adapter
 from aggregator.federation import Federation, TaskSettings, model_config_of
 from chain.contracts import TaskStatus
 from chain.storage import add_adapter, fetch_adapter
-from chain.taskspec import LoraSpec, TaskSpec
-from node.basemodel import build_random_model, model_fingerprint
+from chain.taskspec import LoraSpec, TaskSpec, model_fingerprint
+from node.basemodel import build_random_model
 from node.data import load_jsonl
 from node.synthetic import make_benchmark
 from node.trainer import TrainConfig, create_initial_adapter

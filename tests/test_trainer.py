@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from chain.taskspec import model_fingerprint
 from node import basemodel
 from node.data import format_completion, format_prompt, load_jsonl
 from node.synthetic import make_benchmark
@@ -139,10 +140,10 @@ def test_base_model_build_is_atomic_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(basemodel, "build_base_model", tiny)
     path = basemodel.ensure_base_model(tmp_path, seed=5)
     assert path == basemodel.default_model_dir(tmp_path, 5) and basemodel.is_model_dir(path)
-    fp = basemodel.model_fingerprint(path)
+    fp = model_fingerprint(path)
     monkeypatch.setattr(basemodel, "build_base_model", crash)
     assert basemodel.ensure_base_model(tmp_path, seed=5) == path  # cached: no rebuild
-    assert basemodel.model_fingerprint(path) == fp and len(fp) == 64
+    assert model_fingerprint(path) == fp and len(fp) == 64
     cfg_file = path / "config.json"
     cfg_file.write_text(cfg_file.read_text() + " ")
-    assert basemodel.model_fingerprint(path) != fp
+    assert model_fingerprint(path) != fp
