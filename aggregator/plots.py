@@ -81,7 +81,9 @@ def plot_update_pca(fed: Any, task_id: int, path: Path) -> Path:
     plt = _pyplot()
     items = update_vectors(fed, task_id)
     rounds = sorted({r for r, _, _ in items})
-    names = sorted({n for _, n, _ in items})
+    # Client order (and so colour) as in plot_accuracy: the federation's hospital order.
+    names = [h.name for h in fed.hospitals]
+    names += sorted({n for _, n, _ in items} - set(names))
     fig, axes = plt.subplots(1, max(1, len(rounds)), figsize=(4 * max(1, len(rounds)), 3.8), dpi=110, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, r in zip(axes[0], rounds, strict=False):
@@ -94,7 +96,7 @@ def plot_update_pca(fed: Any, task_id: int, path: Path) -> Path:
             pts = np.pad(pts, ((0, 0), (0, 2 - pts.shape[1])))
         for (n, _), p in zip(vecs, pts, strict=True):
             ax.scatter(p[0], p[1], s=80, color=colors[names.index(n) % len(colors)], label=n)
-        ax.scatter(0, 0, marker="*", s=160, color="black", label="mean (FedAvg direction)")
+        ax.scatter(0, 0, marker="*", s=160, color="black", label="mean update (origin)")
         ax.set_title(f"round {r}: client updates (PCA)")
         ax.set_xlabel("PC1")
         ax.set_ylabel("PC2")
