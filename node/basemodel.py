@@ -222,7 +222,7 @@ def _pretrain(model, encoded: list[tuple[list[int], int]], pad_id: int, seed: in
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if progress:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
     return {"first_loss": round(losses[0], 4), "final_loss": round(sum(losses[-20:]) / 20, 4)}
 

@@ -352,7 +352,7 @@ def train_lora(
                     in_window = 0
                     bar.update(1)
                     if progress:
-                        bar.set_postfix(loss=f"{step_losses[-1]:.3f}")
+                        bar.set_postfix(loss=f"{step_losses[-1]:.3f}", refresh=False)
             epoch_losses.append(float(epoch_sum) / micro_per_epoch)
         bar.close()
         seconds = time.perf_counter() - t0
