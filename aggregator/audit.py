@@ -57,7 +57,7 @@ def _sha256(path: Path) -> bytes:
 def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finality: bool = True) -> AuditReport:
     """Run every check for ``task_id``; never raises on a failed check, only records it."""
     from aggregator.adapters import load_adapter, save_adapter
-    from aggregator.daemon import config_only_adapter
+    from aggregator.daemon import aggregation_base
     from aggregator.strategies import ClientUpdate, get_strategy
     from chain.contracts import Coordinator
     from chain.storage import StorageError, cid_of_path, fetch_adapter
@@ -115,10 +115,8 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
                 continue
             try:
                 global_cid = opened[r].global_adapter_cid if r in opened else ""
-                glob = (
-                    load_adapter(fetch_adapter(store, global_cid, work / "global" / global_cid))
-                    if global_cid
-                    else config_only_adapter(spec)
+                glob = aggregation_base(
+                    spec, load_adapter(fetch_adapter(store, global_cid, work / "global" / global_cid)) if global_cid else None
                 )
                 updates = [ClientUpdate(ref.client, int(ref.num_samples), load_adapter(adapters[ref.cid])) for ref in refs]
                 result = strategy.aggregate(updates, glob)

@@ -276,10 +276,9 @@ class AggregatorDaemon:
             )
             self._fail(task, rnd, reason[:1000], rec, rejected)
             return None
-        if rec.get("global_cid"):
-            global_adapter = load_adapter(fetch_adapter(self.store, rec["global_cid"], work / "global"))
-        else:
-            global_adapter = config_only_adapter(spec)
+        global_adapter = aggregation_base(
+            spec, load_adapter(fetch_adapter(self.store, rec["global_cid"], work / "global")) if rec.get("global_cid") else None
+        )
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
         result = strategy.aggregate([v.to_update() for v in verified], global_adapter)
         out = save_adapter(result.adapter, self.config.state_dir / "aggregates" / f"task{task}-round{rnd}")
@@ -304,6 +303,17 @@ class AggregatorDaemon:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, indent=1, sort_keys=True))
         tmp.replace(path)
+
+
+def aggregation_base(spec: Any, global_adapter: Any | None) -> Any:
+    """The adapter a round's aggregate takes its config from: the round's global adapter, or
+    the task's bare LoRA config in round 1; either way naming the task's base model, so the
+    aggregate's bytes never depend on a path someone's adapter happened to record."""
+    if global_adapter is None:
+        return config_only_adapter(spec)
+    from aggregator.adapters import Adapter
+
+    return Adapter({**global_adapter.config, "base_model_name_or_path": spec.base_model_id}, global_adapter.tensors)
 
 
 def config_only_adapter(spec: Any) -> Any:

@@ -70,7 +70,10 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         fed.add_aggregator()
         fed.approve_all()
         spec = build_spec(base, seed, strategy)
-        initial = create_initial_adapter(base, run_dir / "initial-adapter", TrainConfig.from_dict({**spec.train_config(), "device": "cpu"}))
+        initial = create_initial_adapter(
+            base, run_dir / "initial-adapter", TrainConfig.from_dict({**spec.train_config(), "device": "cpu"}),
+            base_model_name=spec.base_model_id,
+        )
         task_id = fed.create_task(spec, TaskSettings(num_rounds=rounds, min_participants=2), initial_adapter=initial)
         _say(f"[4/6] task {task_id}: {rounds} rounds, strategy {strategy}; nodes train on final RoundOpened events")
         printer = _RoundPrinter(fed, task_id, clients)

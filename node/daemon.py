@@ -294,7 +294,10 @@ class NodeDaemon:
         if out.exists():
             shutil.rmtree(out)
         log.info("%s: task %d round %d: training on %d local samples", self.config.name, task, rnd, len(train))
-        result = train_lora(self.config.base_model, train, out, cfg, init_adapter=init, progress=self.progress)
+        result = train_lora(
+            self.config.base_model, train, out, cfg, init_adapter=init, progress=self.progress,
+            base_model_name=spec.base_model_id,
+        )
         cid = add_adapter(self.store, result.adapter_dir)
         rec = {
             "stage": "pinned",

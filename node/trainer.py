@@ -230,14 +230,27 @@ def attach_lora(model, config: TrainConfig, init_adapter: Path | None):
     return peft_model
 
 
-def save_adapter(peft_model, out_dir: Path) -> Path:
-    """Write the PEFT adapter (config + safetensors only) atomically into ``out_dir``."""
+def save_adapter(peft_model, out_dir: Path, base_model_name: str | None = None) -> Path:
+    """Write the PEFT adapter (config + safetensors only) atomically into ``out_dir``.
+
+    ``base_model_name`` is what ``adapter_config.json`` records as ``base_model_name_or_path``
+    in place of the local model path: adapters are published, and a host's directory layout
+    should neither leak nor change their bytes (and so their CID).
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        # The base model's embeddings are never resized here, so they are never saved; "auto"
+        # would look the recorded base-model name up on the Hub to decide.
+        peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+        if base_model_name is not None:
+            # Rewritten after saving: PEFT would look a non-local name up on the Hub while saving.
+            conf_path = tmp / "adapter_config.json"
+            conf = json.loads(conf_path.read_text())
+            conf["base_model_name_or_path"] = base_model_name
+            conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
         for extra in tmp.iterdir():
             if extra.name not in ADAPTER_FILES:
                 if extra.is_dir():
@@ -257,13 +270,16 @@ def save_adapter(peft_model, out_dir: Path) -> Path:
     return out_dir
 
 
-def create_initial_adapter(base_model: Path, out_dir: Path, config: TrainConfig) -> Path:
-    """The untrained, seeded LoRA (B = 0): a round-0 global adapter every client starts from."""
+def create_initial_adapter(
+    base_model: Path, out_dir: Path, config: TrainConfig, base_model_name: str | None = None
+) -> Path:
+    """The untrained, seeded LoRA (B = 0): a round-0 global adapter every client starts from.
+    ``base_model_name`` defaults to the model directory's name (see ``save_adapter``)."""
     device = resolve_device(config.device)
     _, model = load_base(base_model, device, use_bf16(config.bf16, device))
     with deterministic():
         peft_model = attach_lora(model, config, None)
-    return save_adapter(peft_model, out_dir)
+    return save_adapter(peft_model, out_dir, base_model_name or Path(base_model).name)
 
 
 def _schedule(total_steps: int, warmup: int):
@@ -282,12 +298,14 @@ def train_lora(
     config: TrainConfig,
     init_adapter: Path | None = None,
     progress: bool = True,
+    base_model_name: str | None = None,
 ) -> TrainResult:
     """Train LoRA on ``examples`` for ``config.epochs`` and write the adapter to ``out_dir``.
 
     Starts from ``init_adapter`` (the round's global adapter) when given, else from a fresh
     LoRA seeded by ``config.seed`` (so clients sharing a seed share the initial A matrices).
-    AdamW with linear decay over all optimizer steps; loss on the answer tokens only.
+    AdamW with linear decay over all optimizer steps; loss on the answer tokens only. The
+    adapter records ``base_model_name`` (default: the model directory's name) as its base model.
     """
     import torch
     from tqdm.auto import tqdm
@@ -357,7 +375,7 @@ def train_lora(
         bar.close()
         seconds = time.perf_counter() - t0
         peft_model.eval()
-        adapter_dir = save_adapter(peft_model, out_dir)
+        adapter_dir = save_adapter(peft_model, out_dir, base_model_name or Path(base_model).name)
 
     k = min(5, len(step_losses))
     metrics = {

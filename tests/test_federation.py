@@ -18,6 +18,7 @@ from aggregator.federation import Federation, TaskSettings, model_config_of
 from chain.contracts import TaskStatus
 from chain.storage import add_adapter, fetch_adapter
 from chain.taskspec import LoraSpec, TaskSpec, model_fingerprint
+from chain.unixfs import cid_to_str as unixfs_cid
 from node.basemodel import build_random_model
 from node.data import load_jsonl
 from node.synthetic import make_benchmark
@@ -80,6 +81,13 @@ def test_full_task_with_finality_pays_every_client(tmp_path, bench):
         # Round 2 trained from round 1's aggregate.
         opened = {ev.round: ev for ev in coord.get_events("RoundOpened", fed.manifest.deploy_block, taskId=task)}
         assert opened[2].global_adapter_cid == accepted[0].aggregate_cid
+        # Published adapters name the task's base model, never a hospital's local model path.
+        for cid in [ev.cid for ev in coord.get_events("UpdateRevealed", fed.manifest.deploy_block, taskId=task)] + [
+            ev.aggregate_cid for ev in accepted
+        ]:
+            link = next(lnk for lnk in fed.store.node(cid).links if lnk.name == "adapter_config.json")
+            conf = json.loads(fed.store.cat(unixfs_cid(link.cid)))
+            assert conf["base_model_name_or_path"] == "test/tiny-qwen3", cid
         from chain.contracts import RewardToken
 
         t = RewardToken(fed.manifest, fed.w3, fed.governance)

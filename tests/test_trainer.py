@@ -103,6 +103,23 @@ def test_peft_round_trip_and_determinism(bench, tmp_path):
         assert not torch.allclose(peft(input_ids=ids).logits, base_logits)
 
 
+def test_adapter_bytes_do_not_depend_on_where_the_model_lives(bench, tmp_path):
+    import shutil
+
+    model, examples = bench
+    elsewhere = shutil.copytree(model, tmp_path / "hospital-disk" / "models" / "local-copy")
+    a = train_lora(model, examples[:6], tmp_path / "a", cfg(), progress=False, base_model_name="task-model")
+    b = train_lora(elsewhere, examples[:6], tmp_path / "b", cfg(), progress=False, base_model_name="task-model")
+    for name in ADAPTER_FILES:
+        assert (a.adapter_dir / name).read_bytes() == (b.adapter_dir / name).read_bytes(), name
+    conf = json.loads((a.adapter_dir / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == "task-model"
+    # Without a name the directory's name is recorded, never the host's absolute path.
+    init = create_initial_adapter(elsewhere, tmp_path / "init", cfg())
+    conf = json.loads((init / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == "local-copy"
+
+
 def test_continue_from_global_adapter_and_config_mismatch(bench, tmp_path):
     from safetensors.torch import load_file
 
