@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ class TaskSettings:
     reward_per_update: int = 10 * 10**18
     aggregator_reward: int = 2 * 10**18
     max_failed_rounds: int = 2
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def make_stream(devnet: Any, manifest: Any, names: tuple[str, ...], cursor_path: Path | None,
@@ -163,22 +162,18 @@ class Federation:
 
         spec_cid = self.store.add_bytes(spec.to_bytes())
         init_cid = add_adapter(self.store, initial_adapter) if initial_adapter is not None else ""
-        n = len(self.hospitals)
-        per_round = settings.reward_per_update * n + settings.aggregator_reward
-        params = TaskParams(
-            base_model_id=spec.base_model_id,
-            base_model_hash=spec.base_model_hash,
-            hyper_params_cid=spec_cid,
-            initial_adapter_cid=init_cid,
+        params = TaskParams.for_spec(
+            spec,
+            spec_cid,
+            init_cid,
             num_rounds=settings.num_rounds,
             min_participants=settings.min_participants,
-            max_participants=max(n, settings.min_participants),
+            max_participants=max(len(self.hospitals), settings.min_participants),
             max_failed_rounds=settings.max_failed_rounds,
             commit_duration=settings.commit_duration,
             reveal_duration=settings.reveal_duration,
             reward_per_update=settings.reward_per_update,
             aggregator_reward=settings.aggregator_reward,
-            reward_budget=per_round * (settings.num_rounds + settings.max_failed_rounds),
         )
         coord = self.coordinator()
         receipt = coord.create_task(params)

@@ -522,6 +522,44 @@ class TaskParams:
     aggregator_reward: int
     reward_budget: int
 
+    @classmethod
+    def for_spec(
+        cls,
+        spec: Any,
+        hyper_params_cid: str,
+        initial_adapter_cid: str,
+        *,
+        num_rounds: int,
+        min_participants: int,
+        max_participants: int,
+        max_failed_rounds: int,
+        commit_duration: int,
+        reveal_duration: int,
+        reward_per_update: int,
+        aggregator_reward: int,
+    ) -> TaskParams:
+        """Parameters for a task whose spec (a ``TaskSpec``) is pinned at ``hyper_params_cid``.
+
+        The reward budget covers every round and every allowed retry with all participants
+        and the aggregator paid, so a task never stops for want of budget.
+        """
+        per_round = reward_per_update * max_participants + aggregator_reward
+        return cls(
+            base_model_id=spec.base_model_id,
+            base_model_hash=spec.base_model_hash,
+            hyper_params_cid=hyper_params_cid,
+            initial_adapter_cid=initial_adapter_cid,
+            num_rounds=num_rounds,
+            min_participants=min_participants,
+            max_participants=max_participants,
+            max_failed_rounds=max_failed_rounds,
+            commit_duration=commit_duration,
+            reveal_duration=reveal_duration,
+            reward_per_update=reward_per_update,
+            aggregator_reward=aggregator_reward,
+            reward_budget=per_round * (num_rounds + max_failed_rounds),
+        )
+
     def to_abi(self) -> tuple[Any, ...]:
         return (
             self.base_model_id,
