@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,26 +100,24 @@ def _open(args: argparse.Namespace, signer: bool = True) -> tuple[Any, Any, Any]
     return manifest, w3, account
 
 
-def _approve(args: argparse.Namespace) -> int:
-    from chain.contracts import Registry
+def _for_each_client(action: str, done: str) -> Callable[[argparse.Namespace], int]:
+    """A command applying one Registry action (``approve``, ``suspend``) to every given client."""
 
-    manifest, w3, acct = _open(args)
-    reg = Registry(manifest, w3, acct)
-    for c in args.clients:
-        reg.approve(c)
-        print(f"approved {c}")
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        from chain.contracts import Registry
+
+        manifest, w3, acct = _open(args)
+        apply = getattr(Registry(manifest, w3, acct), action)
+        for c in args.clients:
+            apply(c)
+            print(f"{done} {c}")
+        return 0
+
+    return run
 
 
-def _suspend(args: argparse.Namespace) -> int:
-    from chain.contracts import Registry
-
-    manifest, w3, acct = _open(args)
-    reg = Registry(manifest, w3, acct)
-    for c in args.clients:
-        reg.suspend(c)
-        print(f"suspended {c}")
-    return 0
+_approve = _for_each_client("approve", "approved")
+_suspend = _for_each_client("suspend", "suspended")
 
 
 def _add_aggregator(args: argparse.Namespace) -> int:
@@ -175,24 +174,19 @@ def _create_task(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     spec_cid = store.add_bytes(spec.to_bytes())
     init_cid = add_adapter(store, args.initial_adapter) if args.initial_adapter else ""
-    decimals = RewardToken.read_only(manifest, w3).decimals()
-    unit = 10**decimals
-    reward, fee = int(args.reward * unit), int(args.aggregator_reward * unit)
-    budget = (reward * args.max_participants + fee) * (args.rounds + args.max_failed_rounds)
-    params = TaskParams(
-        base_model_id=spec.base_model_id,
-        base_model_hash=spec.base_model_hash,
-        hyper_params_cid=spec_cid,
-        initial_adapter_cid=init_cid,
+    unit = 10 ** RewardToken.read_only(manifest, w3).decimals()
+    params = TaskParams.for_spec(
+        spec,
+        spec_cid,
+        init_cid,
         num_rounds=args.rounds,
         min_participants=args.min_participants,
         max_participants=args.max_participants,
         max_failed_rounds=args.max_failed_rounds,
         commit_duration=args.commit_seconds,
         reveal_duration=args.reveal_seconds,
-        reward_per_update=reward,
-        aggregator_reward=fee,
-        reward_budget=budget,
+        reward_per_update=int(args.reward * unit),
+        aggregator_reward=int(args.aggregator_reward * unit),
     )
     coord = Coordinator(manifest, w3, acct)
     task = coord.task_id_from(coord.create_task(params))
