@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -215,3 +216,19 @@ def commit_reveal_all(
     for u in updates:
         reveal(env, task, rnd, u)
     return updates
+
+
+def tiny_federation_inputs(root: Path) -> tuple[Path, list]:
+    """A small synthetic benchmark and a one-layer random Qwen3 whose tokenizer covers it: the
+    shared inputs of the end-to-end federation tests (in-process and multi-process)."""
+    from node.basemodel import build_random_model
+    from node.data import load_jsonl
+    from node.synthetic import make_benchmark
+
+    clients = make_benchmark(root / "data", seed=0, scale=0.05)
+    texts = []
+    for c in clients:
+        for m in load_jsonl(c.train_path)[:50] + load_jsonl(c.test_path)[:20]:
+            texts.append(m.question + " " + " ".join(m.options.values()))
+    base = build_random_model(root / "base", texts, seed=0, hidden_size=32, layers=1)
+    return base, clients

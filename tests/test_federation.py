@@ -19,10 +19,9 @@ from chain.contracts import TaskStatus
 from chain.storage import add_adapter, fetch_adapter
 from chain.taskspec import LoraSpec, TaskSpec, model_fingerprint
 from chain.unixfs import cid_to_str as unixfs_cid
-from node.basemodel import build_random_model
-from node.data import load_jsonl
 from node.synthetic import make_benchmark
 from node.trainer import TrainConfig, create_initial_adapter
+from tests.conftest import tiny_federation_inputs
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -31,14 +30,7 @@ TARGETS = ("q_proj", "v_proj")
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> tuple[Path, list]:
-    root = tmp_path_factory.mktemp("bench")
-    clients = make_benchmark(root / "data", seed=0, scale=0.05)
-    texts = []
-    for c in clients:
-        for m in load_jsonl(c.train_path)[:50] + load_jsonl(c.test_path)[:20]:
-            texts.append(m.question + " " + " ".join(m.options.values()))
-    base = build_random_model(root / "base", texts, seed=0, hidden_size=32, layers=1)
-    return base, clients
+    return tiny_federation_inputs(tmp_path_factory.mktemp("bench"))
 
 
 def make_spec(base: Path, strategy: str = "fedavg", norm_bound: float = 1e4) -> TaskSpec:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import tiny_federation_inputs
+
 REPO = Path(__file__).resolve().parents[1]
 PRISMESH = str(REPO / ".venv" / "bin" / "prismesh")
 PASSWORD = "multiprocess-test-password"
@@ -159,9 +161,6 @@ def _pid_from(path: Path) -> int | None:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory) -> Deployment:
     from chain.identity import dev_account, save_keystore
-    from node.basemodel import build_random_model
-    from node.data import load_jsonl
-    from node.synthetic import make_benchmark
 
     root = tmp_path_factory.mktemp("multiprocess")
     env = {**os.environ, "PRISMESH_KEYSTORE_PASSWORD": PASSWORD, "PYTHONUNBUFFERED": "1",
@@ -170,12 +169,7 @@ def deployment(tmp_path_factory) -> Deployment:
     env["PATH"] = f"{REPO / '.venv' / 'bin'}:{env.get('PATH', '')}"
 
     # Data and a tiny real base model every node shares (each host would hold its own copy).
-    clients = make_benchmark(root / "data", seed=0, scale=0.05)
-    texts = []
-    for c in clients:
-        for m in load_jsonl(c.train_path)[:50] + load_jsonl(c.test_path)[:20]:
-            texts.append(m.question + " " + " ".join(m.options.values()))
-    base = build_random_model(root / "base", texts, seed=0, hidden_size=32, layers=1)
+    base, clients = tiny_federation_inputs(root)
     data = {}
     for name, c in zip(NODE_NAMES, clients, strict=True):
         train = Path(c.train_path)
