@@ -9,7 +9,7 @@ OUT    ?= out/demo
 .PHONY: setup demo test lint clean bench
 
 setup: $(STAMP) $(NPM_STAMP)
-	@$(BIN)/python -m chain.toolchain install-bridge
+	@$(BIN)/python -m prismesh.chain.evm.toolchain install-bridge
 
 # CPU torch is taken first by its exact version so that no multi-GB CUDA build is pulled on a CPU host.
 $(STAMP): pyproject.toml

@@ -56,12 +56,12 @@ def _sha256(path: Path) -> bytes:
 
 def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finality: bool = True) -> AuditReport:
     """Run every check for ``task_id``; never raises on a failed check, only records it."""
-    from aggregator.adapters import load_adapter, save_adapter
-    from aggregator.daemon import aggregation_base
-    from aggregator.strategies import ClientUpdate, get_strategy
-    from chain.contracts import Coordinator
-    from chain.storage import StorageError, cid_of_path, fetch_adapter
-    from chain.taskspec import TaskSpec
+    from prismesh.aggregator.adapters import load_adapter, save_adapter
+    from prismesh.aggregator.daemon import aggregation_base
+    from prismesh.aggregator.strategies import ClientUpdate, get_strategy
+    from prismesh.chain.evm.contracts import Coordinator
+    from prismesh.chain.storage import StorageError, cid_of_path, fetch_adapter
+    from prismesh.chain.taskspec import TaskSpec
 
     report = AuditReport(task_id)
     coord = Coordinator.read_only(manifest, w3)
@@ -144,7 +144,7 @@ def _audit_finality(w3: Any, manifest: Any, report: AuditReport, accepted_blocks
     """Every BlockFinalized certificate: quorum of distinct validator signatures, real block hash."""
     from eth_keys import keys as eth_keys
 
-    from chain.finality import FinalityGadgetClient, commit_digest
+    from prismesh.chain.finality.gadget import FinalityGadgetClient, commit_digest
 
     if not manifest.finality_gadget:
         report.add("finality", "deployment", False, "the manifest names no finality gadget")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chain.localstate import (
+from prismesh.chain.localstate import (
     StateFile,
     check_fields,
     read_config,
@@ -74,7 +74,7 @@ class AggregatorDaemon:
     """Aggregates every round of every running task once its reveals are final."""
 
     def __init__(self, config: AggregatorConfig, *, w3: Any, manifest: Any, account: Any, store: Any, store_spec: str, stream: Any) -> None:
-        from chain.contracts import Coordinator, Registry
+        from prismesh.chain.evm.contracts import Coordinator, Registry
 
         self.config = config
         self.w3 = w3
@@ -110,7 +110,7 @@ class AggregatorDaemon:
                 pass
         if not self.registry.is_aggregator(self.account.address):
             log.warning("%s does not hold the aggregator role yet; its submissions will revert", self.account.address)
-        from chain.localstate import RetryDelay
+        from prismesh.chain.localstate import RetryDelay
 
         log.info("aggregator %s following final events", self.account.address)
         retry = RetryDelay(self.config.poll_interval)
@@ -134,7 +134,7 @@ class AggregatorDaemon:
     # ------------------------------------------------------------------ events
 
     def _record(self, ev: Any) -> None:
-        from chain.contracts import Phase
+        from prismesh.chain.evm.contracts import Phase
 
         rounds = self.state.section("rounds")
         name = ev.event
@@ -172,7 +172,7 @@ class AggregatorDaemon:
 
     def _ready(self, rec: dict) -> bool:
         """Aggregating on chain, and every block up to now final (no reveal can be missing)."""
-        from chain.contracts import Phase
+        from prismesh.chain.evm.contracts import Phase
 
         if rec.get("aggregating_final"):
             return True
@@ -192,8 +192,8 @@ class AggregatorDaemon:
 
     def aggregate_round(self, rec: dict) -> str | None:
         """Verify, merge, pin and submit one round; returns the aggregate CID (None if failed)."""
-        from chain.contracts import ContractRevert, Phase
-        from chain.storage import add_adapter
+        from prismesh.chain.evm.contracts import ContractRevert, Phase
+        from prismesh.chain.storage import add_adapter
 
         task, rnd = rec["task"], rec["round"]
         onchain = self.coordinator.get_round(task, rnd)
@@ -236,12 +236,12 @@ class AggregatorDaemon:
     def compute(self, task: int, rnd: int, params: Any, rec: dict) -> tuple[Path, list[str], dict[str, str], dict] | None:
         """Fetch and verify every reveal in parallel, then merge the valid ones."""
         log.info("aggregating task %d round %d: fetching and verifying %d updates", task, rnd, len(rec["reveals"]))
-        from aggregator.adapters import load_adapter, save_adapter
-        from aggregator.parallel import Rejected, StoreFetch, UpdateRef, fetch_and_verify
-        from aggregator.strategies import get_strategy
-        from aggregator.verify import expected_lora_shapes
-        from chain.storage import fetch_adapter
-        from chain.taskspec import TaskSpec
+        from prismesh.aggregator.adapters import load_adapter, save_adapter
+        from prismesh.aggregator.parallel import Rejected, StoreFetch, UpdateRef, fetch_and_verify
+        from prismesh.aggregator.strategies import get_strategy
+        from prismesh.aggregator.verify import expected_lora_shapes
+        from prismesh.chain.storage import fetch_adapter
+        from prismesh.chain.taskspec import TaskSpec
 
         spec = TaskSpec.from_bytes(self.store.cat(params.hyper_params_cid), where=f"hyper-parameter file {params.hyper_params_cid}")
         lora_cfg = spec.lora.to_dict()
@@ -286,7 +286,7 @@ class AggregatorDaemon:
         return out, included, rejected, _jsonable(result.metrics)
 
     def _fail(self, task: int, rnd: int, reason: str, rec: dict, rejected: dict[str, str]) -> None:
-        from chain.contracts import ContractRevert
+        from prismesh.chain.evm.contracts import ContractRevert
 
         log.error("task %d round %d fails: %s", task, rnd, reason)
         try:
@@ -311,7 +311,7 @@ def aggregation_base(spec: Any, global_adapter: Any | None) -> Any:
     aggregate's bytes never depend on a path someone's adapter happened to record."""
     if global_adapter is None:
         return config_only_adapter(spec)
-    from aggregator.adapters import Adapter
+    from prismesh.aggregator.adapters import Adapter
 
     return Adapter({**global_adapter.config, "base_model_name_or_path": spec.base_model_id}, global_adapter.tensors)
 
@@ -319,7 +319,7 @@ def aggregation_base(spec: Any, global_adapter: Any | None) -> Any:
 def config_only_adapter(spec: Any) -> Any:
     """The round's starting point when a task starts from the bare base model: no tensors, and
     the task's own LoRA config, so the aggregate never inherits one client's local settings."""
-    from aggregator.adapters import Adapter
+    from prismesh.aggregator.adapters import Adapter
 
     config = {
         "peft_type": "LORA",

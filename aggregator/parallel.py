@@ -1,7 +1,7 @@
 """Fetch and verify every revealed adapter in parallel Ray tasks.
 
 One Ray task per update fetches the adapter by CID (the fetch verifies the bytes against the CID),
-loads it and runs :func:`aggregator.verify.verify_adapter`. Any failure — a fetch error, a hash
+loads it and runs :func:`prismesh.aggregator.verify.verify_adapter`. Any failure — a fetch error, a hash
 mismatch, a malformed file, a wrong shape, NaNs, a crashed worker, a timeout — becomes a
 ``Rejected`` with its reason, so one bad or hostile submission never stops the round. Results
 come back in the input order, carrying the adapter's tensors (a worker's disk may be another
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aggregator.adapters import WEIGHTS_NAME, Adapter, load_adapter
-from aggregator.strategies import ClientUpdate
-from aggregator.verify import verify_adapter
+from prismesh.aggregator.adapters import WEIGHTS_NAME, Adapter, load_adapter
+from prismesh.aggregator.strategies import ClientUpdate
+from prismesh.aggregator.verify import verify_adapter
 
 log = logging.getLogger("prismesh.aggregator")
 
@@ -73,7 +73,7 @@ class StoreFetch:
     """A picklable fetch over a storage spec (``"embedded:/path"``, ``"kubo:http://..."``).
 
     Ray ships the callable to workers, so it carries only the spec string; each worker process
-    opens the store once and fetches through ``chain.storage.fetch_adapter``, which verifies the
+    opens the store once and fetches through ``prismesh.chain.storage.fetch_adapter``, which verifies the
     bytes against the CID and raises naming the CID on mismatch.
     """
 
@@ -83,7 +83,7 @@ class StoreFetch:
         self.spec = spec
 
     def __call__(self, cid: str, dest: Path) -> Path:
-        from chain.storage import fetch_adapter, open_store
+        from prismesh.chain.storage import fetch_adapter, open_store
 
         store = StoreFetch._stores.get(self.spec)
         if store is None:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from aggregator.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, Adapter, to_numpy
+from prismesh.aggregator.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, Adapter, to_numpy
 
 
 @dataclass(frozen=True)

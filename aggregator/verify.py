@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.adapters import (
+from prismesh.aggregator.adapters import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     PEFT_KEY_PREFIX,
     Adapter,
     module_rank_alpha,
 )
-from aggregator.strategies import single_threaded_blas
+from prismesh.aggregator.strategies import single_threaded_blas
 
 # LLaMA/Qwen3-style decoder: module -> (parent block, input width, output width) as functions of
 # (hidden, intermediate, q width = heads*head_dim, kv width = kv_heads*head_dim).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,9 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
-from chain.devnet import dev_accounts
+from prismesh.chain.evm.devnet import dev_accounts
+
+PASSWORD_ENV = "PRISMESH_KEYSTORE_PASSWORD"
 
 
 class IdentityError(ValueError):
@@ -111,8 +114,38 @@ def load_account(spec: str, password: str | None = None) -> LocalAccount:
             raise IdentityError(f"invalid private key: {exc}") from None
     path = Path(spec)
     if path.is_file():
-        pw = password if password is not None else os.environ.get("PRISMESH_KEYSTORE_PASSWORD")
+        pw = password if password is not None else os.environ.get(PASSWORD_ENV)
         if pw is None:
-            raise IdentityError(f"keystore {path} needs a password (PRISMESH_KEYSTORE_PASSWORD)")
+            raise IdentityError(f"keystore {path} needs a password ({PASSWORD_ENV})")
         return load_keystore(path, pw)
     raise IdentityError(f"account spec {spec!r} is not dev:N, a 0x private key or a keystore file")
+
+
+def read_password(what: str, *, confirm: bool = False) -> str | None:
+    """The keystore password: ``$PRISMESH_KEYSTORE_PASSWORD``, else a prompt when stdin is a
+    terminal, else None (a daemon under a supervisor must not hang on a prompt nobody sees)."""
+    pw = os.environ.get(PASSWORD_ENV)
+    if pw is not None:
+        return pw
+    if not sys.stdin.isatty():
+        return None
+    import getpass
+
+    pw = getpass.getpass(f"password for {what}: ")
+    if confirm and getpass.getpass("repeat it: ") != pw:
+        raise SystemExit("error: the passwords differ")
+    return pw
+
+
+def load_daemon_account(spec: str) -> LocalAccount:
+    """The signing account of a daemon: ``dev:N``, a 0x key, or a keystore file whose password
+    comes from the environment or an interactive prompt. Raises ``IdentityError`` with the
+    file's name when it cannot be opened."""
+    if spec.startswith(("dev:", "0x")) or not Path(spec).is_file():
+        return load_account(spec)
+    pw = read_password(f"keystore {spec}")
+    if pw is None:
+        raise IdentityError(
+            f"keystore {spec} needs a password: set {PASSWORD_ENV} or run the daemon on a terminal"
+        )
+    return load_account(spec, password=pw)

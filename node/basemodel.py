@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from chain.taskspec import BUILD_INFO_NAME as _BUILD_INFO
+from prismesh.chain.taskspec import BUILD_INFO_NAME as _BUILD_INFO
 
 BASE_MODEL_VERSION = 1
 MODEL_NAME = "prismesh-tiny-qwen3"
@@ -104,8 +104,8 @@ def _corpus(seed: int) -> tuple[list[tuple[str, str]], list[str]]:
     The loss is taken on the target only: for exam questions the answer (which is what
     builds the retrieval circuit), for type sentences the whole text.
     """
-    from node.data import format_completion, format_prompt
-    from node.synthetic import pretraining_mcqs, type_sentences
+    from prismesh.node.data import format_completion, format_prompt
+    from prismesh.node.synthetic import pretraining_mcqs, type_sentences
 
     mcqs = pretraining_mcqs(seed, PRETRAIN["n_mcqs"])
     docs = [(format_prompt(m), format_completion(m)) for m in mcqs]

@@ -27,7 +27,7 @@ from typing import Any
 from eth_account.messages import encode_defunct
 from eth_utils import keccak
 
-from chain.localstate import (
+from prismesh.chain.localstate import (
     RetryDelay,
     StateFile,
     check_fields,
@@ -96,7 +96,7 @@ class NodeDaemon:
         stream: Any,
         progress: bool = False,
     ) -> None:
-        from chain.contracts import Coordinator, Registry
+        from prismesh.chain.evm.contracts import Coordinator, Registry
 
         self.config = config
         self.w3 = w3
@@ -119,8 +119,8 @@ class NodeDaemon:
 
     def ensure_registered(self) -> bool:
         """Register once; return whether governance has approved this node yet."""
-        from chain.contracts import ClientStatus
-        from chain.identity import descriptor_hash
+        from prismesh.chain.evm.contracts import ClientStatus
+        from prismesh.chain.identity import descriptor_hash
 
         status = self.registry.status_of(self.address)
         if status == ClientStatus.NONE:
@@ -207,7 +207,7 @@ class NodeDaemon:
         if reason:
             log.info("%s: not joining task %d: %s", self.config.name, ev.task_id, reason)
             return 0
-        from chain.contracts import ContractRevert
+        from prismesh.chain.evm.contracts import ContractRevert
 
         try:
             self.coordinator.join_task(ev.task_id)
@@ -262,7 +262,7 @@ class NodeDaemon:
         spec = self.task_spec(task, params.hyper_params_cid)
         if not spec.report_metrics:
             return 0
-        from chain.contracts import ContractRevert
+        from prismesh.chain.evm.contracts import ContractRevert
 
         adapter = self.fetch_global(ev.aggregate_cid)
         _, test = self.local_data(spec)
@@ -280,8 +280,8 @@ class NodeDaemon:
     # ------------------------------------------------------------------ round work
 
     def _train_and_pin(self, task: int, rnd: int, global_cid: str, spec: Any, rec: dict) -> dict:
-        from chain.storage import add_adapter
-        from node.trainer import TrainConfig, train_lora
+        from prismesh.chain.storage import add_adapter
+        from prismesh.node.trainer import TrainConfig, train_lora
 
         cid = rec.get("cid")
         if cid and self.store.has(cid):
@@ -319,7 +319,7 @@ class NodeDaemon:
         return keccak(bytes(sig))
 
     def _commit(self, task: int, rnd: int, rec: dict) -> None:
-        from chain.contracts import ContractRevert, make_commitment
+        from prismesh.chain.evm.contracts import ContractRevert, make_commitment
 
         sub = self.coordinator.get_submission(task, rnd, self.address)
         commitment = make_commitment(
@@ -345,7 +345,7 @@ class NodeDaemon:
 
     def _advance_pending(self) -> int:
         """Reveal every committed update whose round has reached its reveal phase."""
-        from chain.contracts import ContractRevert, Phase
+        from prismesh.chain.evm.contracts import ContractRevert, Phase
 
         done = 0
         for key, rec in sorted(self.state.section("rounds").items()):
@@ -385,7 +385,7 @@ class NodeDaemon:
     # ------------------------------------------------------------------ local resources
 
     def task_spec(self, task_id: int, cid: str) -> Any:
-        from chain.taskspec import TaskSpec
+        from prismesh.chain.taskspec import TaskSpec
 
         if task_id not in self._specs:
             raw = self.store.cat(cid)
@@ -393,7 +393,7 @@ class NodeDaemon:
         return self._specs[task_id]
 
     def fetch_global(self, cid: str) -> Path:
-        from chain.storage import fetch_adapter
+        from prismesh.chain.storage import fetch_adapter
 
         dest = self.config.state_dir / "global" / cid
         if not dest.exists():
@@ -401,7 +401,7 @@ class NodeDaemon:
         return dest
 
     def fingerprint(self) -> str:
-        from chain.taskspec import model_fingerprint
+        from prismesh.chain.taskspec import model_fingerprint
 
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.config.base_model)
@@ -409,7 +409,7 @@ class NodeDaemon:
 
     def local_data(self, spec: Any) -> tuple[list, list]:
         """The local train and test examples; they never leave this host."""
-        from node.data import load_jsonl, train_test_split
+        from prismesh.node.data import load_jsonl, train_test_split
 
         if self._data is None:
             train = load_jsonl(self.config.train_data)
@@ -420,7 +420,7 @@ class NodeDaemon:
         return self._data
 
     def evaluator(self) -> Any:
-        from node.evaluate import Evaluator
+        from prismesh.node.evaluate import Evaluator
 
         if self._evaluator is None:
             self._evaluator = Evaluator(self.config.base_model, device=self.config.device)
@@ -434,10 +434,10 @@ def run_node(config_path: Path, *, once: bool = False, progress: bool = True) ->
     """``prismesh node --config FILE``: connect, register, then follow final events until SIGTERM."""
     from dataclasses import replace
 
-    from chain.coordinator_stream import open_final_stream
-    from chain.deploy import connect, load_manifest
-    from chain.keys_cli import load_daemon_account
-    from chain.storage import open_store
+    from prismesh.chain.evm.manifest import connect, load_manifest
+    from prismesh.chain.finality.coordinator_stream import open_final_stream
+    from prismesh.chain.identity import load_daemon_account
+    from prismesh.chain.storage import open_store
 
     config = NodeConfig.load(config_path)
     account = load_daemon_account(config.keystore)

@@ -14,7 +14,7 @@ import math
 import warnings
 from pathlib import Path
 
-from node.data import MCQ, format_completion, format_prompt
+from prismesh.node.data import MCQ, format_completion, format_prompt
 
 
 def fairness(acc: dict[str, float]) -> dict[str, float]:
@@ -49,7 +49,7 @@ class Evaluator:
         max_length: int = 512,
         normalize: str = "sum",
     ) -> None:
-        from node.trainer import load_base, resolve_device, use_bf16
+        from prismesh.node.trainer import load_base, resolve_device, use_bf16
 
         if normalize not in ("sum", "mean"):
             raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")

@@ -34,7 +34,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from node.data import MCQ, write_jsonl
+from prismesh.node.data import MCQ, write_jsonl
 
 BENCHMARK_VERSION = 1
 LEXICON_SEED = 20240531  # fixed: the base model and every benchmark seed share one lexicon

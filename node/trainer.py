@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.data import MCQ, format_completion, format_prompt
+from prismesh.node.data import MCQ, format_completion, format_prompt
 
 DEFAULT_TARGET_MODULES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",

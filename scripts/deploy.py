@@ -1,7 +1,7 @@
 """``brownie run scripts/deploy.py``: deploy the PrisMesh contracts and write the manifest.
 
 Writes the same manifest as ``prismesh deploy`` (chain id, kind, RPC URL, addresses, ABIs and
-their hashes, deploy block, governance, finality gadget) through ``chain.deploy``, so nodes and
+their hashes, deploy block, governance, finality gadget) through ``prismesh.chain.evm.deploy``, so nodes and
 the aggregator cannot tell which tool deployed. Transactions are signed locally by the
 deployer key.
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 from brownie import Coordinator, Registry, RewardToken, accounts, network, project, web3
 
-from chain.contracts import AGGREGATOR_ROLE, MINTER_ROLE
-from chain.deploy import GADGET, build_manifest, default_manifest_path, save_manifest
-from chain.devnet import dev_accounts
+from prismesh.chain.evm.contracts import AGGREGATOR_ROLE, MINTER_ROLE
+from prismesh.chain.evm.devnet import dev_accounts
+from prismesh.chain.evm.manifest import GADGET, build_manifest, default_manifest_path, save_manifest
 
 DEV_CHAIN_IDS = (31337, 131277)
 

@@ -19,9 +19,22 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.types import TxReceipt
 
-from chain.contracts import Coordinator, Registry, RewardToken, TaskParams, make_commitment
-from chain.deploy import Manifest, deploy_to_devnet
-from chain.devnet import AnvilDevnet, Devnet, EmbeddedDevnet, start_anvil, start_embedded
+from prismesh.chain.evm.contracts import (
+    Coordinator,
+    Registry,
+    RewardToken,
+    TaskParams,
+    make_commitment,
+)
+from prismesh.chain.evm.deploy import deploy_to_devnet
+from prismesh.chain.evm.devnet import (
+    AnvilDevnet,
+    Devnet,
+    EmbeddedDevnet,
+    start_anvil,
+    start_embedded,
+)
+from prismesh.chain.evm.manifest import Manifest
 
 
 @dataclass
@@ -221,9 +234,9 @@ def commit_reveal_all(
 def tiny_federation_inputs(root: Path) -> tuple[Path, list]:
     """A small synthetic benchmark and a one-layer random Qwen3 whose tokenizer covers it: the
     shared inputs of the end-to-end federation tests (in-process and multi-process)."""
-    from node.basemodel import build_random_model
-    from node.data import load_jsonl
-    from node.synthetic import make_benchmark
+    from prismesh.node.basemodel import build_random_model
+    from prismesh.node.data import load_jsonl
+    from prismesh.node.synthetic import make_benchmark
 
     clients = make_benchmark(root / "data", seed=0, scale=0.05)
     texts = []

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from chain.contracts import (
+from prismesh.chain.evm.contracts import (
     EVENT_CLASSES,
     Coordinator,
     EmptyDescriptor,
@@ -16,7 +16,7 @@ from chain.contracts import (
     TxSender,
     revert_class,
 )
-from chain.toolchain import compile_contracts
+from prismesh.chain.evm.toolchain import compile_contracts
 from tests.conftest import ChainEnv
 
 CLIENTS = {"Registry": Registry, "Coordinator": Coordinator, "RewardToken": RewardToken}
@@ -46,7 +46,7 @@ def test_every_function_and_event_has_a_typed_counterpart(name: str) -> None:
         elif entry["type"] == "event" and entry["name"] not in EVENT_CLASSES:
             missing.append(f"event {entry['name']}")
         elif (
-            entry["type"] == "error" and revert_class(entry["name"]).__module__ != "chain.contracts"
+            entry["type"] == "error" and revert_class(entry["name"]).__module__ != "prismesh.chain.evm.contracts"
         ):
             missing.append(f"error {entry['name']}")
     assert not missing, missing

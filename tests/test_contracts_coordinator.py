@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chain.contracts import (
+from prismesh.chain.evm.contracts import (
     AlreadyCommitted,
     AlreadyParticipant,
     AlreadyRevealed,

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from chain.contracts import Phase, TaskStatus, WrongTaskStatus
+from prismesh.chain.evm.contracts import Phase, TaskStatus, WrongTaskStatus
 from tests.conftest import ChainEnv, commit, make_update, open_task, reveal
 
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from chain.contracts import (
+from prismesh.chain.evm.contracts import (
     AggregateAccepted,
     CommitmentMismatch,
     ContractRevert,

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from chain.contracts import (
+from prismesh.chain.evm.contracts import (
     AGGREGATOR_ROLE,
     DEFAULT_ADMIN_ROLE,
     GOVERNANCE_ROLE,
@@ -156,7 +156,7 @@ def test_roles(chain_env: ChainEnv) -> None:
 
 
 def test_read_only_client_cannot_send(chain_env: ChainEnv) -> None:
-    from chain.contracts import Registry
+    from prismesh.chain.evm.contracts import Registry
 
     ro = Registry.read_only(chain_env.manifest, chain_env.w3)
     assert ro.client_count() >= 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.data import (
+from prismesh.node.data import (
     MCQ,
     DataFormatError,
     format_completion,

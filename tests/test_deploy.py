@@ -12,9 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chain import cli
-from chain.contracts import AGGREGATOR_ROLE, MINTER_ROLE, Coordinator, Registry, RewardToken
-from chain.deploy import (
+from prismesh.chain.evm.contracts import (
+    AGGREGATOR_ROLE,
+    MINTER_ROLE,
+    Coordinator,
+    Registry,
+    RewardToken,
+)
+from prismesh.chain.evm.devnet import AnvilDevnet, free_port
+from prismesh.chain.evm.manifest import (
     CORE_CONTRACTS,
     GADGET,
     ManifestError,
@@ -22,8 +28,8 @@ from chain.deploy import (
     is_deployed,
     load_manifest,
 )
-from chain.devnet import AnvilDevnet, free_port
-from chain.identity import (
+from prismesh.chain.evm.toolchain import abi_hash, compile_contracts, repo_root
+from prismesh.chain.identity import (
     IdentityError,
     account_from_seed,
     descriptor_hash,
@@ -32,14 +38,14 @@ from chain.identity import (
     load_keystore,
     save_keystore,
 )
-from chain.toolchain import abi_hash, compile_contracts, repo_root
+from prismesh.cli import chain as chain_cli
 
 ROOT = repo_root()
 HAS_GADGET = (ROOT / "contracts" / "FinalityGadget.sol").is_file()
 
 
 def _cli_deploy(anvil: AnvilDevnet, out: Path, *extra: str) -> int:
-    return cli.main(["deploy", "--rpc-url", anvil.rpc_url or "", "--manifest", str(out), *extra])
+    return chain_cli.main(["deploy", "--rpc-url", anvil.rpc_url or "", "--manifest", str(out), *extra])
 
 
 def test_prismesh_deploy_writes_a_checked_manifest(anvil: AnvilDevnet, tmp_path: Path) -> None:
@@ -82,7 +88,7 @@ def test_deploy_refuses_unknown_chain_without_key(
 ) -> None:
     port = free_port()
     assert (
-        cli.main(
+        chain_cli.main(
             [
                 "deploy",
                 "--rpc-url",
@@ -210,7 +216,7 @@ def test_identity_keystores_and_descriptors(tmp_path: Path) -> None:
 
 
 def test_gas_report_covers_every_external_call(anvil: AnvilDevnet, tmp_path: Path) -> None:
-    from chain.gas import run_gas_report, write_report
+    from prismesh.chain.evm.gas import run_gas_report, write_report
 
     report = run_gas_report(anvil)
     measured = {(c, f) for c, f, *_ in report.rows()}
@@ -242,7 +248,7 @@ def test_gas_report_covers_every_external_call(anvil: AnvilDevnet, tmp_path: Pat
 def test_connect_checks_the_chain(anvil: AnvilDevnet, tmp_path: Path) -> None:
     import dataclasses
 
-    from chain.deploy import connect
+    from prismesh.chain.evm.manifest import connect
 
     out = tmp_path / "m.json"
     assert _cli_deploy(anvil, out) == 0

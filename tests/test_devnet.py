@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chain.devnet import (
+from prismesh.chain.evm.devnet import (
     ANVIL_CHAIN_ID,
     EMBEDDED_CHAIN_ID,
     AnvilDevnet,
@@ -20,7 +20,7 @@ from chain.devnet import (
     start_anvil,
     start_embedded,
 )
-from chain.toolchain import repo_root
+from prismesh.chain.evm.toolchain import repo_root
 
 # anvil's documented default accounts for "test test ... junk" (m/44'/60'/0'/0/i).
 ANVIL_ACCOUNT_0 = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
@@ -133,15 +133,15 @@ def test_block_time_mines_without_transactions() -> None:
 def test_prismesh_devnet_command(tmp_path: Path) -> None:
     """`prismesh devnet --detach` starts anvil, deploys, prints the manifest; a restart from
     the state file finds the contracts already there."""
-    from chain.deploy import is_deployed, load_manifest
-    from chain.devnet import free_port, http_web3
+    from prismesh.chain.evm.devnet import free_port, http_web3
+    from prismesh.chain.evm.manifest import is_deployed, load_manifest
 
     port = free_port()
     state, manifest = tmp_path / "state.json", tmp_path / "manifest.json"
     base = [
         sys.executable,
         "-m",
-        "chain.cli",
+        "prismesh.cli.chain",
         "devnet",
         "--port",
         str(port),

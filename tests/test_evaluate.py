@@ -6,10 +6,16 @@ import math
 
 import pytest
 
-from node import basemodel
-from node.data import MCQ, format_completion, format_prompt
-from node.evaluate import Evaluator, cross_dataset_matrix, evaluate, fairness, render_markdown
-from node.trainer import TrainConfig, train_lora
+from prismesh.node import basemodel
+from prismesh.node.data import MCQ, format_completion, format_prompt
+from prismesh.node.evaluate import (
+    Evaluator,
+    cross_dataset_matrix,
+    evaluate,
+    fairness,
+    render_markdown,
+)
+from prismesh.node.trainer import TrainConfig, train_lora
 
 
 def test_fairness_against_hand_computed_values():

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from chain.committee import in_process_committee
-from chain.events import CursorError, FinalEventStream
-from chain.finality import FinalityGadgetClient
+from prismesh.chain.finality.committee import in_process_committee
+from prismesh.chain.finality.events import CursorError, FinalEventStream
+from prismesh.chain.finality.gadget import FinalityGadgetClient
 from tests.conftest import DESCRIPTOR, ChainEnv
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.adapters import load_adapter, save_adapter
-from aggregator.federation import Federation, TaskSettings, model_config_of
-from chain.contracts import TaskStatus
-from chain.storage import add_adapter, fetch_adapter
-from chain.taskspec import LoraSpec, TaskSpec, model_fingerprint
-from chain.unixfs import cid_to_str as unixfs_cid
-from node.synthetic import make_benchmark
-from node.trainer import TrainConfig, create_initial_adapter
+from prismesh.aggregator.adapters import load_adapter, save_adapter
+from prismesh.chain.evm.contracts import TaskStatus
+from prismesh.chain.storage import add_adapter, fetch_adapter
+from prismesh.chain.storage.unixfs import cid_to_str as unixfs_cid
+from prismesh.chain.taskspec import LoraSpec, TaskSpec, model_fingerprint
+from prismesh.node.synthetic import make_benchmark
+from prismesh.node.trainer import TrainConfig, create_initial_adapter
+from prismesh.runs.federation import Federation, TaskSettings, model_config_of
 from tests.conftest import tiny_federation_inputs
 
 pytestmark = pytest.mark.timeout(600)
@@ -80,7 +80,7 @@ def test_full_task_with_finality_pays_every_client(tmp_path, bench):
             link = next(lnk for lnk in fed.store.node(cid).links if lnk.name == "adapter_config.json")
             conf = json.loads(fed.store.cat(unixfs_cid(link.cid)))
             assert conf["base_model_name_or_path"] == "test/tiny-qwen3", cid
-        from chain.contracts import RewardToken
+        from prismesh.chain.evm.contracts import RewardToken
 
         t = RewardToken(fed.manifest, fed.w3, fed.governance)
         for a in addresses:
@@ -88,7 +88,7 @@ def test_full_task_with_finality_pays_every_client(tmp_path, bench):
         # Each event a node acted on was final when it acted: everything up to the last
         # aggregate is certified by the committee.
         assert fed.committee.final_height >= accepted[-1].block_number
-        from aggregator.audit import audit_task
+        from prismesh.aggregator.audit import audit_task
 
         report = audit_task(fed.w3, fed.manifest, fed.store, task)
         assert report.ok, report.render()
@@ -176,7 +176,7 @@ def test_bad_updates_are_excluded_with_reasons_and_honest_clients_paid(tmp_path,
         # The report file names every exclusion too.
         report = json.loads((fed.aggregator.reports_dir / f"task{task}-round1.json").read_text())
         assert set(report["rejected"]) == set(rejected)
-        from chain.contracts import RewardToken
+        from prismesh.chain.evm.contracts import RewardToken
 
         token = RewardToken(fed.manifest, fed.w3, fed.governance)
         for h in honest:

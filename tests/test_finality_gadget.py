@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from eth_account import Account
 
-from chain.finality import (
+from prismesh.chain.finality.gadget import (
     CommitCertificate,
     FinalityGadgetClient,
     GadgetRevert,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from chain.committee import SimConfig, SimLedger, check_safety, simulate
-from chain.finality import generate_validator_keys, verify_vote_signature
-from chain.hotstuff import (
+from prismesh.chain.finality.committee import SimConfig, SimLedger, check_safety, simulate
+from prismesh.chain.finality.gadget import generate_validator_keys, verify_vote_signature
+from prismesh.chain.finality.hotstuff import (
     QC,
     ChainRef,
     Committed,
@@ -20,7 +20,7 @@ from chain.hotstuff import (
     genesis_qc,
     vote_digest,
 )
-from chain.transport import NetworkConditions, Partition, SimNetwork
+from prismesh.chain.finality.transport import NetworkConditions, Partition, SimNetwork
 
 KEYS = generate_validator_keys(4, seed=1)
 DOMAIN = b"\x11" * 32

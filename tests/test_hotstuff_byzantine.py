@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from chain.committee import SimConfig, check_safety, random_schedule, simulate
+from prismesh.chain.finality.committee import SimConfig, check_safety, random_schedule, simulate
 
 LIVENESS_BOUND = 20.0
 SCHEDULES = [(seed, 4) for seed in range(170)] + [(1000 + seed, 7) for seed in range(30)]
@@ -43,7 +43,7 @@ def test_twins_split_by_a_partition_cannot_break_safety(seed: int) -> None:
     # Endpoints 0 and 1 are the twins of validator 0; endpoints 2, 3, 4 are validators 1, 2, 3.
     # Each twin talks to its own side, so the sides may see conflicting proposals and votes
     # signed with key 0.
-    from chain.transport import Partition
+    from prismesh.chain.finality.transport import Partition
 
     part = Partition(0.0, 6.0, (frozenset({0, 2, 3}), frozenset({1, 4})))
     cfg = SimConfig(

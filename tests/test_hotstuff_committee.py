@@ -6,14 +6,14 @@ import time
 
 import pytest
 
-from chain.committee import (
+from prismesh.chain.finality.committee import (
     Committee,
     devnet_validator_keys,
     gadget_address_from_manifest,
     in_process_committee,
     start_committee_thread,
 )
-from chain.finality import FinalityGadgetClient, generate_validator_keys
+from prismesh.chain.finality.gadget import FinalityGadgetClient, generate_validator_keys
 from tests.conftest import DESCRIPTOR, ChainEnv
 
 
@@ -115,7 +115,7 @@ def test_process_mode_beside_a_running_anvil(chain_env: ChainEnv, tmp_path) -> N
 
     manifest_path = chain_env.manifest.save(tmp_path / "manifest.json")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chain.committee", "--rpc", chain_env.devnet.rpc_url,
+        [sys.executable, "-m", "prismesh.chain.finality.committee", "--rpc", chain_env.devnet.rpc_url,
          "--manifest", str(manifest_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

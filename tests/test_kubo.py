@@ -19,10 +19,15 @@ from urllib.parse import parse_qsl, unquote_plus, urlsplit
 import pytest
 import requests
 
-from chain import unixfs
-from chain.kubo import KuboStore, MultipartBody, api_url, multipart_parts, parse_add_response
-from chain.storage import BlockNotFound, CIDMismatch, StorageError, open_store
-from chain.unixfs import Importer, ImportOptions
+from prismesh.chain.storage import BlockNotFound, CIDMismatch, StorageError, open_store, unixfs
+from prismesh.chain.storage.kubo import (
+    KuboStore,
+    MultipartBody,
+    api_url,
+    multipart_parts,
+    parse_add_response,
+)
+from prismesh.chain.storage.unixfs import Importer, ImportOptions
 
 PLANETS_V0 = "QmWSgS32xQEcXMeqd3YPJLrNBLSdsfYCep2U7CFkyrjXwY"  # Kubo t0040 `ipfs add -r planets`
 MARS_V0 = "QmPrrHqJzto9m7SyiRzarwkqPcCSsKR2EB1AyqJfe8L8tN"

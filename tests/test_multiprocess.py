@@ -160,7 +160,7 @@ def _pid_from(path: Path) -> int | None:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory) -> Deployment:
-    from chain.identity import dev_account, save_keystore
+    from prismesh.chain.identity import dev_account, save_keystore
 
     root = tmp_path_factory.mktemp("multiprocess")
     env = {**os.environ, "PRISMESH_KEYSTORE_PASSWORD": PASSWORD, "PYTHONUNBUFFERED": "1",
@@ -193,7 +193,7 @@ def deployment(tmp_path_factory) -> Deployment:
             log = devdir / "committee.log"
             with log.open("ab") as fh:
                 committee = subprocess.Popen(
-                    [sys.executable, "-m", "chain.committee", "--rpc", dep.rpc_url,
+                    [sys.executable, "-m", "prismesh.chain.finality.committee", "--rpc", dep.rpc_url,
                      "--manifest", str(dep.manifest), "--validators", "4"],
                     stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
                 )
@@ -247,8 +247,8 @@ def deployment(tmp_path_factory) -> Deployment:
 
 
 def chain_view(dep: Deployment):
-    from chain.contracts import Coordinator, Registry, RewardToken
-    from chain.deploy import connect, load_manifest
+    from prismesh.chain.evm.contracts import Coordinator, Registry, RewardToken
+    from prismesh.chain.evm.manifest import connect, load_manifest
 
     manifest = load_manifest(dep.manifest)
     w3 = connect(manifest)
@@ -257,7 +257,7 @@ def chain_view(dep: Deployment):
 
 
 def test_three_node_processes_and_aggregator_survive_kill9(deployment: Deployment) -> None:
-    from chain.contracts import ClientStatus, TaskStatus
+    from prismesh.chain.evm.contracts import ClientStatus, TaskStatus
 
     dep = deployment
     manifest, coord, registry, token = chain_view(dep)
@@ -400,9 +400,9 @@ def test_keys_new_writes_a_keystore_the_daemons_can_open(tmp_path: Path) -> None
 def test_stream_rewind_redelivers_only_unhandled_events(tmp_path: Path) -> None:
     """What a daemon's retry after a failed step relies on: rewinding the final-event stream
     re-delivers exactly the events that were delivered but not acknowledged."""
-    from aggregator.federation import Federation, TaskSettings
-    from chain.coordinator_stream import open_final_stream
-    from chain.taskspec import TaskSpec
+    from prismesh.chain.finality.coordinator_stream import open_final_stream
+    from prismesh.chain.taskspec import TaskSpec
+    from prismesh.runs.federation import Federation, TaskSettings
 
     fed = Federation(tmp_path / "fed", finality=False, parallel=False)
     try:

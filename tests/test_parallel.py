@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.adapters import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter, save_adapter
-from aggregator.parallel import (
+from prismesh.aggregator.adapters import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    Adapter,
+    load_adapter,
+    save_adapter,
+)
+from prismesh.aggregator.parallel import (
     Rejected,
     StoreFetch,
     UpdateRef,
@@ -21,8 +27,8 @@ from aggregator.parallel import (
     ensure_ray,
     fetch_and_verify,
 )
-from aggregator.strategies import get_strategy
-from aggregator.verify import expected_lora_shapes
+from prismesh.aggregator.strategies import get_strategy
+from prismesh.aggregator.verify import expected_lora_shapes
 from tests.test_strategies import LORA, TINY_QWEN3, train_client_adapters
 
 NORM_BOUND = 50.0
@@ -210,7 +216,7 @@ def test_batch_timeout_rejects_the_straggler(ray_session, batch, tmp_path):
 def test_embedded_store_fetch_rejects_a_tampered_block(ray_session, tmp_path):
     """The real storage path: adapters added to an embedded blockstore and fetched in Ray tasks
     through ``StoreFetch``; a flipped byte in a stored block surfaces as ``CIDMismatch``."""
-    from chain.storage import add_adapter, cid_of_path, open_store
+    from prismesh.chain.storage import add_adapter, cid_of_path, open_store
 
     honest = train_client_adapters(tmp_path / "src", n_clients=3, steps=1)
     spec = f"embedded:{tmp_path / 'ipfs'}"

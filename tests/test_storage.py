@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chain import unixfs
-from chain.storage import (
+from prismesh.chain.storage import (
     BlockNotFound,
     CIDMismatch,
     EmbeddedStore,
@@ -22,8 +21,9 @@ from chain.storage import (
     cid_of_path,
     fetch_adapter,
     open_store,
+    unixfs,
 )
-from chain.unixfs import CHUNK_SIZE
+from prismesh.chain.storage.unixfs import CHUNK_SIZE
 
 MB = 1024 * 1024
 
@@ -257,7 +257,7 @@ def test_open_store_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert default.root == tmp_path / "home" / "ipfs"
     assert open_store("embedded").root == default.root
     assert open_store(f"embedded:{tmp_path / 'x'}").root == tmp_path / "x"
-    from chain.kubo import KuboStore
+    from prismesh.chain.storage.kubo import KuboStore
 
     assert open_store("kubo").base_url == "http://127.0.0.1:5001"
     assert isinstance(open_store("kubo:/ip4/10.1.2.3/tcp/5002"), KuboStore)
@@ -332,7 +332,7 @@ def test_adapter_helpers_reject_non_peft_layouts(store: EmbeddedStore, tmp_path:
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from prismesh_cli import main
+    from prismesh.cli import main
 
     code = main(args)
     captured = capsys.readouterr()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.adapters import (
+from prismesh.aggregator.adapters import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     WEIGHTS_NAME,
@@ -17,7 +17,7 @@ from aggregator.adapters import (
     load_adapter,
     save_adapter,
 )
-from aggregator.strategies import (
+from prismesh.aggregator.strategies import (
     ClientUpdate,
     available_strategies,
     get_strategy,

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from node.data import format_prompt, load_jsonl
-from node.synthetic import (
+from prismesh.node.data import format_prompt, load_jsonl
+from prismesh.node.synthetic import (
     CLIENTS,
     benchmark_pool,
     decoy_pool,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import solcx
 
-from chain import toolchain
-from chain.toolchain import (
+from prismesh.chain.evm import toolchain
+from prismesh.chain.evm.toolchain import (
     SOLC_VERSION,
     ToolchainError,
     abi_hash,
@@ -55,7 +55,7 @@ def test_install_bridge_is_idempotent(bridge: Path) -> None:
 
 def test_install_bridge_entry_point(tmp_path: Path) -> None:
     env = dict(os.environ, SOLCX_BINARY_PATH=str(tmp_path))
-    cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "chain.toolchain", "install-bridge"]
+    cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "prismesh.chain.evm.toolchain", "install-bridge"]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert f"solc {SOLC_VERSION}" in first.stdout
     target = tmp_path / f"solc-v{SOLC_VERSION}"

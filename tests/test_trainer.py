@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from chain.taskspec import model_fingerprint
-from node import basemodel
-from node.data import format_completion, format_prompt, load_jsonl
-from node.synthetic import make_benchmark
-from node.trainer import (
+from prismesh.chain.taskspec import model_fingerprint
+from prismesh.node import basemodel
+from prismesh.node.data import format_completion, format_prompt, load_jsonl
+from prismesh.node.synthetic import make_benchmark
+from prismesh.node.trainer import (
     ADAPTER_FILES,
     TrainConfig,
     TrainConfigError,

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chain import unixfs
-from chain.unixfs import (
+from prismesh.chain.storage import unixfs
+from prismesh.chain.storage.unixfs import (
     CHUNK_SIZE,
     Importer,
     ImportOptions,

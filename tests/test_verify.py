@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.adapters import (
+from prismesh.aggregator.adapters import (
     CONFIG_NAME,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
@@ -21,7 +21,7 @@ from aggregator.adapters import (
     save_adapter,
     serialize_safetensors,
 )
-from aggregator.verify import MAX_NAMED, delta_norm, expected_lora_shapes, verify_adapter
+from prismesh.aggregator.verify import MAX_NAMED, delta_norm, expected_lora_shapes, verify_adapter
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QWEN3 = dict(

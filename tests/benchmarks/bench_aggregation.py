@@ -18,16 +18,22 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.adapters import CONFIG_NAME, LORA_A_SUFFIX, LORA_B_SUFFIX, WEIGHTS_NAME, Adapter
-from aggregator.adapters import save_adapter as save
-from aggregator.parallel import UpdateRef, Verified, ensure_ray, fetch_and_verify
-from aggregator.strategies import (
+from prismesh.aggregator.adapters import (
+    CONFIG_NAME,
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    WEIGHTS_NAME,
+    Adapter,
+)
+from prismesh.aggregator.adapters import save_adapter as save
+from prismesh.aggregator.parallel import UpdateRef, Verified, ensure_ray, fetch_and_verify
+from prismesh.aggregator.strategies import (
     ClientUpdate,
     get_strategy,
     lowrank_svd,
     single_threaded_blas,
 )
-from aggregator.verify import expected_lora_shapes
+from prismesh.aggregator.verify import expected_lora_shapes
 
 QWEN3_1_7B = {
     "hidden_size": 2048,

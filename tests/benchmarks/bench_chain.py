@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from chain.contracts import Coordinator, Registry, TaskParams, make_commitment
-from chain.deploy import deploy_to_devnet
-from chain.devnet import Devnet, start_anvil, start_embedded
-from chain.toolchain import compile_contracts, repo_root
+from prismesh.chain.evm.contracts import Coordinator, Registry, TaskParams, make_commitment
+from prismesh.chain.evm.deploy import deploy_to_devnet
+from prismesh.chain.evm.devnet import Devnet, start_anvil, start_embedded
+from prismesh.chain.evm.toolchain import compile_contracts, repo_root
 
 
 def _timed(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - tiny local helper

@@ -17,9 +17,9 @@ import argparse
 import statistics
 import time
 
-from chain.committee import Committee, SimConfig, devnet_validator_keys, simulate
-from chain.devnet import start_anvil
-from chain.finality import (
+from prismesh.chain.evm.devnet import start_anvil
+from prismesh.chain.finality.committee import Committee, SimConfig, devnet_validator_keys, simulate
+from prismesh.chain.finality.gadget import (
     FinalityGadgetClient,
     deploy_gadget,
     generate_validator_keys,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chain.storage import EmbeddedStore
-from chain.unixfs import CHUNK_SIZE, cid_of_path
+from prismesh.chain.storage import EmbeddedStore
+from prismesh.chain.storage.unixfs import CHUNK_SIZE, cid_of_path
 
 MB = 1_000_000
 MIB = 1024 * 1024

@@ -23,8 +23,8 @@ from pathlib import Path
 def _examples(n: int):
     import tempfile
 
-    from node.data import load_jsonl
-    from node.synthetic import make_benchmark
+    from prismesh.node.data import load_jsonl
+    from prismesh.node.synthetic import make_benchmark
 
     with tempfile.TemporaryDirectory() as tmp:
         specs = make_benchmark(Path(tmp), seed=0)
@@ -34,8 +34,8 @@ def _examples(n: int):
 
 
 def _ours(base: str, n: int, device: str, out: str) -> dict:
-    from node.synthetic import BENCHMARK_TRAIN_CONFIG
-    from node.trainer import TrainConfig, train_lora
+    from prismesh.node.synthetic import BENCHMARK_TRAIN_CONFIG
+    from prismesh.node.trainer import TrainConfig, train_lora
 
     config = TrainConfig.from_dict({**BENCHMARK_TRAIN_CONFIG, "device": device})
     res = train_lora(Path(base), _examples(n), Path(out), config, progress=False)
@@ -48,9 +48,9 @@ def _plain(base: str, n: int, device: str, out: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-    from node.data import format_completion, format_prompt
-    from node.synthetic import BENCHMARK_TRAIN_CONFIG
-    from node.trainer import TrainConfig, resolve_device, use_bf16
+    from prismesh.node.data import format_completion, format_prompt
+    from prismesh.node.synthetic import BENCHMARK_TRAIN_CONFIG
+    from prismesh.node.trainer import TrainConfig, resolve_device, use_bf16
 
     c = TrainConfig.from_dict({**BENCHMARK_TRAIN_CONFIG, "device": device})
     dev = resolve_device(c.device)
@@ -115,7 +115,7 @@ def run_one(kind: str, base: Path, n: int, device: str, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    from node.basemodel import ensure_base_model
+    from prismesh.node.basemodel import ensure_base_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-model", default="auto", help="HF model directory or 'auto'")

@@ -39,11 +39,11 @@ def fedavg(adapters: list[Path], weights: list[float], out_dir: Path) -> Path:
 
 
 def run(seed: int, rounds: int, work: Path, scale: float, quiet: bool) -> dict:
-    from node.basemodel import ensure_base_model
-    from node.data import load_jsonl
-    from node.evaluate import Evaluator, cross_dataset_matrix, render_markdown
-    from node.synthetic import BENCHMARK_TRAIN_CONFIG, fact_owner, make_benchmark
-    from node.trainer import TrainConfig, train_lora
+    from prismesh.node.basemodel import ensure_base_model
+    from prismesh.node.data import load_jsonl
+    from prismesh.node.evaluate import Evaluator, cross_dataset_matrix, render_markdown
+    from prismesh.node.synthetic import BENCHMARK_TRAIN_CONFIG, fact_owner, make_benchmark
+    from prismesh.node.trainer import TrainConfig, train_lora
 
     base = ensure_base_model(progress=not quiet)
     specs = make_benchmark(work / f"bench-{seed}", seed=seed, scale=scale)

@@ -1,11 +1,10 @@
-"""Content-addressed storage for adapters: one ``Store`` interface, two backends.
+"""The storage interface every backend implements, its errors, and the PEFT adapter helpers.
 
-* ``EmbeddedStore`` (the default): a local blockstore under ``$PRISMESH_HOME/ipfs`` (``PRISMESH_HOME``
-  defaults to ``~/.prismesh``). Nothing to start; one file per block, written atomically; pins in a
-  JSON file written atomically, so they survive restarts.
-* ``KuboStore`` (``chain.kubo``): a Kubo daemon over its ``/api/v0/`` RPC API.
+Backends: ``EmbeddedStore`` (``embedded.py``, the default: a local blockstore under
+``$PRISMESH_HOME/ipfs``) and ``KuboStore`` (``kubo.py``: a Kubo daemon over its ``/api/v0/`` RPC
+API); ``backends.open_store`` picks one from a spec string.
 
-Both produce the CIDs Kubo's ``ipfs add`` prints (``chain.unixfs``), and both re-hash every block
+Both produce the CIDs Kubo's ``ipfs add`` prints (``prismesh.chain.storage.unixfs``), and both re-hash every block
 they read against its CID: a corrupted, truncated or missing block raises ``CIDMismatch`` or
 ``BlockNotFound`` naming the CID, and ``get`` writes into a temporary sibling of the destination
 that is renamed into place only once everything was verified, so a failed fetch leaves nothing
@@ -17,9 +16,6 @@ fetched directory loads with ``PeftModel.from_pretrained`` unchanged.
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -29,8 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from chain import unixfs
-from chain.unixfs import Added, Importer, ImportOptions, Node, UnixFSError
+from prismesh.chain.storage import unixfs
+from prismesh.chain.storage.unixfs import Node, UnixFSError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DEFAULT_KUBO_API = "/ip4/127.0.0.1/tcp/5001"
@@ -299,196 +295,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-# --------------------------------------------------------------------------- embedded backend
-
-
-class EmbeddedStore(Store):
-    """Local persistent blockstore: ``blocks/<shard>/<KEY>.data`` plus ``pins.json``.
-
-    Blocks are keyed by their multihash in upper-case base32 (Kubo's flatfs naming), so the
-    same bytes added as CIDv0 and CIDv1 are stored once; the shard is the key's next-to-last
-    character (32 directories, created once). Each block file is written to a temp file and
-    renamed; whatever happens to the disk later is caught by the re-hash on read.
-    """
-
-    def __init__(self, root: str | os.PathLike[str] | None = None):
-        self.root = Path(root) if root is not None else prismesh_home() / "ipfs"
-        self.blocks_dir = self.root / "blocks"
-        self.pins_file = self.root / "pins.json"
-        self.blocks_dir.mkdir(parents=True, exist_ok=True)
-        self._shards: set[str] = set()
-
-    def __repr__(self) -> str:
-        return f"EmbeddedStore({str(self.root)!r})"
-
-    # -- blocks
-    def block_path(self, cid: str | bytes) -> Path:
-        mh = unixfs.cid_multihash(_cid_bytes(cid))
-        key = base64.b32encode(mh).decode("ascii").rstrip("=")
-        return self.blocks_dir / key[-2] / f"{key}.data"
-
-    def _put_block(self, cid: bytes, data: bytes) -> None:
-        path = self.block_path(cid)
-        with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_size == len(data):
-                return
-        if path.parent.name not in self._shards:
-            path.parent.mkdir(exist_ok=True)
-            self._shards.add(path.parent.name)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-    def _read_block(self, cid: bytes) -> bytes:
-        try:
-            return self.block_path(cid).read_bytes()
-        except FileNotFoundError:
-            name = unixfs.cid_to_str(cid)
-            raise BlockNotFound(f"block {name} not found in {self.root}", cid=name) from None
-
-    def _has_block(self, cid: bytes) -> bool:
-        return self.block_path(cid).is_file()
-
-    # -- adding
-    def add_path(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        cid_version: int = 0,
-        raw_leaves: bool | None = None,
-        only_hash: bool = False,
-        pin: bool = True,
-        on_added: AddedCallback | None = None,
-    ) -> str:
-        options = ImportOptions(cid_version=cid_version, raw_leaves=raw_leaves)
-        importer = Importer(options, sink=None if only_hash else self._put_block)
-        if on_added is not None:
-            importer.on_added = _relative_reporter(Path(path), on_added)
-        try:
-            root: Added = importer.add_path(path)
-        except UnixFSError as exc:
-            raise StorageError(str(exc)) from None
-        cid = root.cid_str
-        if pin and not only_hash:
-            self._update_pins(add=cid)
-        return cid
-
-    # -- pins
-    def _load_pins(self) -> dict[str, str]:
-        try:
-            raw = json.loads(self.pins_file.read_text())
-        except FileNotFoundError:
-            return {}
-        except json.JSONDecodeError as exc:
-            raise StorageError(f"pin file {self.pins_file} is not valid JSON: {exc}") from None
-        return {str(k): str(v.get("type", "recursive")) for k, v in raw.get("pins", {}).items()}
-
-    def _update_pins(self, add: str | None = None, remove: str | None = None) -> None:
-        with _file_lock(self.root / ".pins.lock"):
-            pins = self._load_pins()
-            if add is not None:
-                pins[add] = "recursive"
-            if remove is not None:
-                pins.pop(remove, None)
-            body = {"pins": {k: {"type": v} for k, v in sorted(pins.items())}}
-            _atomic_write(self.pins_file, json.dumps(body, indent=1).encode("utf-8"))
-
-    def pin(self, cid: str) -> None:
-        """Recursively pin ``cid``; every block must be present and intact."""
-        name = normalize_cid(cid)
-        self.verify(name)
-        self._update_pins(add=name)
-
-    def unpin(self, cid: str) -> None:
-        name = normalize_cid(cid)
-        if name not in self._load_pins():
-            raise StorageError(f"{name} is not pinned", cid=name)
-        self._update_pins(remove=name)
-
-    def pins(self) -> dict[str, str]:
-        return self._load_pins()
-
-    def gc(self) -> int:
-        """Delete blocks not reachable from a pin; return how many were removed."""
-        live: set[Path] = set()
-        for root in self._load_pins():
-            for cid, _size in self.walk(root):
-                live.add(self.block_path(cid))
-        removed = 0
-        for path in self.blocks_dir.glob("*/*.data"):
-            if path not in live:
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
-
-
-def _relative_reporter(top: Path, callback: AddedCallback) -> Callable[[Path, Added], None]:
-    base = top.parent
-
-    def report(path: Path, added: Added) -> None:
-        callback(str(path.relative_to(base)), added.cid_str)
-
-    return report
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-# --------------------------------------------------------------------------- factory
-
-
-def open_store(spec: str | None = None) -> Store:
-    """Open a store from a spec string.
-
-    ``None`` / ``"embedded"`` → the embedded store under ``$PRISMESH_HOME/ipfs``;
-    ``"embedded:/path"`` → an embedded store at ``/path``; ``"kubo"`` → a Kubo daemon at
-    ``/ip4/127.0.0.1/tcp/5001``; ``"kubo:/ip4/…/tcp/…"`` or ``"kubo:http://host:port"`` → that
-    daemon. With ``spec=None`` the ``PRISMESH_IPFS`` environment variable, when set, is used.
-    """
-    if spec is None:
-        spec = os.environ.get("PRISMESH_IPFS") or "embedded"
-    spec = spec.strip()
-    kind, _, rest = spec.partition(":")
-    if kind == "embedded":
-        return EmbeddedStore(rest or None)
-    if kind == "kubo":
-        from chain.kubo import KuboStore
-
-        return KuboStore(rest or DEFAULT_KUBO_API)
-    raise ValueError(
-        f"unknown store spec {spec!r}: use 'embedded', 'embedded:/path', 'kubo', "
-        "'kubo:/ip4/127.0.0.1/tcp/5001' or 'kubo:http://host:port'"
-    )
-
 
 def cid_of_path(path: str | os.PathLike[str], cid_version: int = 0) -> str:
     """The CID ``ipfs add -r --only-hash`` prints for ``path``; touches no store."""
@@ -496,6 +302,7 @@ def cid_of_path(path: str | os.PathLike[str], cid_version: int = 0) -> str:
         return unixfs.cid_of_path(path, cid_version=cid_version)
     except UnixFSError as exc:
         raise StorageError(str(exc)) from None
+
 
 
 # --------------------------------------------------------------------------- adapters
@@ -537,19 +344,3 @@ def fetch_adapter(store: Store, cid: str, dest: str | os.PathLike[str]) -> Path:
         raise
     return dest
 
-
-__all__ = [
-    "ADAPTER_FILES",
-    "BlockNotFound",
-    "CIDMismatch",
-    "EmbeddedStore",
-    "ObjectStat",
-    "Store",
-    "StorageError",
-    "add_adapter",
-    "cid_of_path",
-    "fetch_adapter",
-    "normalize_cid",
-    "open_store",
-    "prismesh_home",
-]

@@ -22,8 +22,8 @@ from urllib.parse import quote_plus
 
 import requests
 
-from chain import unixfs
-from chain.storage import (
+from prismesh.chain.storage import unixfs
+from prismesh.chain.storage.store import (
     DEFAULT_KUBO_API,
     AddedCallback,
     BlockNotFound,
@@ -31,7 +31,7 @@ from chain.storage import (
     Store,
     normalize_cid,
 )
-from chain.unixfs import UnixFSError
+from prismesh.chain.storage.unixfs import UnixFSError
 
 
 def api_url(address: str = DEFAULT_KUBO_API) -> str:

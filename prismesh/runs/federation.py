@@ -48,7 +48,7 @@ class TaskSettings:
 def make_stream(devnet: Any, manifest: Any, names: tuple[str, ...], cursor_path: Path | None,
                 finality: bool = True) -> Any:
     """The finality-aware stream of coordinator events, the only event source of a daemon."""
-    from chain.coordinator_stream import open_final_stream
+    from prismesh.chain.finality.coordinator_stream import open_final_stream
 
     return open_final_stream(devnet.w3, manifest, names, cursor_path, finality=finality)
 
@@ -57,10 +57,10 @@ class Federation:
     """Sets up and drives an in-process federation on the embedded chain."""
 
     def __init__(self, root: Path, *, n_validators: int = 4, finality: bool = True, parallel: bool = True) -> None:
-        from chain.committee import devnet_validator_keys, in_process_committee
-        from chain.deploy import deploy_to_devnet
-        from chain.devnet import start_embedded
-        from chain.storage import open_store
+        from prismesh.chain.evm.deploy import deploy_to_devnet
+        from prismesh.chain.evm.devnet import start_embedded
+        from prismesh.chain.finality.committee import devnet_validator_keys, in_process_committee
+        from prismesh.chain.storage import open_store
 
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -90,17 +90,17 @@ class Federation:
         return self.accounts[GOVERNANCE]
 
     def coordinator(self, account: Any = None) -> Any:
-        from chain.contracts import Coordinator
+        from prismesh.chain.evm.contracts import Coordinator
 
         return Coordinator(self.manifest, self.w3, account or self.governance)
 
     def registry(self, account: Any = None) -> Any:
-        from chain.contracts import Registry
+        from prismesh.chain.evm.contracts import Registry
 
         return Registry(self.manifest, self.w3, account or self.governance)
 
     def add_hospital(self, name: str, train_path: Path, test_path: Path, base_model: Path, *, device: str = "cpu", progress: bool = False) -> Hospital:
-        from node.daemon import NODE_EVENTS, NodeConfig, NodeDaemon
+        from prismesh.node.daemon import NODE_EVENTS, NodeConfig, NodeDaemon
 
         index = FIRST_CLIENT + len(self.hospitals)
         if index >= len(self.accounts) - 1:
@@ -127,7 +127,7 @@ class Federation:
         return hospital
 
     def add_aggregator(self) -> Any:
-        from aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
+        from prismesh.aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
 
         state_dir = self.root / "aggregator"
         cfg = AggregatorConfig(
@@ -157,8 +157,8 @@ class Federation:
 
     def create_task(self, spec: Any, settings: TaskSettings, initial_adapter: Path | None = None) -> int:
         """Pin the task's hyper-parameter file (and initial adapter), create the task on chain."""
-        from chain.contracts import TaskParams
-        from chain.storage import add_adapter
+        from prismesh.chain.evm.contracts import TaskParams
+        from prismesh.chain.storage import add_adapter
 
         spec_cid = self.store.add_bytes(spec.to_bytes())
         init_cid = add_adapter(self.store, initial_adapter) if initial_adapter is not None else ""
@@ -199,7 +199,7 @@ class Federation:
     def run_task(self, task_id: int, *, start_when_joined: bool = True, timeout: float = 3600.0,
                  on_step: Callable[[], None] | None = None) -> Any:
         """Drive the federation until the task completes, fails or is cancelled."""
-        from chain.contracts import TaskStatus
+        from prismesh.chain.evm.contracts import TaskStatus
 
         coord = self.coordinator()
         deadline = time.monotonic() + timeout

@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _open(args: argparse.Namespace, signer: bool = True) -> tuple[Any, Any, Any]:
-    from chain.deploy import connect, load_manifest
+    from prismesh.chain.evm.manifest import connect, load_manifest
 
     manifest = load_manifest(args.manifest)
     if args.rpc_url:
@@ -90,8 +90,7 @@ def _open(args: argparse.Namespace, signer: bool = True) -> tuple[Any, Any, Any]
     w3 = connect(manifest)
     account = None
     if signer:
-        from chain.identity import IdentityError
-        from chain.keys_cli import load_daemon_account
+        from prismesh.chain.identity import IdentityError, load_daemon_account
 
         try:
             account = load_daemon_account(args.account)
@@ -104,7 +103,7 @@ def _for_each_client(action: str, done: str) -> Callable[[argparse.Namespace], i
     """A command applying one Registry action (``approve``, ``suspend``) to every given client."""
 
     def run(args: argparse.Namespace) -> int:
-        from chain.contracts import Registry
+        from prismesh.chain.evm.contracts import Registry
 
         manifest, w3, acct = _open(args)
         apply = getattr(Registry(manifest, w3, acct), action)
@@ -121,7 +120,7 @@ _suspend = _for_each_client("suspend", "suspended")
 
 
 def _add_aggregator(args: argparse.Namespace) -> int:
-    from chain.contracts import Registry
+    from prismesh.chain.evm.contracts import Registry
 
     manifest, w3, acct = _open(args)
     Registry(manifest, w3, acct).add_aggregator(args.address)
@@ -130,7 +129,7 @@ def _add_aggregator(args: argparse.Namespace) -> int:
 
 
 def _make_spec(args: argparse.Namespace) -> int:
-    from chain.taskspec import LoraSpec, TaskSpec, TaskSpecError, model_fingerprint
+    from prismesh.chain.taskspec import LoraSpec, TaskSpec, TaskSpecError, model_fingerprint
 
     cfg_path = args.base_model / "config.json"
     if not cfg_path.is_file():
@@ -161,9 +160,9 @@ def _make_spec(args: argparse.Namespace) -> int:
 
 
 def _create_task(args: argparse.Namespace) -> int:
-    from chain.contracts import Coordinator, RewardToken, TaskParams
-    from chain.storage import add_adapter, open_store
-    from chain.taskspec import TaskSpec, TaskSpecError
+    from prismesh.chain.evm.contracts import Coordinator, RewardToken, TaskParams
+    from prismesh.chain.storage import add_adapter, open_store
+    from prismesh.chain.taskspec import TaskSpec, TaskSpecError
 
     try:
         spec = TaskSpec.from_bytes(args.spec.read_bytes(), where=str(args.spec))
@@ -195,7 +194,7 @@ def _create_task(args: argparse.Namespace) -> int:
 
 
 def _start_task(args: argparse.Namespace) -> int:
-    from chain.contracts import Coordinator
+    from prismesh.chain.evm.contracts import Coordinator
 
     manifest, w3, acct = _open(args)
     coord = Coordinator(manifest, w3, acct)
@@ -206,7 +205,7 @@ def _start_task(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from chain.contracts import Coordinator
+    from prismesh.chain.evm.contracts import Coordinator
 
     manifest, w3, _ = _open(args, signer=False)
     coord = Coordinator.read_only(manifest, w3)

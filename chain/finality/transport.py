@@ -1,6 +1,6 @@
 """The message layer validators talk through, and its seeded simulated network.
 
-Replicas (:mod:`chain.hotstuff`) never touch sockets or clocks: they return actions. The
+Replicas (:mod:`prismesh.chain.finality.hotstuff`) never touch sockets or clocks: they return actions. The
 :class:`EventLoop` here executes them: it hands each ``Send`` to a :class:`SimNetwork`, which
 decides from a seeded RNG whether and when the message arrives (delay, drop, duplication,
 reordering through random delays, and time-windowed partitions), and it fires pacemaker timers
@@ -23,7 +23,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from chain.hotstuff import Action, Committed, Message, Node, ProposeReady, Send, SetTimer
+from prismesh.chain.finality.hotstuff import (
+    Action,
+    Committed,
+    Message,
+    Node,
+    ProposeReady,
+    Send,
+    SetTimer,
+)
 
 
 class ReplicaLike(Protocol):

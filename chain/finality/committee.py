@@ -1,6 +1,6 @@
 """Runs the validator committee: over a seeded simulated chain, or over the devnet's real blocks.
 
-Two drivers share :mod:`chain.hotstuff` (rules) and :mod:`chain.transport` (network + loop):
+Two drivers share :mod:`prismesh.chain.finality.hotstuff` (rules) and :mod:`prismesh.chain.finality.transport` (network + loop):
 
 * :func:`simulate` runs ``n = 3f + 1`` replicas (honest, silent, Byzantine, twins) over a
   :class:`SimLedger` block tree on a virtual clock. Every run replays exactly from its seed; the
@@ -36,7 +36,7 @@ from typing import Any
 from eth_keys import keys as eth_keys
 from eth_utils import keccak, to_checksum_address
 
-from chain.finality import (
+from prismesh.chain.finality.gadget import (
     CommitCertificate,
     FinalityGadgetClient,
     GadgetRevert,
@@ -46,7 +46,7 @@ from chain.finality import (
     generate_validator_keys,
     verify_vote_signature,
 )
-from chain.hotstuff import (
+from prismesh.chain.finality.hotstuff import (
     Action,
     ChainRef,
     Message,
@@ -61,7 +61,13 @@ from chain.hotstuff import (
     genesis_node,
     vote_digest,
 )
-from chain.transport import Endpoint, EventLoop, NetworkConditions, Partition, SimNetwork
+from prismesh.chain.finality.transport import (
+    Endpoint,
+    EventLoop,
+    NetworkConditions,
+    Partition,
+    SimNetwork,
+)
 
 FAULT_KINDS = ("silent", "equivocate", "double_vote", "fork_vote", "byzantine", "twins")
 
@@ -798,7 +804,7 @@ def devnet_validator_keys(devnet: Any = None, n: int = 4) -> list[ValidatorKey]:
 
     They come from the devnet's mnemonic, so they exist whether or not the devnet funds them.
     """
-    from chain.devnet import dev_accounts
+    from prismesh.chain.evm.devnet import dev_accounts
 
     if n < 1 or (n - 1) % 3:
         raise ValueError(f"committee size must be n = 3f + 1 (1, 4, 7, ...), got {n}")
@@ -857,16 +863,16 @@ def in_process_committee(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Process mode: ``python -m chain.committee --rpc URL --manifest PATH`` runs the committee
+    """Process mode: ``python -m prismesh.chain.finality.committee --rpc URL --manifest PATH`` runs the committee
     beside an already running anvil (e.g. a detached ``prismesh devnet``) until interrupted."""
     import argparse
     import signal
     from types import SimpleNamespace
 
-    from chain.deploy import load_manifest
-    from chain.devnet import dev_accounts, http_web3
+    from prismesh.chain.evm.devnet import dev_accounts, http_web3
+    from prismesh.chain.evm.manifest import load_manifest
 
-    parser = argparse.ArgumentParser(prog="python -m chain.committee", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m prismesh.chain.finality.committee", description=main.__doc__)
     parser.add_argument("--rpc", default="http://127.0.0.1:8545", help="anvil's JSON-RPC URL")
     parser.add_argument("--manifest", required=True, help="deployment manifest (JSON)")
     parser.add_argument("--validators", type=int, default=4, help="committee size n = 3f + 1")

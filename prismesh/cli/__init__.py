@@ -12,12 +12,12 @@ import importlib
 import sys
 
 REGISTRARS = (
-    "chain.cli",
-    "chain.govern_cli",
-    "chain.keys_cli",
-    "chain.ipfs_cli",
-    "node.cli",
-    "aggregator.cli",
+    "prismesh.cli.chain",
+    "prismesh.cli.govern",
+    "prismesh.cli.keys",
+    "prismesh.cli.ipfs",
+    "prismesh.cli.node",
+    "prismesh.cli.aggregator",
 )
 
 

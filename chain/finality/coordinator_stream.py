@@ -1,7 +1,7 @@
 """Typed coordinator events from the finality-aware stream: what the daemons consume.
 
-``chain.events.FinalEventStream`` delivers raw decoded events once their block is final; this
-wraps it so each event arrives as the typed dataclass of ``chain.contracts`` (``RoundOpened``,
+``prismesh.chain.finality.events.FinalEventStream`` delivers raw decoded events once their block is final; this
+wraps it so each event arrives as the typed dataclass of ``prismesh.chain.evm.contracts`` (``RoundOpened``,
 ``UpdateRevealed`` …), keeping acknowledgement (and so restart safety) with the raw stream.
 """
 
@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from chain.contracts import EVENT_CLASSES, Coordinator, Event, _decode_event
-from chain.events import FinalEvent, FinalEventStream
+from prismesh.chain.evm.contracts import EVENT_CLASSES, Coordinator, Event, _decode_event
+from prismesh.chain.finality.events import FinalEvent, FinalEventStream
 
 
 class CoordinatorStream:
@@ -69,7 +69,7 @@ def open_final_stream(
 ) -> CoordinatorStream:
     """The coordinator's ``names`` events, final per the manifest's gadget (unless ``finality``
     is off), resuming from ``cursor_path``."""
-    from chain.finality import FinalityGadgetClient
+    from prismesh.chain.finality.gadget import FinalityGadgetClient
 
     coordinator = Coordinator.read_only(manifest, w3)
     final_height = None

@@ -75,7 +75,7 @@ def register(subparsers) -> None:
 
 
 def _base(arg: str, progress: bool = True) -> Path:
-    from node.basemodel import ensure_base_model
+    from prismesh.node.basemodel import ensure_base_model
 
     if arg == "auto":
         return ensure_base_model(progress=progress)
@@ -99,8 +99,8 @@ def _parse_overrides(items: list[str]) -> dict:
 
 
 def cmd_base_model(args: argparse.Namespace) -> int:
-    from chain.taskspec import model_fingerprint
-    from node.basemodel import ensure_base_model
+    from prismesh.chain.taskspec import model_fingerprint
+    from prismesh.node.basemodel import ensure_base_model
 
     path = ensure_base_model(args.cache_dir, seed=args.seed, progress=True)
     print(json.dumps({"path": str(path), "sha256": model_fingerprint(path)}, indent=2))
@@ -108,7 +108,7 @@ def cmd_base_model(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from node.synthetic import make_benchmark
+    from prismesh.node.synthetic import make_benchmark
 
     specs = make_benchmark(args.out, seed=args.seed, scale=args.scale)
     print(json.dumps([s.to_dict() for s in specs], indent=2, ensure_ascii=False))
@@ -116,8 +116,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from node.data import DataFormatError, load_jsonl, train_test_split
-    from node.trainer import TrainConfig, TrainConfigError, train_lora
+    from prismesh.node.data import DataFormatError, load_jsonl, train_test_split
+    from prismesh.node.trainer import TrainConfig, TrainConfigError, train_lora
 
     try:
         examples = load_jsonl(args.data, args.fmt)
@@ -146,8 +146,8 @@ def _named_files(items: list[str]) -> dict[str, Path]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from node.data import DataFormatError, load_jsonl
-    from node.evaluate import Evaluator, fairness
+    from prismesh.node.data import DataFormatError, load_jsonl
+    from prismesh.node.evaluate import Evaluator, fairness
 
     try:
         test_sets = {name: load_jsonl(path) for name, path in _named_files(args.data).items()}
@@ -161,10 +161,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from node.data import load_jsonl
-    from node.evaluate import Evaluator, cross_dataset_matrix, render_markdown
-    from node.synthetic import BENCHMARK_TRAIN_CONFIG, make_benchmark
-    from node.trainer import TrainConfig, train_lora
+    from prismesh.node.data import load_jsonl
+    from prismesh.node.evaluate import Evaluator, cross_dataset_matrix, render_markdown
+    from prismesh.node.synthetic import BENCHMARK_TRAIN_CONFIG, make_benchmark
+    from prismesh.node.trainer import TrainConfig, train_lora
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -199,9 +199,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 def cmd_node(args) -> int:
     import logging
 
-    from chain.identity import IdentityError
-    from chain.localstate import ConfigError
-    from node.daemon import run_node
+    from prismesh.chain.identity import IdentityError
+    from prismesh.chain.localstate import ConfigError
+    from prismesh.node.daemon import run_node
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

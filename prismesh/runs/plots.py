@@ -48,8 +48,8 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
 
 def update_vectors(fed: Any, task_id: int) -> list[tuple[int, str, np.ndarray]]:
     """(round, client name, flattened update = client adapter − round's global adapter)."""
-    from aggregator.adapters import load_adapter
-    from chain.storage import fetch_adapter
+    from prismesh.aggregator.adapters import load_adapter
+    from prismesh.chain.storage import fetch_adapter
 
     coord = fed.coordinator()
     start = fed.manifest.deploy_block

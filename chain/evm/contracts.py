@@ -34,7 +34,7 @@ from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.types import TxReceipt
 
 if TYPE_CHECKING:
-    from chain.deploy import Manifest
+    from prismesh.chain.evm.manifest import Manifest
 
 # ------------------------------------------------------------------------------- enums
 

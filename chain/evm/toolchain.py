@@ -30,7 +30,23 @@ EVM_VERSION = "cancun"
 OPTIMIZER_RUNS = 200
 REMAPPINGS = ("@openzeppelin/=node_modules/@openzeppelin/",)
 BRIDGE_MARKER = "prismesh-solc-bridge"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT_ENV = "PRISMESH_PROJECT_ROOT"
+
+
+def _find_project_root() -> Path:
+    """The checkout holding ``contracts/``: ``$PRISMESH_PROJECT_ROOT``, else the repository this
+    module lives in (an editable install), else the current directory. An installed wheel has no
+    contract sources; commands that compile or start anvil then name what is missing."""
+    env = os.environ.get(PROJECT_ROOT_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    here = Path(__file__).resolve().parents[2]
+    if (here / "contracts").is_dir():
+        return here
+    return Path.cwd()
+
+
+REPO_ROOT = _find_project_root()
 ARTIFACT_DIR_NAME = "build/prismesh"
 
 # Compiler settings are part of the cache key and of the metadata hash in the bytecode:
@@ -52,7 +68,7 @@ class ToolchainError(RuntimeError):
 
 _BRIDGE_JS = r"""#!__NODE__
 // __MARKER__ __VERSION__: solc's --version / --standard-json command line over solc-js.
-// Written by `python -m chain.toolchain install-bridge`; regenerate rather than edit.
+// Written by `python -m prismesh.chain.evm.toolchain install-bridge`; regenerate rather than edit.
 "use strict";
 const fs = require("fs");
 const path = require("path");
@@ -391,7 +407,7 @@ def abi_hash(abi: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chain.toolchain", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m prismesh.chain.evm.toolchain", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     inst = sub.add_parser("install-bridge", help=f"install ~/.solcx/solc-v{SOLC_VERSION}")
     inst.add_argument("--force", action="store_true", help="rewrite even when current")

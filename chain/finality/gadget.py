@@ -4,7 +4,7 @@ What validators sign for the chain: ``commit_digest(chain_id, gadget, height, bl
 = ``keccak256(abi.encode(COMMIT_TAG, chain_id, gadget, height, block_hash, view))``, the same
 bytes as ``FinalityGadget.commitDigest``. An honest validator signs it only *after* its replica
 committed, by the three-chain rule, the HotStuff node of view ``view`` whose payload is block
-``(height, block_hash)`` (see :mod:`chain.committee`). A certificate therefore holds at least
+``(height, block_hash)`` (see :mod:`prismesh.chain.finality.committee`). A certificate therefore holds at least
 ``f + 1`` honest commits of that block, and HotStuff safety makes every such block lie on one chain.
 
 Votes inside HotStuff use the same secp256k1 keys with plain (non-recoverable) ECDSA through
@@ -35,7 +35,8 @@ from eth_keys import keys as eth_keys
 from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
 from web3.exceptions import MethodUnavailable
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from prismesh.chain.evm.toolchain import REPO_ROOT
+
 GADGET_SOURCE = REPO_ROOT / "contracts" / "FinalityGadget.sol"
 COMMIT_TAG = keccak(b"PrisMesh.FinalityGadget.Commit.v1")
 _ECDSA = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
@@ -153,7 +154,7 @@ def sign_certificate(
 def gadget_artifact() -> dict[str, Any]:
     """``{"abi", "bytecode"}`` of FinalityGadget, compiled with solc-js and cached by source hash.
 
-    The project toolchain (``chain.toolchain.compile_contracts``) builds the same contract for
+    The project toolchain (``prismesh.chain.evm.toolchain.compile_contracts``) builds the same contract for
     deployment; this standalone path compiles only this file so the gadget's tests and the
     committee do not depend on every other contract compiling.
     """

@@ -16,7 +16,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from chain.toolchain import EVM_VERSION, OPTIMIZER_RUNS, SOLC_VERSION
+from prismesh.chain.evm.toolchain import EVM_VERSION, OPTIMIZER_RUNS, SOLC_VERSION
 
 
 def _cid(tag: str) -> str:
@@ -79,9 +79,15 @@ class GasReport:
 
 def run_gas_report(devnet: Any | None = None) -> GasReport:
     """Run the scenario on ``devnet`` (a fresh anvil when None, stopped afterwards)."""
-    from chain.contracts import Coordinator, Registry, RewardToken, TaskParams, make_commitment
-    from chain.deploy import deploy
-    from chain.devnet import start_anvil
+    from prismesh.chain.evm.contracts import (
+        Coordinator,
+        Registry,
+        RewardToken,
+        TaskParams,
+        make_commitment,
+    )
+    from prismesh.chain.evm.deploy import deploy
+    from prismesh.chain.evm.devnet import start_anvil
 
     own = devnet is None
     dev = devnet if devnet is not None else start_anvil()

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
-PASSWORD_ENV = "PRISMESH_KEYSTORE_PASSWORD"
+from prismesh.chain.identity import PASSWORD_ENV, load_daemon_account, read_password
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,40 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_address)
 
 
-def read_password(what: str, *, confirm: bool = False) -> str | None:
-    """The keystore password: ``$PRISMESH_KEYSTORE_PASSWORD``, else a prompt when stdin is a
-    terminal, else None (a daemon under a supervisor must not hang on a prompt nobody sees)."""
-    pw = os.environ.get(PASSWORD_ENV)
-    if pw is not None:
-        return pw
-    if not sys.stdin.isatty():
-        return None
-    import getpass
-
-    pw = getpass.getpass(f"password for {what}: ")
-    if confirm and getpass.getpass("repeat it: ") != pw:
-        raise SystemExit("error: the passwords differ")
-    return pw
-
-
-def load_daemon_account(spec: str) -> Any:
-    """The signing account of a daemon: ``dev:N``, a 0x key, or a keystore file whose password
-    comes from the environment or an interactive prompt. Raises ``IdentityError`` with the
-    file's name when it cannot be opened."""
-    from chain.identity import IdentityError, load_account
-
-    if spec.startswith(("dev:", "0x")) or not Path(spec).is_file():
-        return load_account(spec)
-    pw = read_password(f"keystore {spec}")
-    if pw is None:
-        raise IdentityError(
-            f"keystore {spec} needs a password: set {PASSWORD_ENV} or run the daemon on a terminal"
-        )
-    return load_account(spec, password=pw)
-
-
 def _new(args: argparse.Namespace) -> int:
-    from chain.identity import IdentityError, dev_account, new_account, save_keystore
+    from prismesh.chain.identity import IdentityError, dev_account, new_account, save_keystore
 
     if args.out.exists() and not args.force:
         print(f"error: {args.out} exists (use --force to replace it)", file=sys.stderr)
@@ -92,7 +58,7 @@ def _new(args: argparse.Namespace) -> int:
 
 
 def _address(args: argparse.Namespace) -> int:
-    from chain.identity import IdentityError
+    from prismesh.chain.identity import IdentityError
 
     try:
         account = load_daemon_account(str(args.keystore))

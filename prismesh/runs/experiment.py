@@ -24,9 +24,9 @@ def _say(text: str) -> None:
 def federate(base: Path, train: dict[str, list], config: Any, strategy_name: str, rounds: int,
              work: Path, initial: Path | None = None) -> tuple[Path, list[dict]]:
     """Run ``rounds`` of local training + aggregation; returns the final adapter and per-round info."""
-    from aggregator.adapters import load_adapter, save_adapter
-    from aggregator.strategies import ClientUpdate, get_strategy
-    from node.trainer import train_lora
+    from prismesh.aggregator.adapters import load_adapter, save_adapter
+    from prismesh.aggregator.strategies import ClientUpdate, get_strategy
+    from prismesh.node.trainer import train_lora
 
     strategy = get_strategy(strategy_name)
     global_dir = initial
@@ -52,7 +52,7 @@ def federate(base: Path, train: dict[str, list], config: Any, strategy_name: str
 
 def single_client(base: Path, examples: list, config: Any, rounds: int, work: Path, name: str,
                   initial: Path | None) -> Path:
-    from node.trainer import train_lora
+    from prismesh.node.trainer import train_lora
 
     adapter = initial
     for r in range(1, rounds + 1):
@@ -64,11 +64,11 @@ def single_client(base: Path, examples: list, config: Any, rounds: int, work: Pa
 
 def run_experiment(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3,
                    strategies: list[str] | None = None) -> dict[str, Any]:
-    from node.basemodel import ensure_base_model
-    from node.data import load_jsonl
-    from node.evaluate import Evaluator, cross_dataset_matrix, render_markdown
-    from node.synthetic import BENCHMARK_TRAIN_CONFIG, make_benchmark
-    from node.trainer import TrainConfig, create_initial_adapter
+    from prismesh.node.basemodel import ensure_base_model
+    from prismesh.node.data import load_jsonl
+    from prismesh.node.evaluate import Evaluator, cross_dataset_matrix, render_markdown
+    from prismesh.node.synthetic import BENCHMARK_TRAIN_CONFIG, make_benchmark
+    from prismesh.node.trainer import TrainConfig, create_initial_adapter
 
     strategies = strategies or ["fedavg", "fedavg-exact"]
     out = Path(out)
@@ -148,7 +148,7 @@ def _summarize(matrix: dict, per_round: dict, clients: list, seed: int, scale: f
 def render_table3(results: dict[str, Any]) -> str:
     """Fairness across clients (paper Table 3 analogue): the base model, the best single-client
     LoRA, and every federated strategy after each round, with Macro-Acc, Min-Acc and H-mean."""
-    from node.evaluate import fairness
+    from prismesh.node.evaluate import fairness
 
     rows = results["matrix"]["rows"]
     clients = [c["name"] for c in results["clients"]]

@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _store(args: argparse.Namespace):
-    from chain.storage import open_store
+    from prismesh.chain.storage import open_store
 
     return open_store(args.store)
 
@@ -96,7 +96,7 @@ def _fail(message: str) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from chain.storage import StorageError
+    from prismesh.chain.storage import StorageError
 
     raw_leaves: bool | None = None
     if args.raw_leaves is not None:
@@ -133,7 +133,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from chain.storage import StorageError
+    from prismesh.chain.storage import StorageError
 
     try:
         dest = _store(args).get(args.cid, Path(args.output))
@@ -144,7 +144,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    from chain.storage import StorageError
+    from prismesh.chain.storage import StorageError
 
     out = sys.stdout.buffer
     try:
@@ -157,7 +157,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
-    from chain.storage import StorageError
+    from prismesh.chain.storage import StorageError
 
     try:
         info = _store(args).stat(args.cid)
@@ -172,7 +172,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from chain.storage import StorageError
+    from prismesh.chain.storage import StorageError
 
     try:
         count = _store(args).verify(args.cid)
@@ -183,7 +183,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_pin_add(args: argparse.Namespace) -> int:
-    from chain.storage import StorageError, normalize_cid
+    from prismesh.chain.storage import StorageError, normalize_cid
 
     try:
         _store(args).pin(args.cid)
@@ -194,7 +194,7 @@ def cmd_pin_add(args: argparse.Namespace) -> int:
 
 
 def cmd_pin_rm(args: argparse.Namespace) -> int:
-    from chain.storage import StorageError, normalize_cid
+    from prismesh.chain.storage import StorageError, normalize_cid
 
     try:
         _store(args).unpin(args.cid)
@@ -205,7 +205,7 @@ def cmd_pin_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_pin_ls(args: argparse.Namespace) -> int:
-    from chain.storage import StorageError
+    from prismesh.chain.storage import StorageError
 
     try:
         pins = _store(args).pins()

@@ -114,7 +114,7 @@ def register(subparsers: Any) -> None:
 def _validators(spec: str) -> list[str]:
     from eth_utils import is_address, to_checksum_address
 
-    from chain.devnet import dev_accounts
+    from prismesh.chain.evm.devnet import dev_accounts
 
     spec = spec.strip()
     if spec.isdigit():
@@ -131,9 +131,10 @@ def _validators(spec: str) -> list[str]:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from chain.deploy import default_manifest_path, deploy
-    from chain.devnet import http_web3
-    from chain.identity import IdentityError, load_account
+    from prismesh.chain.evm.deploy import deploy
+    from prismesh.chain.evm.devnet import http_web3
+    from prismesh.chain.evm.manifest import default_manifest_path
+    from prismesh.chain.identity import IdentityError, load_account
 
     w3 = http_web3(args.rpc_url)
     try:
@@ -189,8 +190,9 @@ def _committee_size(args: argparse.Namespace, manifest: Any) -> int | None:
 
 
 def cmd_devnet(args: argparse.Namespace) -> int:
-    from chain.deploy import default_manifest_path, deploy_to_devnet, is_deployed, load_manifest
-    from chain.devnet import DevnetError, start_anvil
+    from prismesh.chain.evm.deploy import deploy_to_devnet
+    from prismesh.chain.evm.devnet import DevnetError, start_anvil
+    from prismesh.chain.evm.manifest import default_manifest_path, is_deployed, load_manifest
 
     state = (args.state or DEFAULT_DEVNET_DIR / "anvil-state.json").resolve()
     pid_file = _pid_file(state)
@@ -253,7 +255,7 @@ def cmd_devnet(args: argparse.Namespace) -> int:
             if n_validators:
                 log_path = state.parent / "committee.log"
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "chain.committee", "--rpc", dev.rpc_url,
+                    [sys.executable, "-m", "prismesh.chain.finality.committee", "--rpc", dev.rpc_url,
                      "--manifest", str(manifest_path), "--validators", str(n_validators)],
                     stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
                 )
@@ -262,7 +264,10 @@ def cmd_devnet(args: argparse.Namespace) -> int:
             print(f"detached (pid {pid}); stop with `prismesh devnet --stop`")
             return 0
         if n_validators:
-            from chain.committee import devnet_validator_keys, start_committee_thread
+            from prismesh.chain.finality.committee import (
+                devnet_validator_keys,
+                start_committee_thread,
+            )
 
             committee = start_committee_thread(
                 dev, manifest.to_json(), keys=devnet_validator_keys(n=n_validators)
@@ -320,7 +325,7 @@ def _stop_detached(pid_file: Path, quiet: bool = False) -> int:
 
 
 def cmd_gas_report(args: argparse.Namespace) -> int:
-    from chain.gas import run_gas_report, write_report
+    from prismesh.chain.evm.gas import run_gas_report, write_report
 
     report = run_gas_report()
     text = report.markdown()

@@ -21,9 +21,9 @@ HOSPITAL_ORDER = ("hospital-a", "hospital-b", "hospital-c")
 
 def build_spec(base_model: Path, seed: int, strategy: str = "fedavg") -> Any:
     """The demo task's hyper-parameter file: the benchmark's tuned LoRA and training settings."""
-    from aggregator.federation import model_config_of
-    from chain.taskspec import LoraSpec, TaskSpec, model_fingerprint
-    from node.synthetic import BENCHMARK_TRAIN_CONFIG
+    from prismesh.chain.taskspec import LoraSpec, TaskSpec, model_fingerprint
+    from prismesh.node.synthetic import BENCHMARK_TRAIN_CONFIG
+    from prismesh.runs.federation import model_config_of
 
     train = dict(BENCHMARK_TRAIN_CONFIG)
     rank, alpha = train.pop("rank", 8), train.pop("alpha", 16)
@@ -42,10 +42,10 @@ def build_spec(base_model: Path, seed: int, strategy: str = "fedavg") -> Any:
 def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, strategy: str = "fedavg",
              finality: bool = True, baselines: bool = True, plots: bool = True) -> dict[str, Any]:
     """Run the whole demo into ``out`` and return the report (also written as JSON/Markdown)."""
-    from aggregator.federation import Federation, TaskSettings
-    from node.basemodel import ensure_base_model
-    from node.synthetic import make_benchmark
-    from node.trainer import TrainConfig, create_initial_adapter
+    from prismesh.node.basemodel import ensure_base_model
+    from prismesh.node.synthetic import make_benchmark
+    from prismesh.node.trainer import TrainConfig, create_initial_adapter
+    from prismesh.runs.federation import Federation, TaskSettings
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         report = collect_report(fed, task_id, clients, spec)
         _add_round_timing(report, printer.accepted_at)
         report["timing"] = {"federated_seconds": round(fed_seconds, 2)}
-        from aggregator.audit import audit_task
+        from prismesh.aggregator.audit import audit_task
 
         audit = audit_task(fed.w3, fed.manifest, fed.store, task_id, check_finality=finality)
         report["audit"] = {"ok": audit.ok, "checks": len(audit.findings), "failures": [f.__dict__ for f in audit.failures()]}
@@ -130,7 +130,7 @@ class _RoundPrinter:
 
 def collect_report(fed: Any, task_id: int, clients: list, spec: Any) -> dict[str, Any]:
     """Read the task's whole history back from the chain and the store."""
-    from node.evaluate import fairness
+    from prismesh.node.evaluate import fairness
 
     coord = fed.coordinator()
     start = fed.manifest.deploy_block
@@ -238,8 +238,8 @@ def _gas_between(w3: Any, first: int, last: int) -> int:
 def _adapter_tensor_bytes(fed: Any, rounds: list) -> int | None:
     if not rounds:
         return None
-    from aggregator.adapters import load_adapter
-    from chain.storage import fetch_adapter
+    from prismesh.aggregator.adapters import load_adapter
+    from prismesh.chain.storage import fetch_adapter
 
     d = fetch_adapter(fed.store, rounds[0]["aggregate_cid"], fed.root / "report-tmp" / "agg")
     adapter = load_adapter(d)
@@ -257,10 +257,10 @@ def compute_baselines(base: Path, clients: list, initial: Path, spec: Any, round
     own data only, so its learning-rate schedule is the federation's)."""
     import tempfile
 
-    from aggregator.experiment import single_client
-    from node.data import load_jsonl
-    from node.evaluate import Evaluator, fairness
-    from node.trainer import TrainConfig
+    from prismesh.node.data import load_jsonl
+    from prismesh.node.evaluate import Evaluator, fairness
+    from prismesh.node.trainer import TrainConfig
+    from prismesh.runs.experiment import single_client
 
     ev = Evaluator(base, device="cpu")
     tests = {c.name: load_jsonl(c.test_path) for c in clients}
@@ -341,7 +341,7 @@ def write_report(out: Path, report: dict[str, Any], *, plots: bool, fed: Any, ta
            f"{report['base_model_bytes']} B (what FedAvg of the whole model would move per client per round).", ""]
     (out / "report.md").write_text("\n".join(md) + "\n")
     if plots:
-        from aggregator.plots import plot_accuracy, plot_update_pca
+        from prismesh.runs.plots import plot_accuracy, plot_update_pca
 
         plot_accuracy(report, out / "accuracy.png")
         plot_update_pca(fed, task_id, out / "updates_pca.png")

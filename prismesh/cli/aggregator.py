@@ -54,13 +54,12 @@ def _logging(verbose: bool) -> None:
 
 
 def _aggregator(args: argparse.Namespace) -> int:
-    from aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
-    from aggregator.parallel import ensure_ray
-    from chain.coordinator_stream import open_final_stream
-    from chain.identity import IdentityError
-    from chain.keys_cli import load_daemon_account
-    from chain.localstate import ConfigError
-    from chain.storage import open_store
+    from prismesh.aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
+    from prismesh.aggregator.parallel import ensure_ray
+    from prismesh.chain.finality.coordinator_stream import open_final_stream
+    from prismesh.chain.identity import IdentityError, load_daemon_account
+    from prismesh.chain.localstate import ConfigError
+    from prismesh.chain.storage import open_store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -88,7 +87,7 @@ def _aggregator(args: argparse.Namespace) -> int:
 def _connect(manifest_path: Path, rpc_url: str | None):
     from dataclasses import replace
 
-    from chain.deploy import connect, load_manifest
+    from prismesh.chain.evm.manifest import connect, load_manifest
 
     manifest = load_manifest(manifest_path)
     if rpc_url:
@@ -97,7 +96,7 @@ def _connect(manifest_path: Path, rpc_url: str | None):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from aggregator.demo import run_demo
+    from prismesh.runs.demo import run_demo
 
     _logging(args.verbose)
     run_demo(args.out, seed=args.seed, scale=args.scale, rounds=args.rounds, strategy=args.strategy,
@@ -106,7 +105,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from aggregator.experiment import run_experiment
+    from prismesh.runs.experiment import run_experiment
 
     _logging(args.verbose)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -115,8 +114,8 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from aggregator.audit import audit_task
-    from chain.storage import open_store
+    from prismesh.aggregator.audit import audit_task
+    from prismesh.chain.storage import open_store
 
     w3, manifest = _connect(args.manifest, args.rpc_url)
     report = audit_task(w3, manifest, open_store(args.store), args.task, check_finality=not args.no_finality)
