@@ -21,7 +21,7 @@ from prismesh.aggregator.adapters import (
     Adapter,
     module_rank_alpha,
 )
-from prismesh.aggregator.strategies import single_threaded_blas
+from prismesh.aggregator.lowrank import single_threaded_blas
 
 # LLaMA/Qwen3-style decoder: module -> (parent block, input width, output width) as functions of
 # (hidden, intermediate, q width = heads*head_dim, kv width = kv_heads*head_dim).

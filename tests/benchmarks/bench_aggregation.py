@@ -26,13 +26,9 @@ from prismesh.aggregator.adapters import (
     Adapter,
 )
 from prismesh.aggregator.adapters import save_adapter as save
+from prismesh.aggregator.lowrank import lowrank_svd, single_threaded_blas
 from prismesh.aggregator.parallel import UpdateRef, Verified, ensure_ray, fetch_and_verify
-from prismesh.aggregator.strategies import (
-    ClientUpdate,
-    get_strategy,
-    lowrank_svd,
-    single_threaded_blas,
-)
+from prismesh.aggregator.strategies import ClientUpdate, get_strategy
 from prismesh.aggregator.verify import expected_lora_shapes
 
 QWEN3_1_7B = {

@@ -1,0 +1,160 @@
+"""Sample-weighted averaging: ``fedavg`` (A and B averaged separately, the usual practice; note that
+mean(B)·mean(A) is not mean(B·A) unless the clients share A) and ``fedavg-exact`` (the weighted
+mean of each module's ΔW = scaling·B·A, re-factorised to the task's rank by truncated SVD)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from prismesh.aggregator.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, Adapter, to_numpy
+from prismesh.aggregator.lowrank import lowrank_svd, single_threaded_blas
+from prismesh.aggregator.strategies.base import (
+    AggregateResult,
+    ClientUpdate,
+    Strategy,
+    _output_config,
+    _weighted_mean,
+    _weights_metrics,
+    prepare_updates,
+    register_strategy,
+)
+
+
+@register_strategy
+class FedAvg(Strategy):
+    """Sample-weighted mean of every tensor (LoRA A and B averaged separately).
+
+    ``server_lr`` η ≠ 1 makes it FedAvg with a server learning rate (FedOpt/SGD):
+    new = global + η·(mean − global), which needs the round's global adapter.
+    """
+
+    name = "fedavg"
+
+    def __init__(self, server_lr: float = 1.0) -> None:
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"server_lr must be a positive number, got {server_lr}")
+        self.server_lr = float(server_lr)
+
+    def options(self) -> dict[str, Any]:
+        return {"server_lr": self.server_lr}
+
+    def aggregate(
+        self, updates: Sequence[ClientUpdate], global_adapter: Adapter | None = None
+    ) -> AggregateResult:
+        ordered, w = prepare_updates(updates)
+        if self.server_lr != 1.0 and global_adapter is None:
+            raise ValueError("fedavg with server_lr != 1 needs the round's global adapter")
+        out: dict[str, np.ndarray] = {}
+        for key in sorted(ordered[0].adapter.tensors):
+            mean, dtype = _weighted_mean(ordered, w, key)
+            if self.server_lr != 1.0:
+                g = _global_tensor(global_adapter, key, mean.shape)
+                mean = g + self.server_lr * (mean - g)
+            out[key] = mean.astype(dtype)
+        adapter = Adapter(_output_config(ordered, global_adapter), out)
+        return AggregateResult(adapter, _weights_metrics(self, ordered, w))
+
+
+def _global_tensor(global_adapter: Adapter | None, key: str, shape: tuple) -> np.ndarray:
+    if global_adapter is None or key not in global_adapter.tensors:
+        raise ValueError(f"global adapter lacks tensor {key}")
+    g = np.asarray(to_numpy(global_adapter.tensors[key], key), dtype=np.float64)
+    if g.shape != shape:
+        raise ValueError(f"global adapter tensor {key} is {g.shape}, updates have {shape}")
+    return g
+
+
+@register_strategy
+class FedAvgExact(Strategy):
+    """Sample-weighted mean of ΔW = scaling·B·A per module, re-factorised to rank r by SVD.
+
+    For each LoRA module, ΔW = Σ_i w_i·s_i·B_i·A_i (float64) is truncated to the output rank r
+    and split so that s·B'·A' equals the truncation: ``split="balanced"`` gives both factors
+    √S (B' = U√(S/s), A' = √(S/s)Vᵀ); ``split="B"`` puts S on B' and keeps A' = Vᵀ orthonormal,
+    so no rank direction has both factors at zero when training resumes. Tensors that are not
+    LoRA A/B pairs (biases, DoRA magnitudes) are averaged as in ``fedavg``. Metrics report the
+    relative Frobenius error ||ΔW − s·B'·A'||_F / ||ΔW||_F per module and overall.
+    """
+
+    name = "fedavg-exact"
+
+    def __init__(self, split: str = "balanced") -> None:
+        if split not in ("balanced", "B"):
+            raise ValueError(f"split must be 'balanced' or 'B', got {split!r}")
+        self.split = split
+
+    def options(self) -> dict[str, Any]:
+        return {"split": self.split}
+
+    def aggregate(
+        self, updates: Sequence[ClientUpdate], global_adapter: Adapter | None = None
+    ) -> AggregateResult:
+        ordered, w = prepare_updates(updates)
+        config = _output_config(ordered, global_adapter)
+        out_spec = Adapter(config, {})
+        modules = ordered[0].adapter.lora_modules()
+        pair_keys = {m + s for m in modules for s in (LORA_A_SUFFIX, LORA_B_SUFFIX)}
+        out: dict[str, np.ndarray] = {}
+        errors: dict[str, tuple[float, float]] = {}
+        for key in sorted(set(ordered[0].adapter.tensors) - pair_keys):
+            mean, dtype = _weighted_mean(ordered, w, key)
+            out[key] = mean.astype(dtype)
+        with single_threaded_blas():
+            for m in modules:
+                self._module(m, ordered, w, out_spec, out, errors)
+        tail_total = sum(t for t, _ in errors.values())
+        norm_total = sum(n for _, n in errors.values())
+        rel = {m: math.sqrt(t / n) if n > 0 else 0.0 for m, (t, n) in errors.items()}
+        metrics = _weights_metrics(self, ordered, w)
+        metrics["rel_frobenius_error"] = rel
+        metrics["rel_frobenius_error_overall"] = (
+            math.sqrt(tail_total / norm_total) if norm_total > 0 else 0.0
+        )
+        metrics["rel_frobenius_error_max"] = max(rel.values(), default=0.0)
+        return AggregateResult(Adapter(config, dict(sorted(out.items()))), metrics)
+
+    def _module(
+        self,
+        m: str,
+        ordered: list[ClientUpdate],
+        w: np.ndarray,
+        out_spec: Adapter,
+        out: dict[str, np.ndarray],
+        errors: dict[str, tuple[float, float]],
+    ) -> None:
+        """Aggregate one module into ``out``; record (tail², ||ΔW||²) in ``errors``."""
+        b_cat = np.concatenate(
+            [
+                (wi * u.adapter.scaling(m))
+                * np.asarray(u.adapter.tensors[m + LORA_B_SUFFIX], np.float64)
+                for wi, u in zip(w, ordered, strict=True)
+            ],
+            axis=1,
+        )
+        a_cat = np.concatenate(
+            [np.asarray(u.adapter.tensors[m + LORA_A_SUFFIX], np.float64) for u in ordered],
+            axis=0,
+        )
+        r, _ = out_spec.rank_alpha(m)
+        scale = out_spec.scaling(m)
+        u_, s_, v_ = lowrank_svd(b_cat, a_cat, r)
+        k = u_.shape[1]
+        head, tail = s_[:k], s_[k:]
+        if self.split == "balanced":
+            root = np.sqrt(head / scale)
+            b_new, a_new = u_ * root, root[:, None] * v_.T
+        else:
+            b_new, a_new = u_ * (head / scale), v_.T.copy()
+        if k < r:  # fewer singular directions than the rank: pad with zero directions
+            b_new = np.pad(b_new, ((0, 0), (0, r - k)))
+            a_new = np.pad(a_new, ((0, r - k), (0, 0)))
+        norm_sq, tail_sq = float(np.sum(s_**2)), float(np.sum(tail**2))
+        errors[m] = (tail_sq, norm_sq)
+        dtype_b = ordered[0].adapter.tensors[m + LORA_B_SUFFIX].dtype
+        dtype_a = ordered[0].adapter.tensors[m + LORA_A_SUFFIX].dtype
+        out[m + LORA_B_SUFFIX] = b_new.astype(dtype_b)
+        out[m + LORA_A_SUFFIX] = a_new.astype(dtype_a)
