@@ -133,7 +133,7 @@ def read_password(what: str, *, confirm: bool = False) -> str | None:
 
     pw = getpass.getpass(f"password for {what}: ")
     if confirm and getpass.getpass("repeat it: ") != pw:
-        raise SystemExit("error: the passwords differ")
+        raise IdentityError("the two passwords typed differ")
     return pw
 
 

@@ -29,6 +29,44 @@ class TaskSpecError(ValueError):
     """A task specification that is malformed; the message names the field."""
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+# The training settings a task may fix for every node (the ``train`` section), with what each
+# must be. The node's trainer reads the same names (``TrainConfig``: a test keeps the two lists
+# equal); LoRA's shape lives in ``lora`` and the device is each host's own choice.
+TRAIN_FIELDS: dict[str, tuple[str, Any]] = {
+    "lr": ("a number > 0", lambda v: _is_num(v) and v > 0),
+    "epochs": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "grad_accum": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "max_length": ("an integer >= 8", lambda v: _is_int(v) and v >= 8),
+    "seed": ("an integer", _is_int),
+    "bf16": ("'auto', true or false", lambda v: v in ("auto", True, False)),
+    "weight_decay": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
+    "warmup_steps": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "max_grad_norm": ("a number >= 0 (0 disables clipping)", lambda v: _is_num(v) and v >= 0),
+}
+
+
+def check_train(train: dict[str, Any], where: str = "train") -> None:
+    """Refuse unknown training settings (naming the known ones) and out-of-range values."""
+    unknown = sorted(set(train) - set(TRAIN_FIELDS))
+    if unknown:
+        raise TaskSpecError(
+            f"{where}: unknown field(s) {unknown}; known: {sorted(TRAIN_FIELDS)}"
+        )
+    for key, value in train.items():
+        expected, ok = TRAIN_FIELDS[key]
+        if not ok(value):
+            raise TaskSpecError(f"field '{where}.{key}' must be {expected}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """LoRA settings, in PEFT's own names so they map onto ``LoraConfig`` unchanged."""
@@ -85,6 +123,7 @@ class TaskSpec:
         _require(isinstance(self.train, dict), "train", "an object")
         for key in ("rank", "alpha", "dropout", "target_modules"):
             _require(key not in self.train, f"train.{key}", "absent (LoRA settings belong in 'lora')")
+        check_train(self.train)
         _require(isinstance(self.strategy, str) and self.strategy, "strategy", "a strategy name")
         _require(isinstance(self.strategy_options, dict), "strategy_options", "an object")
         _require(

@@ -141,7 +141,7 @@ def test_prismesh_devnet_command(tmp_path: Path) -> None:
     base = [
         sys.executable,
         "-m",
-        "prismesh.cli.chain",
+        "prismesh",
         "devnet",
         "--port",
         str(port),

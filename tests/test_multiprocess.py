@@ -387,14 +387,14 @@ def test_keys_new_writes_a_keystore_the_daemons_can_open(tmp_path: Path) -> None
     assert res.returncode == 0 and res.stdout.strip() == address
     # Refuses to overwrite; a wrong password names the file; no password and no terminal is an error.
     res = subprocess.run([PRISMESH, "keys", "new", "--out", str(out)], env=env, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and "exists" in res.stderr
+    assert res.returncode == 1 and "exists" in res.stderr
     bad = {**env, "PRISMESH_KEYSTORE_PASSWORD": "wrong"}
     res = subprocess.run([PRISMESH, "keys", "address", str(out)], env=bad, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and str(out) in res.stderr
+    assert res.returncode == 1 and str(out) in res.stderr
     none = {k: v for k, v in env.items() if k != "PRISMESH_KEYSTORE_PASSWORD"}
     res = subprocess.run([PRISMESH, "keys", "address", str(out)], env=none, capture_output=True, text=True,
                          timeout=60, stdin=subprocess.DEVNULL)
-    assert res.returncode == 2 and "PRISMESH_KEYSTORE_PASSWORD" in res.stderr
+    assert res.returncode == 1 and "PRISMESH_KEYSTORE_PASSWORD" in res.stderr
 
 
 def test_stream_rewind_redelivers_only_unhandled_events(tmp_path: Path) -> None:

@@ -347,7 +347,7 @@ def test_cli_add_get_pin_verify(tmp_path: Path, capsys: pytest.CaptureFixture[st
     (planets / "venus.txt").write_text("Hello Venus!\n")
 
     code, out, err = run_cli(["ipfs", "--store", spec, "add", str(planets)], capsys)
-    assert code == 1 and "use the '-r' flag" in err
+    assert code == 2 and err.startswith("error:") and "use the '-r' flag" in err
     code, out, _ = run_cli(["ipfs", "--store", spec, "add", "-r", str(planets)], capsys)
     assert code == 0
     # the same lines t0040 expects from `ipfs add -r planets`

@@ -139,7 +139,8 @@ def _fmt(v: Any) -> str:
     if isinstance(v, IntEnum):
         return f"{type(v).__name__}.{v.name}"
     if isinstance(v, (bytes, bytearray)):
-        return "0x" + bytes(v).hex()
+        role = ROLE_NAMES.get(bytes(v))
+        return role if role is not None else "0x" + bytes(v).hex()
     if isinstance(v, str):
         return v if v.startswith("0x") else repr(v)
     return repr(v)
@@ -1097,6 +1098,12 @@ GOVERNANCE_ROLE = keccak(text="GOVERNANCE_ROLE")
 AGGREGATOR_ROLE = keccak(text="AGGREGATOR_ROLE")
 MINTER_ROLE = keccak(text="MINTER_ROLE")
 DEFAULT_ADMIN_ROLE = b"\x00" * 32
+ROLE_NAMES = {
+    GOVERNANCE_ROLE: "GOVERNANCE_ROLE",
+    AGGREGATOR_ROLE: "AGGREGATOR_ROLE",
+    MINTER_ROLE: "MINTER_ROLE",
+    DEFAULT_ADMIN_ROLE: "DEFAULT_ADMIN_ROLE",
+}
 
 
 class Registry(ContractClient):

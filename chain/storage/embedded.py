@@ -86,16 +86,22 @@ class EmbeddedStore(Store):
         only_hash: bool = False,
         pin: bool = True,
         on_added: AddedCallback | None = None,
+        wrap_with_directory: bool = False,
     ) -> str:
         options = ImportOptions(cid_version=cid_version, raw_leaves=raw_leaves)
         importer = Importer(options, sink=None if only_hash else self._put_block)
         if on_added is not None:
             importer.on_added = _relative_reporter(Path(path), on_added)
         try:
-            root: Added = importer.add_path(path)
+            if wrap_with_directory:
+                root: Added = importer.add_wrapped(path)
+            else:
+                root = importer.add_path(path)
         except UnixFSError as exc:
             raise StorageError(str(exc)) from None
         cid = root.cid_str
+        if wrap_with_directory and on_added is not None:
+            on_added("", cid)
         if pin and not only_hash:
             self._update_pins(add=cid)
         return cid

@@ -273,10 +273,14 @@ class KuboStore(Store):
         only_hash: bool = False,
         pin: bool = True,
         on_added: AddedCallback | None = None,
+        wrap_with_directory: bool = False,
     ) -> str:
         path = Path(path)
         try:
-            expected = unixfs.cid_of_path(path, cid_version=cid_version, raw_leaves=raw_leaves)
+            expected = unixfs.cid_of_path(
+                path, cid_version=cid_version, raw_leaves=raw_leaves,
+                wrap_with_directory=wrap_with_directory,
+            )
         except UnixFSError as exc:
             raise StorageError(str(exc)) from None
         if only_hash:
@@ -289,7 +293,7 @@ class KuboStore(Store):
             ("hash", "sha2-256"),
             ("pin", "true" if pin else "false"),
             ("progress", "false"),
-            ("wrap-with-directory", "false"),
+            ("wrap-with-directory", "true" if wrap_with_directory else "false"),
         ]
         body = MultipartBody(multipart_parts(path))
         response = self._post("add", params, data=body, headers={"Content-Type": body.content_type})

@@ -105,8 +105,12 @@ class Store(ABC):
         only_hash: bool = False,
         pin: bool = True,
         on_added: AddedCallback | None = None,
+        wrap_with_directory: bool = False,
     ) -> str:
-        """Add a file or (recursively) a directory like ``ipfs add -r``; return the root CID."""
+        """Add a file or (recursively) a directory like ``ipfs add -r``; return the root CID.
+
+        ``wrap_with_directory`` (``ipfs add -w``) adds a directory around ``path`` whose root
+        CID is returned; ``on_added`` then reports it last, with an empty name."""
 
     @abstractmethod
     def pin(self, cid: str) -> None: ...

@@ -454,6 +454,13 @@ class Importer:
         cid = self._emit(CODEC_DAG_PB, block, self.options.cid_version)
         return Added(cid, 0, len(block) + sum(a.tsize for _, a in entries))
 
+    def add_wrapped(self, path: str | os.PathLike[str]) -> Added:
+        """Import ``path`` inside a directory holding it under its own name, like
+        ``ipfs add -w``: the root is that directory, so the name travels with the content."""
+        path = Path(path)
+        inner = self.add_path(path)
+        return self._directory_node([(path.name, inner)], where=f"wrapper of {path}")
+
     def add_path(self, path: str | os.PathLike[str]) -> Added:
         """Import a file, a symlink or (recursively) a directory, like ``ipfs add -r``."""
         path = Path(path)
@@ -518,11 +525,15 @@ def cid_of_bytes(data: bytes, cid_version: int = 0, raw_leaves: bool | None = No
 
 
 def cid_of_path(
-    path: str | os.PathLike[str], cid_version: int = 0, raw_leaves: bool | None = None
+    path: str | os.PathLike[str],
+    cid_version: int = 0,
+    raw_leaves: bool | None = None,
+    wrap_with_directory: bool = False,
 ) -> str:
-    """CID ``ipfs add -r --only-hash [--cid-version N]`` prints for a file or directory."""
-    opts = ImportOptions(cid_version=cid_version, raw_leaves=raw_leaves)
-    return Importer(opts).add_path(path).cid_str
+    """CID ``ipfs add -r --only-hash [--cid-version N] [-w]`` prints for a file or directory."""
+    importer = Importer(ImportOptions(cid_version=cid_version, raw_leaves=raw_leaves))
+    added = importer.add_wrapped(path) if wrap_with_directory else importer.add_path(path)
+    return added.cid_str
 
 
 # --------------------------------------------------------------------------- reading

@@ -57,17 +57,12 @@ def _aggregator(args: argparse.Namespace) -> int:
     from prismesh.aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
     from prismesh.aggregator.parallel import ensure_ray
     from prismesh.chain.finality.coordinator_stream import open_final_stream
-    from prismesh.chain.identity import IdentityError, load_daemon_account
-    from prismesh.chain.localstate import ConfigError
+    from prismesh.chain.identity import load_daemon_account
     from prismesh.chain.storage import open_store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = AggregatorConfig.load(args.config)
-        account = load_daemon_account(cfg.keystore)
-    except (ConfigError, IdentityError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = AggregatorConfig.load(args.config)
+    account = load_daemon_account(cfg.keystore)
     w3, manifest = _connect(cfg.manifest, cfg.rpc_url)
     store = open_store(cfg.store)
     stream = open_final_stream(

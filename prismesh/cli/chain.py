@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prismesh.cli.errors import CommandError, UsageError
+
 DEV_CHAIN_IDS = (31337, 131277)
 DEFAULT_DEVNET_DIR = Path(".prismesh") / "devnet"
 
@@ -125,7 +127,7 @@ def _validators(spec: str) -> list[str]:
     out = []
     for part in spec.split(","):
         if not is_address(part.strip()):
-            raise SystemExit(f"--validators: {part!r} is neither a count nor an address")
+            raise UsageError(f"--validators: {part!r} is neither a count nor an address")
         out.append(to_checksum_address(part.strip()))
     return out
 
@@ -139,20 +141,19 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     w3 = http_web3(args.rpc_url)
     try:
         chain_id = int(w3.eth.chain_id)
-    except Exception as exc:
-        print(f"error: no chain answers at {args.rpc_url}: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - any failure to answer means no chain there
+        raise CommandError(
+            f"no chain answers at {args.rpc_url} ({type(exc).__name__}); start one with `prismesh devnet`"
+        ) from None
     key = args.key
     if key is None:
         if chain_id not in DEV_CHAIN_IDS:
-            print(f"error: chain {chain_id} is not a devnet; pass --key", file=sys.stderr)
-            return 2
+            raise UsageError(f"chain {chain_id} is not a devnet: pass the deployer's key with --key")
         key = "dev:0"
     try:
         deployer = load_account(key)
     except IdentityError as exc:
-        print(f"error: --key: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"--key: {exc}") from None
     kind = args.kind or ("anvil" if chain_id in DEV_CHAIN_IDS else "rpc")
     path = args.manifest or default_manifest_path(chain_id)
     manifest = deploy(
@@ -191,7 +192,7 @@ def _committee_size(args: argparse.Namespace, manifest: Any) -> int | None:
 
 def cmd_devnet(args: argparse.Namespace) -> int:
     from prismesh.chain.evm.deploy import deploy_to_devnet
-    from prismesh.chain.evm.devnet import DevnetError, start_anvil
+    from prismesh.chain.evm.devnet import start_anvil
     from prismesh.chain.evm.manifest import default_manifest_path, is_deployed, load_manifest
 
     state = (args.state or DEFAULT_DEVNET_DIR / "anvil-state.json").resolve()
@@ -202,23 +203,17 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     if pid_file.exists():
         pid = int(pid_file.read_text().split()[0])
         if _alive(pid):
-            print(
-                f"error: a detached devnet (pid {pid}) already runs; `prismesh devnet --stop` first",
-                file=sys.stderr,
+            raise CommandError(
+                f"a detached devnet (pid {pid}) already runs; stop it first with `prismesh devnet --stop`"
             )
-            return 2
         pid_file.unlink()
     manifest_path = (args.manifest or default_manifest_path(args.chain_id)).resolve()
     if args.fresh:
         state.unlink(missing_ok=True)
         manifest_path.unlink(missing_ok=True)
-    try:
-        dev = start_anvil(
-            state_file=state, port=args.port, chain_id=args.chain_id, block_time=args.block_time
-        )
-    except DevnetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    dev = start_anvil(
+        state_file=state, port=args.port, chain_id=args.chain_id, block_time=args.block_time
+    )
     committee = None
     try:
         manifest = None
@@ -308,7 +303,7 @@ def _alive(pid: int) -> bool:
 def _stop_detached(pid_file: Path, quiet: bool = False) -> int:
     if not pid_file.exists():
         if not quiet:
-            print(f"no detached devnet ({pid_file} missing)", file=sys.stderr)
+            raise CommandError(f"no detached devnet to stop ({pid_file} is missing)")
         return 1
     pid = int(pid_file.read_text().split()[0])
     if _alive(pid):
@@ -335,15 +330,3 @@ def cmd_gas_report(args: argparse.Namespace) -> int:
         print(f"written to {args.out}", file=sys.stderr)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one of these subcommands without the rest of the CLI (used by tests)."""
-    parser = argparse.ArgumentParser(prog="prismesh")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from prismesh.cli.errors import CommandError, UsageError
+
+DEV_CHAIN_IDS = (31337, 131277)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +34,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("clients", nargs="+")
     p.set_defaults(func=_suspend)
+
+    p = gs.add_parser(
+        "fund",
+        help="send native currency (gas money) from the signing account to node or aggregator keys",
+        description="Every key that sends transactions needs gas. On a devnet the governance "
+        "account (dev:0) holds plenty; on a real chain any funded account can pay (see "
+        "docs/deployment.md, 'Funding keys').",
+    )
+    common(p)
+    p.add_argument("addresses", nargs="+", help="addresses to fund")
+    p.add_argument("--eth", type=float, default=None,
+                   help="amount per address in ether (default 10 on a devnet; required elsewhere)")
+    p.set_defaults(func=_fund)
 
     p = gs.add_parser("add-aggregator", help="grant the aggregator role")
     common(p)
@@ -73,9 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("task", type=int)
     p.set_defaults(func=_start_task)
 
-    p = gs.add_parser("status", help="a task's state and rounds as JSON")
+    p = gs.add_parser("status", help="a task's state and rounds as JSON (every task without TASK)")
     common(p, signer=False)
-    p.add_argument("task", type=int)
+    p.add_argument("task", type=int, nargs="?", default=None)
     p.set_defaults(func=_status)
 
 
@@ -119,6 +135,31 @@ _approve = _for_each_client("approve", "approved")
 _suspend = _for_each_client("suspend", "suspended")
 
 
+def _fund(args: argparse.Namespace) -> int:
+    from eth_utils import is_address, to_checksum_address, to_wei
+
+    from prismesh.chain.evm.contracts import TxSender
+
+    bad = [a for a in args.addresses if not is_address(a)]
+    if bad:
+        raise UsageError(f"not an address: {bad[0]}")
+    manifest, w3, acct = _open(args)
+    amount = args.eth
+    if amount is None:
+        if manifest.chain_id not in DEV_CHAIN_IDS:
+            raise UsageError(f"chain {manifest.chain_id} is not a devnet: say how much with --eth")
+        amount = 10.0
+    if not amount > 0:
+        raise UsageError(f"--eth must be > 0, got {amount}")
+    wei = to_wei(amount, "ether")
+    sender = TxSender(w3, acct)
+    for address in args.addresses:
+        to = to_checksum_address(address)
+        sender.send({"to": to, "value": wei, "gas": 21_000}, None, "transfer")
+        print(f"funded {to} with {amount:g} ETH (balance {w3.eth.get_balance(to) / 10**18:g})")
+    return 0
+
+
 def _add_aggregator(args: argparse.Namespace) -> int:
     from prismesh.chain.evm.contracts import Registry
 
@@ -133,10 +174,14 @@ def _make_spec(args: argparse.Namespace) -> int:
 
     cfg_path = args.base_model / "config.json"
     if not cfg_path.is_file():
-        print(f"error: {args.base_model} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
-        return 2
+        raise UsageError(f"--base-model {args.base_model} is not a Hugging Face model directory (no config.json)")
     try:
         train = json.loads(args.train)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--train is not JSON: {exc}") from None
+    if not isinstance(train, dict):
+        raise UsageError("--train must be a JSON object, e.g. '{\"lr\": 1e-3}'")
+    try:
         lora = {"r": args.rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout}
         if args.target_modules is not None:
             lora["target_modules"] = tuple(m.strip() for m in args.target_modules.split(",") if m.strip())
@@ -150,9 +195,8 @@ def _make_spec(args: argparse.Namespace) -> int:
             norm_bound=args.norm_bound,
             report_metrics=not args.no_report_metrics,
         )
-    except (json.JSONDecodeError, TaskSpecError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except TaskSpecError as exc:
+        raise UsageError(str(exc).replace("train:", "--train:", 1)) from None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.out}")
@@ -162,13 +206,11 @@ def _make_spec(args: argparse.Namespace) -> int:
 def _create_task(args: argparse.Namespace) -> int:
     from prismesh.chain.evm.contracts import Coordinator, RewardToken, TaskParams
     from prismesh.chain.storage import add_adapter, open_store
-    from prismesh.chain.taskspec import TaskSpec, TaskSpecError
+    from prismesh.chain.taskspec import TaskSpec
 
-    try:
-        spec = TaskSpec.from_bytes(args.spec.read_bytes(), where=str(args.spec))
-    except (OSError, TaskSpecError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if not args.spec.is_file():
+        raise CommandError(f"--spec {args.spec}: no such file (write one with `prismesh govern make-spec`)")
+    spec = TaskSpec.from_bytes(args.spec.read_bytes(), where=str(args.spec))
     manifest, w3, acct = _open(args)
     store = open_store(args.store)
     spec_cid = store.add_bytes(spec.to_bytes())
@@ -209,6 +251,20 @@ def _status(args: argparse.Namespace) -> int:
 
     manifest, w3, _ = _open(args, signer=False)
     coord = Coordinator.read_only(manifest, w3)
+    if args.task is None:
+        tasks = []
+        for task_id in range(1, coord.task_count() + 1):
+            state = coord.get_task(task_id)
+            params = coord.get_task_params(task_id)
+            tasks.append({
+                "task": task_id,
+                "status": state.status.name,
+                "completed_rounds": state.completed_rounds,
+                "num_rounds": params.num_rounds,
+                "participants": state.participant_count,
+            })
+        print(json.dumps({"tasks": tasks}, indent=2))
+        return 0
     state = coord.get_task(args.task)
     rounds = []
     for r in range(1, state.current_round + 1):

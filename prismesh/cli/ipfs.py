@@ -7,8 +7,12 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+
+from prismesh.cli.errors import CommandError, UsageError
 
 
 def _bool(text: str) -> bool:
@@ -32,8 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = ipfs.add_subparsers(dest="ipfs_command", metavar="COMMAND")
     sub.required = True
 
-    add = sub.add_parser("add", help="add a file or directory; print its CID as Kubo does")
-    add.add_argument("path", metavar="PATH", nargs="?")
+    add = sub.add_parser(
+        "add", help="add a file or directory (standard input without PATH); print its CID as Kubo does"
+    )
+    add.add_argument("path", metavar="PATH", nargs="?", help="file or directory (default: standard input)")
     add.add_argument("-r", "--recursive", action="store_true", help="add directories recursively")
     add.add_argument(
         "-n", "--only-hash", action="store_true", help="only compute the CID, store nothing"
@@ -48,6 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="raw leaf blocks, --raw-leaves or --raw-leaves=false "
         "(default: true with --cid-version 1, false with 0)",
     )
+    add.add_argument(
+        "-w", "--wrap-with-directory", action="store_true",
+        help="wrap the added file in a directory that names it; print that directory's CID last",
+    )
     add.add_argument("-q", "--quiet", action="store_true", help="print only CIDs")
     add.add_argument("-Q", "--quieter", action="store_true", help="print only the root CID")
     add.add_argument("--pin", type=_bool, default=True, metavar="BOOL", help="pin the root (true)")
@@ -55,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     get = sub.add_parser("get", help="fetch a CID to a path, verifying every block")
     get.add_argument("cid", metavar="CID")
-    get.add_argument("-o", "--output", required=True, metavar="PATH")
+    get.add_argument("-o", "--output", default=None, metavar="PATH", help="destination (default ./CID)")
     get.set_defaults(func=cmd_get)
 
     cat = sub.add_parser("cat", help="write a file's bytes to stdout, verifying every block")
@@ -87,82 +97,98 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _store(args: argparse.Namespace):
     from prismesh.chain.storage import open_store
 
-    return open_store(args.store)
-
-
-def _fail(message: str) -> int:
-    print(f"Error: {message}", file=sys.stderr)
-    return 1
+    try:
+        return open_store(args.store)
+    except ValueError as exc:
+        raise UsageError(f"--store: {exc}") from None
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from prismesh.chain.storage import StorageError
-
     raw_leaves: bool | None = None
     if args.raw_leaves is not None:
         try:
             raw_leaves = _bool(args.raw_leaves)
         except argparse.ArgumentTypeError:
             if args.path is not None:
-                return _fail(f"--raw-leaves takes true or false, got {args.raw_leaves!r}")
+                raise UsageError(f"--raw-leaves takes true or false, got {args.raw_leaves!r}") from None
             # `--raw-leaves PATH`: the flag form, as in Kubo, followed by the path
             raw_leaves, args.path = True, args.raw_leaves
     if args.path is None:
-        return _fail("argument PATH is required")
+        return _add_stdin(args, raw_leaves)
     path = Path(args.path)
     if path.is_dir() and not path.is_symlink() and not args.recursive:
-        return _fail(f"{path} is a directory, use the '-r' flag to specify directories")
+        raise UsageError(f"{path} is a directory, use the '-r' flag to specify directories")
     lines: list[tuple[str, str]] = []
-    try:
-        root = _store(args).add_path(
-            path,
-            cid_version=args.cid_version,
-            raw_leaves=raw_leaves,
-            only_hash=args.only_hash,
-            pin=args.pin,
-            on_added=None if args.quieter else lambda name, cid: lines.append((name, cid)),
-        )
-    except (StorageError, ValueError) as exc:
-        return _fail(str(exc))
-    if args.quieter:
-        print(root)
-        return 0
-    for name, cid in lines:
-        print(cid if args.quiet else f"added {cid} {name}")
+    root = _store(args).add_path(
+        path,
+        cid_version=args.cid_version,
+        raw_leaves=raw_leaves,
+        only_hash=args.only_hash,
+        pin=args.pin,
+        on_added=None if args.quieter else lambda name, cid: lines.append((name, cid)),
+        wrap_with_directory=args.wrap_with_directory,
+    )
+    _print_added(args, root, lines)
     return 0
 
 
-def cmd_get(args: argparse.Namespace) -> int:
-    from prismesh.chain.storage import StorageError
+def _add_stdin(args: argparse.Namespace, raw_leaves: bool | None) -> int:
+    """``... | prismesh ipfs add``: Kubo names a piped file by its own CID."""
+    if sys.stdin.isatty():
+        raise UsageError("no PATH given and standard input is a terminal: pipe data in or name a file")
+    with tempfile.TemporaryDirectory(prefix="prismesh-stdin-") as tmp:
+        path = Path(tmp) / "stdin"
+        with path.open("wb") as fh:
+            shutil.copyfileobj(sys.stdin.buffer, fh, 1 << 20)
+        store = _store(args)
+        cid = store.add_path(
+            path, cid_version=args.cid_version, raw_leaves=raw_leaves, only_hash=args.only_hash,
+            pin=args.pin and not args.wrap_with_directory,
+        )
+        lines = [(cid, cid)]
+        root = cid
+        if args.wrap_with_directory:
+            named = Path(tmp) / "named"
+            named.mkdir()
+            path.rename(named / cid)
+            root = store.add_path(
+                named / cid, cid_version=args.cid_version, raw_leaves=raw_leaves,
+                only_hash=args.only_hash, pin=args.pin, wrap_with_directory=True,
+            )
+            lines.append(("", root))
+    _print_added(args, root, lines)
+    return 0
 
-    try:
-        dest = _store(args).get(args.cid, Path(args.output))
-    except (StorageError, ValueError) as exc:
-        return _fail(str(exc))
+
+def _print_added(args: argparse.Namespace, root: str, lines: list[tuple[str, str]]) -> None:
+    if args.quieter:
+        print(root)
+        return
+    for name, cid in lines:
+        print(cid if args.quiet else f"added {cid} {name}".rstrip())
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from prismesh.chain.storage import normalize_cid
+
+    dest = Path(args.output) if args.output else Path(normalize_cid(args.cid))
+    if dest.exists():
+        raise CommandError(f"{dest} already exists; remove it or choose another path with -o")
     print(f"Saving file(s) to {dest}")
+    _store(args).get(args.cid, dest)
     return 0
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    from prismesh.chain.storage import StorageError
-
     out = sys.stdout.buffer
-    try:
-        for piece in _store(args).iter_file(args.cid):
-            out.write(piece)
-    except (StorageError, ValueError) as exc:
-        return _fail(str(exc))
+    for piece in _store(args).iter_file(args.cid):
+        out.write(piece)
     out.flush()
     return 0
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
-    from prismesh.chain.storage import StorageError
-
-    try:
-        info = _store(args).stat(args.cid)
-    except (StorageError, ValueError) as exc:
-        return _fail(str(exc))
+    info = _store(args).stat(args.cid)
     print(info.cid)
     print(f"Size: {info.size}")
     print(f"CumulativeSize: {info.cumulative_size}")
@@ -172,45 +198,29 @@ def cmd_stat(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from prismesh.chain.storage import StorageError
-
-    try:
-        count = _store(args).verify(args.cid)
-    except (StorageError, ValueError) as exc:
-        return _fail(str(exc))
+    count = _store(args).verify(args.cid)
     print(f"verified {args.cid}: {count} blocks ok")
     return 0
 
 
 def cmd_pin_add(args: argparse.Namespace) -> int:
-    from prismesh.chain.storage import StorageError, normalize_cid
+    from prismesh.chain.storage import normalize_cid
 
-    try:
-        _store(args).pin(args.cid)
-    except (StorageError, ValueError) as exc:
-        return _fail(str(exc))
+    _store(args).pin(args.cid)
     print(f"pinned {normalize_cid(args.cid)} recursively")
     return 0
 
 
 def cmd_pin_rm(args: argparse.Namespace) -> int:
-    from prismesh.chain.storage import StorageError, normalize_cid
+    from prismesh.chain.storage import normalize_cid
 
-    try:
-        _store(args).unpin(args.cid)
-    except (StorageError, ValueError) as exc:
-        return _fail(str(exc))
+    _store(args).unpin(args.cid)
     print(f"unpinned {normalize_cid(args.cid)}")
     return 0
 
 
 def cmd_pin_ls(args: argparse.Namespace) -> int:
-    from prismesh.chain.storage import StorageError
-
-    try:
-        pins = _store(args).pins()
-    except (StorageError, ValueError) as exc:
-        return _fail(str(exc))
+    pins = _store(args).pins()
     for cid, kind in sorted(pins.items()):
         print(cid if args.quiet else f"{cid} {kind}")
     return 0

@@ -2,17 +2,16 @@
 
 A node or aggregator *is* its key, so the key is created on the host that uses it and never
 leaves it unencrypted. The password comes from ``$PRISMESH_KEYSTORE_PASSWORD`` or, on a
-terminal, from a prompt; the daemons read it the same way (:func:`load_daemon_account`).
+terminal, from a prompt; the daemons read it the same way (``prismesh.chain.identity.load_daemon_account``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from prismesh.chain.identity import PASSWORD_ENV, load_daemon_account, read_password
+from prismesh.cli.errors import CommandError, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,35 +34,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _new(args: argparse.Namespace) -> int:
-    from prismesh.chain.identity import IdentityError, dev_account, new_account, save_keystore
+    from prismesh.chain.identity import (
+        PASSWORD_ENV,
+        dev_account,
+        new_account,
+        read_password,
+        save_keystore,
+    )
 
     if args.out.exists() and not args.force:
-        print(f"error: {args.out} exists (use --force to replace it)", file=sys.stderr)
-        return 2
+        raise CommandError(f"{args.out} exists; use --force to replace it")
     if args.pbkdf2_iterations is not None and args.pbkdf2_iterations < 1:
-        print("error: --pbkdf2-iterations must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError("--pbkdf2-iterations must be >= 1")
     pw = read_password(str(args.out), confirm=True)
     if not pw:
-        print(f"error: no password: set {PASSWORD_ENV} or run on a terminal", file=sys.stderr)
-        return 2
-    try:
-        account = dev_account(args.from_dev) if args.from_dev is not None else new_account()
-        save_keystore(account, args.out, pw, iterations=args.pbkdf2_iterations)
-    except IdentityError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(f"no password: set {PASSWORD_ENV} or run on a terminal")
+    account = dev_account(args.from_dev) if args.from_dev is not None else new_account()
+    save_keystore(account, args.out, pw, iterations=args.pbkdf2_iterations)
     print(json.dumps({"address": account.address, "keystore": str(args.out)}))
     return 0
 
 
 def _address(args: argparse.Namespace) -> int:
-    from prismesh.chain.identity import IdentityError
+    from prismesh.chain.identity import load_daemon_account
 
-    try:
-        account = load_daemon_account(str(args.keystore))
-    except IdentityError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(account.address)
+    print(load_daemon_account(str(args.keystore)).address)
     return 0

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from prismesh.cli.errors import UsageError
 
 
 def register(subparsers) -> None:
@@ -57,7 +58,9 @@ def register(subparsers) -> None:
     p = sub.add_parser("evaluate", help="option log-likelihood accuracy on JSONL test files")
     p.add_argument("--base-model", default="auto")
     p.add_argument("--adapter", type=Path, default=None)
-    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="[NAME=]FILE")
+    p.add_argument("--data", nargs="+", required=True, metavar="[NAME=]FILE",
+                   help="test files; each is named NAME, else by its folder and file name where "
+                   "file names repeat (out/bench/medqa-en/test.jsonl -> medqa-en)")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_evaluate)
 
@@ -81,7 +84,7 @@ def _base(arg: str, progress: bool = True) -> Path:
         return ensure_base_model(progress=progress)
     path = Path(arg)
     if not (path / "config.json").is_file():
-        raise SystemExit(f"--base-model {arg}: not a Hugging Face model directory (no config.json)")
+        raise UsageError(f"--base-model {arg}: not a Hugging Face model directory (no config.json)")
     return path
 
 
@@ -90,7 +93,7 @@ def _parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -116,16 +119,18 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from prismesh.node.data import DataFormatError, load_jsonl, train_test_split
+    from prismesh.node.data import load_jsonl, train_test_split
     from prismesh.node.trainer import TrainConfig, TrainConfigError, train_lora
 
+    examples = load_jsonl(args.data, args.fmt)
     try:
-        examples = load_jsonl(args.data, args.fmt)
         raw = json.loads(args.config.read_text()) if args.config else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--config {args.config} is not JSON: {exc}") from None
+    try:
         config = TrainConfig.from_dict({**raw, **_parse_overrides(args.set)})
-    except (DataFormatError, TrainConfigError, json.JSONDecodeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except TrainConfigError as exc:
+        raise UsageError(f"training config: {exc}") from None
     if args.test_fraction > 0:
         examples, _ = train_test_split(examples, args.test_fraction, args.split_seed)
     result = train_lora(_base(args.base_model), examples, args.out, config,
@@ -135,25 +140,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _named_files(items: list[str]) -> dict[str, Path]:
-    out = {}
+def _named_files(items: list[str], what: str = "--data") -> dict[str, Path]:
+    """``NAME=FILE`` entries, or files named after themselves: by file name when those are all
+    different, else by folder (``.../medqa-en/test.jsonl`` -> ``medqa-en``). Two entries that
+    would share a name are refused rather than merged."""
+    named: list[tuple[str | None, Path]] = []
     for item in items:
-        name, sep, path = item.partition("=")
-        if not sep:
-            name, path = Path(item).stem, item
-        out[name] = Path(path)
+        name, sep, path = str(item).partition("=")
+        if sep and name and "/" not in name:
+            named.append((name, Path(path)))
+        else:
+            named.append((None, Path(item)))
+    stems = [p.stem for n, p in named if n is None]
+    by_folder = len(set(stems)) < len(stems)
+    out: dict[str, Path] = {}
+    for name, path in named:
+        if name is None:
+            name = path.parent.name if by_folder and path.parent.name else path.stem
+        if name in out:
+            raise UsageError(f"{what}: two entries are both named {name!r} ({out[name]} and {path}); name them with NAME=FILE")
+        out[name] = path
     return out
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from prismesh.node.data import DataFormatError, load_jsonl
+    from prismesh.node.data import load_jsonl
     from prismesh.node.evaluate import Evaluator, fairness
 
-    try:
-        test_sets = {name: load_jsonl(path) for name, path in _named_files(args.data).items()}
-    except DataFormatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    test_sets = {name: load_jsonl(path) for name, path in _named_files(args.data).items()}
     ev = Evaluator(_base(args.base_model))
     acc = ev.accuracies(args.adapter, test_sets, args.batch_size)
     print(json.dumps({"accuracy": acc, **fairness(acc)}, indent=2))
@@ -179,7 +193,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     rows: dict[str, Path | None] = {"Base model": None}
     summary: dict = {}
     if args.row:
-        rows.update(_named_files(args.row))
+        rows.update(_named_files(args.row, "--row"))
     else:
         config = TrainConfig.from_dict({**BENCHMARK_TRAIN_CONFIG, "seed": args.seed, "epochs": args.epochs})
         for c in clients:
@@ -199,13 +213,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 def cmd_node(args) -> int:
     import logging
 
-    from prismesh.chain.identity import IdentityError
-    from prismesh.chain.localstate import ConfigError
     from prismesh.node.daemon import run_node
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        return run_node(args.config, once=args.once, progress=not args.quiet)
-    except (ConfigError, IdentityError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_node(args.config, once=args.once, progress=not args.quiet)

@@ -1,0 +1,136 @@
+"""The command line's contract: one ``error:`` line, exit 2 for a wrong command line and 1 for a
+failure at run time, role names instead of hashes, a quiet end when the reader goes away."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prismesh import __version__
+from prismesh.chain.evm.devnet import free_port
+from prismesh.chain.taskspec import TRAIN_FIELDS, TaskSpec, TaskSpecError
+from prismesh.cli import main
+from prismesh.node.trainer import TrainConfig
+
+PRISMESH = [sys.executable, "-m", "prismesh"]
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse: --version, --help and usage errors
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"prismesh {__version__}"
+
+
+def test_usage_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["govern", "status"], capsys)  # --manifest missing
+    assert code == 2 and "--manifest" in one_error_line(err)
+    code, _, err = run(["no-such-command"], capsys)
+    assert code == 2 and "invalid choice" in one_error_line(err)
+    code, _, err = run(["ipfs", "--store", "s3:bucket", "pin", "ls"], capsys)
+    assert code == 2 and "--store" in one_error_line(err)
+
+
+def test_train_fields_are_the_trainers(capsys: pytest.CaptureFixture[str]) -> None:
+    host_or_lora = {"rank", "alpha", "dropout", "target_modules", "device"}
+    trainer = {f.name for f in dataclasses.fields(TrainConfig)} - host_or_lora
+    assert set(TRAIN_FIELDS) == trainer
+
+
+@pytest.mark.parametrize(
+    "train, needle",
+    [({"lrr": 1e-3}, "unknown field(s) ['lrr']"), ({"lr": -1}, "'train.lr' must be a number > 0"),
+     ({"epochs": 1.5}, "train.epochs"), ({"bf16": "yes"}, "train.bf16")],
+)
+def test_task_spec_refuses_bad_training_settings(train: dict, needle: str) -> None:
+    with pytest.raises(TaskSpecError, match="known|must be") as info:
+        TaskSpec(base_model_id="m", base_model_sha256="0" * 64, train=train)
+    assert needle in str(info.value)
+
+
+def test_make_spec_refuses_a_typo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    (model / "model.safetensors").write_bytes(b"x")
+    out = tmp_path / "spec.json"
+    code, _, err = run(["govern", "make-spec", "--base-model", str(model), "--train", '{"lrr": 1e-3}',
+                        "--out", str(out)], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "'lrr'" in line and "'lr'" in line and not out.exists()
+    code, _, _ = run(["govern", "make-spec", "--base-model", str(model), "--train", '{"lr": 1e-3}',
+                      "--out", str(out)], capsys)
+    assert code == 0 and json.loads(out.read_text())["train"] == {"lr": 1e-3}
+
+
+def test_dead_rpc_is_one_line(chain_env, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = tmp_path / "m.json"
+    dead = dataclasses.replace(chain_env.manifest, rpc_url=f"http://127.0.0.1:{free_port()}")
+    dead.save(manifest)
+    code, _, err = run(["govern", "status", "--manifest", str(manifest)], capsys)
+    assert code == 1 and "no chain answers" in one_error_line(err)
+
+
+def test_contract_refusals_are_named(chain_env, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = chain_env.manifest.save(tmp_path / "m.json")
+    code, _, err = run(["govern", "status", "--manifest", str(manifest), "7"], capsys)
+    assert code == 1 and "UnknownTask(taskId=7)" in one_error_line(err)
+    outsider = chain_env.outsiders[0]
+    code, _, err = run(["govern", "approve", "--manifest", str(manifest), outsider.address], capsys)
+    assert code == 1 and "NotRegistered" in one_error_line(err)
+    code, _, err = run(["govern", "add-aggregator", "--manifest", str(manifest), "--account", "dev:5",
+                        outsider.address], capsys)
+    line = one_error_line(err)
+    assert code == 1 and "DEFAULT_ADMIN_ROLE" in line and "0x0000" not in line
+    code, out, _ = run(["govern", "status", "--manifest", str(manifest)], capsys)
+    assert code == 0 and json.loads(out) == {"tasks": []}
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["--debug", "govern", "status", "--manifest", str(tmp_path / "none.json")], capsys)
+    assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: manifest not found")
+
+
+def test_fund_gives_a_fresh_key_gas(chain_env, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from eth_account import Account
+
+    manifest = chain_env.manifest.save(tmp_path / "m.json")
+    fresh = Account.create().address
+    code, out, _ = run(["govern", "fund", "--manifest", str(manifest), fresh], capsys)
+    assert code == 0 and chain_env.w3.eth.get_balance(fresh) == 10 * 10**18
+    code, _, err = run(["govern", "fund", "--manifest", str(manifest), "0x1234"], capsys)
+    assert code == 2 and "not an address" in one_error_line(err)
+
+
+def test_pipe_into_head_ends_quietly(tmp_path: Path) -> None:
+    from prismesh.chain.storage import EmbeddedStore
+
+    store = EmbeddedStore(tmp_path / "ipfs")
+    for i in range(2000):  # more than a pipe buffer of `pin ls` lines
+        store.add_bytes(f"object {i}".encode())
+    big = store.add_bytes(os.urandom(1 << 20))
+    env = {**os.environ, "PRISMESH_IPFS": f"embedded:{tmp_path / 'ipfs'}"}
+    for command in ("ipfs pin ls | head -1", f"ipfs cat {big} | head -c 10"):
+        proc = subprocess.run(f"{' '.join(PRISMESH)} {command}", shell=True, env=env,
+                              capture_output=True, timeout=120)
+        assert proc.returncode == 0 and proc.stderr == b"", (command, proc.stderr[-2000:])
+        assert proc.stdout
