@@ -105,9 +105,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    quiet = os.environ.get("PRISMESH_QUIET", "") not in ("", "0")
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
-        "logging_level": logging.WARNING,
+        "logging_level": logging.ERROR if quiet else logging.WARNING,
         "log_to_driver": False,
     }
     if address is None:

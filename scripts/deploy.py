@@ -1,17 +1,23 @@
 """``brownie run scripts/deploy.py``: deploy the PrisMesh contracts and write the manifest.
 
-Writes the same manifest as ``prismesh deploy`` (chain id, kind, RPC URL, addresses, ABIs and
-their hashes, deploy block, governance, finality gadget) through ``prismesh.chain.evm.deploy``, so nodes and
-the aggregator cannot tell which tool deployed. Transactions are signed locally by the
-deployer key.
+Deploys the same system as ``prismesh devnet`` / ``prismesh deploy`` (RewardToken, Registry,
+Coordinator, the FinalityGadget with its validators, the aggregator role) and writes the same
+manifest (chain id, kind, RPC URL, addresses, ABIs and their hashes, deploy block, governance,
+finality gadget) through ``prismesh.chain.evm.manifest``, so nodes and the aggregator cannot tell
+which tool deployed. Transactions are signed locally by the deployer key.
+
+brownie attaches to a chain already listening at its network's address (start one with
+``prismesh devnet --detach --no-deploy``); otherwise it launches its own anvil and stops it when
+the script ends, which this script says before it deploys.
 
 Environment:
     PRISMESH_DEPLOYER_KEY  0x private key of the deployer (governance); on a devnet chain id
                            the default is devnet account 0.
     PRISMESH_MANIFEST      output path (default .prismesh/deployments/<chain id>.json).
-    PRISMESH_VALIDATORS    a count N (devnet accounts 16..) or comma-separated addresses: also
-                           deploy FinalityGadget with that validator set (default: none).
-    PRISMESH_AGGREGATORS   comma-separated addresses granted the aggregator role.
+    PRISMESH_VALIDATORS    a count N (devnet accounts 16..) or comma-separated addresses for the
+                           FinalityGadget; 0 for none (default on a devnet: 4, as `prismesh devnet`).
+    PRISMESH_AGGREGATORS   comma-separated addresses granted the aggregator role (default on a
+                           devnet: devnet account 1, as `prismesh devnet`).
 """
 
 from __future__ import annotations
@@ -38,25 +44,42 @@ def _validators(spec: str) -> list[str]:
     return [web3.to_checksum_address(a.strip()) for a in spec.split(",") if a.strip()]
 
 
+def _warn_if_ephemeral() -> None:
+    """brownie stops a chain it launched itself when the script ends: say so before deploying."""
+    rpc = network.rpc
+    if rpc.is_active() and rpc.is_child():
+        print(
+            "NOTE: brownie launched this chain itself and stops it when the script ends, so the "
+            "manifest written below will point at a chain that is gone.\n"
+            "      For a chain that stays: `prismesh devnet --detach --no-deploy` first (brownie then "
+            "attaches to it), or deploy with `prismesh devnet` / `prismesh deploy`.",
+            flush=True,
+        )
+
+
 def main() -> None:
     chain_id = int(web3.eth.chain_id)
+    devnet = chain_id in DEV_CHAIN_IDS
+    _warn_if_ephemeral()
     key = os.environ.get("PRISMESH_DEPLOYER_KEY")
     if not key:
-        if chain_id not in DEV_CHAIN_IDS:
+        if not devnet:
             raise SystemExit(f"chain {chain_id} is not a devnet: set PRISMESH_DEPLOYER_KEY")
         key = "0x" + bytes(dev_accounts(1)[0].key).hex()
     gov = accounts.add(key)
-    tx = {"from": gov}
+    # EIP-1559 fees from the chain's base fee, so the same script runs on a chain that charges one
+    tx = {"from": gov, "priority_fee": "1 gwei"}
 
     token = RewardToken.deploy(gov.address, tx)
     registry = Registry.deploy(gov.address, tx)
     coordinator = Coordinator.deploy(registry.address, token.address, tx)
     token.grantRole(MINTER_ROLE, coordinator.address, tx)
-    for agg in filter(None, os.environ.get("PRISMESH_AGGREGATORS", "").split(",")):
+    default_aggregators = dev_accounts(2)[1].address if devnet else ""
+    for agg in filter(None, os.environ.get("PRISMESH_AGGREGATORS", default_aggregators).split(",")):
         registry.grantRole(AGGREGATOR_ROLE, web3.to_checksum_address(agg.strip()), tx)
 
     deployed = {"RewardToken": token, "Registry": registry, "Coordinator": coordinator}
-    validators = _validators(os.environ.get("PRISMESH_VALIDATORS", ""))
+    validators = _validators(os.environ.get("PRISMESH_VALIDATORS", "4" if devnet else ""))
     if validators:
         containers = project.get_loaded_projects()[0]
         if hasattr(containers, GADGET):

@@ -142,29 +142,30 @@ def _brownie_project(tmp: Path, port: int) -> Path:
     return proj
 
 
-def test_brownie_run_deploy_writes_the_same_manifest(anvil: AnvilDevnet, tmp_path: Path) -> None:
-    port = free_port()
-    proj = _brownie_project(tmp_path, port)
-    out = tmp_path / "brownie-manifest.json"
+def _brownie_deploy(proj: Path, out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PATH"] = (
         f"{ROOT / 'node_modules' / '.bin'}{os.pathsep}{ROOT / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
     )
-    env.update(
-        PRISMESH_MANIFEST=str(out),
-        PRISMESH_VALIDATORS="4",
-        PRISMESH_AGGREGATORS=anvil.accounts[1].address,
-    )
+    env.pop("PRISMESH_VALIDATORS", None)
+    env.pop("PRISMESH_AGGREGATORS", None)
+    env["PRISMESH_MANIFEST"] = str(out)
     proc = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "brownie"), "run", "scripts/deploy.py", "--network", "anvil"],
-        cwd=proj,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        cwd=proj, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "manifest:" in proc.stdout
+    return proc
+
+
+def test_brownie_run_deploy_writes_the_same_manifest(anvil: AnvilDevnet, tmp_path: Path) -> None:
+    port = free_port()
+    proj = _brownie_project(tmp_path, port)
+    out = tmp_path / "brownie-manifest.json"
+    # brownie launches its own anvil here and tears it down at exit: the script says so.
+    proc = _brownie_deploy(proj, out)
+    assert "NOTE: brownie launched this chain itself" in proc.stdout
     brownie_m = load_manifest(out)
 
     web3_out = tmp_path / "web3-manifest.json"
@@ -188,6 +189,26 @@ def test_brownie_run_deploy_writes_the_same_manifest(anvil: AnvilDevnet, tmp_pat
         built = json.loads((proj / "build" / "contracts" / f"{name}.json").read_text())
         assert built["compiler"]["version"].startswith("0.8.28")
         assert "0x" + built["bytecode"].removeprefix("0x") == arts[name]["bytecode"], name
+
+    # Attached to a chain that stays (what `prismesh devnet --detach --no-deploy` provides):
+    # no warning, and on chain the same system `prismesh devnet` deploys.
+    from prismesh.chain.evm.devnet import start_anvil
+    from prismesh.chain.finality.gadget import FinalityGadgetClient
+
+    live = start_anvil(port=port)
+    try:
+        proc = _brownie_deploy(proj, out)
+        assert "NOTE:" not in proc.stdout
+        m = load_manifest(out)
+        assert is_deployed(m, live.w3)
+        registry = Registry.read_only(m, live.w3)
+        assert registry.is_aggregator(live.accounts[1].address)
+        assert registry.is_governance(live.accounts[0].address)
+        assert RewardToken.read_only(m, live.w3).has_role(MINTER_ROLE, m.address("Coordinator"))
+        gadget = FinalityGadgetClient(live.w3, m.finality_gadget)
+        assert gadget.validators() == [a.address for a in live.accounts[16:20]]
+    finally:
+        live.stop()
 
 
 def test_identity_keystores_and_descriptors(tmp_path: Path) -> None:

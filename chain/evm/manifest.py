@@ -155,6 +155,16 @@ def connect(manifest: Manifest) -> Web3:
     return w3
 
 
+def connect_with(path: Path | str, rpc_url: str | None = None) -> tuple[Manifest, Web3]:
+    """Load the manifest at ``path`` (its RPC URL replaced by ``rpc_url`` when given) and connect."""
+    from dataclasses import replace
+
+    manifest = load_manifest(path)
+    if rpc_url:
+        manifest = replace(manifest, rpc_url=rpc_url)
+    return manifest, connect(manifest)
+
+
 def is_deployed(manifest: Manifest, w3: Web3) -> bool:
     """Whether every contract of ``manifest`` has code on the chain ``w3`` reaches."""
     if int(w3.eth.chain_id) != manifest.chain_id:

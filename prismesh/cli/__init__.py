@@ -26,6 +26,8 @@ REGISTRARS = (
     "prismesh.cli.ipfs",
     "prismesh.cli.node",
     "prismesh.cli.aggregator",
+    "prismesh.cli.runs",
+    "prismesh.cli.audit",
 )
 DEBUG_ENV = "PRISMESH_DEBUG"
 

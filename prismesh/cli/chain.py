@@ -53,6 +53,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--fresh", action="store_true", help="discard the saved state and deploy anew")
     p.add_argument(
+        "--no-deploy",
+        action="store_true",
+        help="start anvil only, for a deployment of your own (e.g. `brownie run scripts/deploy.py "
+        "--network anvil`, then `prismesh committee --manifest M` for its finality)",
+    )
+    p.add_argument(
         "--no-finality",
         action="store_true",
         help="do not run the HotStuff committee (nothing becomes final; for quick experiments)",
@@ -98,6 +104,19 @@ def register(subparsers: Any) -> None:
         help="manifest kind (default: anvil for a devnet chain id, else rpc)",
     )
     d.set_defaults(func=cmd_deploy)
+
+    c = subparsers.add_parser(
+        "committee",
+        help="run the HotStuff finality committee of a deployment beside its chain",
+        description="Run n = 3f+1 devnet validators over the chain's blocks and post their commit "
+        "certificates to the deployment's FinalityGadget, until interrupted. `prismesh devnet` "
+        "starts one itself; this is for chains deployed by other means (brownie, a detached devnet).",
+    )
+    c.add_argument("--rpc-url", default=os.environ.get("PRISMESH_RPC_URL", "http://127.0.0.1:8545"))
+    c.add_argument("--manifest", type=Path, required=True, help="deployment manifest naming the gadget")
+    c.add_argument("--validators", type=int, default=4, help="committee size n = 3f+1 (devnet keys)")
+    c.add_argument("--silent", default="", help="comma-separated validator indices kept down (fault drills)")
+    c.set_defaults(func=cmd_committee)
 
     g = subparsers.add_parser(
         "gas-report",
@@ -216,6 +235,8 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     )
     committee = None
     try:
+        if args.no_deploy:
+            return _serve_bare(args, dev, state, pid_file)
         manifest = None
         if manifest_path.exists():
             try:
@@ -224,6 +245,12 @@ def cmd_devnet(args: argparse.Namespace) -> int:
                     manifest = None
             except Exception:
                 manifest = None
+        if manifest is not None and manifest.rpc_url != dev.rpc_url:
+            # the same chain restored on another port: the manifest must point where it runs now
+            from dataclasses import replace
+
+            manifest = replace(manifest, rpc_url=dev.rpc_url)
+            manifest.save(manifest_path)
         if manifest is None:
             manifest = deploy_to_devnet(
                 dev,
@@ -290,6 +317,36 @@ def cmd_devnet(args: argparse.Namespace) -> int:
             dev.stop()
     print("devnet stopped")
     return 0
+
+
+def _serve_bare(args: argparse.Namespace, dev: Any, state: Path, pid_file: Path) -> int:
+    """``--no-deploy``: anvil alone (its state kept), for a deployment made by another tool."""
+    print(f"rpc:       {dev.rpc_url} (chain id {dev.chain_id}, block {dev.block_number})")
+    print(f"state:     {state}")
+    print("no contracts deployed by this command; finality: start `prismesh committee` once deployed")
+    if args.detach:
+        pid = dev.detach()
+        pid_file.write_text(f"{pid} {dev.port}\n")
+        print(f"detached (pid {pid}); stop with `prismesh devnet --stop`")
+        return 0
+    print("running; Ctrl-C stops it (state is saved)", flush=True)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        while not stop["now"] and dev.healthy():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_committee(args: argparse.Namespace) -> int:
+    from prismesh.chain.finality.committee import main as committee_main
+
+    argv = ["--rpc", args.rpc_url, "--manifest", str(args.manifest), "--validators", str(args.validators)]
+    if args.silent:
+        argv += ["--silent", args.silent]
+    return int(committee_main(argv) or 0)
 
 
 def _alive(pid: int) -> bool:

@@ -19,8 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     gs = g.add_subparsers(dest="govern_command", metavar="ACTION")
     gs.required = True
 
-    def common(p: argparse.ArgumentParser, signer: bool = True) -> None:
-        p.add_argument("--manifest", type=Path, required=True, help="deployment manifest")
+    def common(p: argparse.ArgumentParser, signer: bool = True, demo: bool = False) -> None:
+        if demo:
+            where = p.add_mutually_exclusive_group(required=True)
+            where.add_argument("--manifest", type=Path, help="deployment manifest")
+            where.add_argument("--out", type=Path, help="a finished `prismesh demo --out DIR`: re-open its saved chain")
+        else:
+            p.add_argument("--manifest", type=Path, required=True, help="deployment manifest")
         p.add_argument("--rpc-url", default=None, help="override the manifest's RPC URL")
         if signer:
             p.add_argument("--account", default="dev:0", help="governance key: dev:N, 0x key or keystore path")
@@ -90,20 +95,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_start_task)
 
     p = gs.add_parser("status", help="a task's state and rounds as JSON (every task without TASK)")
-    common(p, signer=False)
+    common(p, signer=False, demo=True)
     p.add_argument("task", type=int, nargs="?", default=None)
     p.set_defaults(func=_status)
 
 
 def _open(args: argparse.Namespace, signer: bool = True) -> tuple[Any, Any, Any]:
-    from prismesh.chain.evm.manifest import connect, load_manifest
+    from prismesh.chain.evm.manifest import connect_with
 
-    manifest = load_manifest(args.manifest)
-    if args.rpc_url:
-        from dataclasses import replace
-
-        manifest = replace(manifest, rpc_url=args.rpc_url)
-    w3 = connect(manifest)
+    manifest, w3 = connect_with(args.manifest, args.rpc_url)
     account = None
     if signer:
         from prismesh.chain.identity import IdentityError, load_daemon_account
@@ -111,7 +111,7 @@ def _open(args: argparse.Namespace, signer: bool = True) -> tuple[Any, Any, Any]
         try:
             account = load_daemon_account(args.account)
         except IdentityError as exc:
-            raise SystemExit(f"error: --account: {exc}") from None
+            raise CommandError(f"--account: {exc}") from None
     return manifest, w3, account
 
 
@@ -248,10 +248,15 @@ def _start_task(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from prismesh.chain.evm.contracts import Coordinator
+    from prismesh.cli.audit import chain_from_args
 
-    manifest, w3, _ = _open(args, signer=False)
-    coord = Coordinator.read_only(manifest, w3)
-    if args.task is None:
+    with chain_from_args(args) as (manifest, w3, _store):
+        print(json.dumps(_status_of(Coordinator.read_only(manifest, w3), args.task), indent=2))
+    return 0
+
+
+def _status_of(coord: Any, task: int | None) -> dict[str, Any]:
+    if task is None:
         tasks = []
         for task_id in range(1, coord.task_count() + 1):
             state = coord.get_task(task_id)
@@ -263,26 +268,24 @@ def _status(args: argparse.Namespace) -> int:
                 "num_rounds": params.num_rounds,
                 "participants": state.participant_count,
             })
-        print(json.dumps({"tasks": tasks}, indent=2))
-        return 0
-    state = coord.get_task(args.task)
+        return {"tasks": tasks}
+    state = coord.get_task(task)
     rounds = []
     for r in range(1, state.current_round + 1):
-        info = coord.get_round(args.task, r)
+        info = coord.get_round(task, r)
         rounds.append({
             "round": r,
-            "phase": coord.phase_of(args.task, r).name,
+            "phase": coord.phase_of(task, r).name,
             "commits": info.commit_count,
             "reveals": info.reveal_count,
             "aggregate_cid": info.aggregate_cid,
-            "included": coord.get_included(args.task, r) if info.aggregate_cid else [],
+            "included": coord.get_included(task, r) if info.aggregate_cid else [],
         })
-    print(json.dumps({
-        "task": args.task,
+    return {
+        "task": task,
         "status": state.status.name,
         "current_round": state.current_round,
         "completed_rounds": state.completed_rounds,
-        "participants": coord.get_participants(args.task),
+        "participants": coord.get_participants(task),
         "rounds": rounds,
-    }, indent=2))
-    return 0
+    }

@@ -19,11 +19,22 @@ from prismesh.cli.errors import UsageError
 
 
 def register(subparsers) -> None:
-    d = subparsers.add_parser("node", help="run the client node daemon (one per GPU host)")
-    d.add_argument("--config", type=Path, required=True, help="node TOML/JSON config")
+    d = subparsers.add_parser(
+        "node",
+        help="run the client node daemon (one per GPU host), or check its set-up",
+        description="`prismesh node --config FILE` runs the daemon; `prismesh node check --config "
+        "FILE` verifies the set-up first (config, keystore, chain, gas, registration, model, data, storage).",
+    )
+    d.add_argument("--config", type=Path, default=None, help="node TOML/JSON config")
     d.add_argument("--once", action="store_true", help="register, handle what is final now, then exit")
     d.add_argument("-q", "--quiet", action="store_true", help="no training progress bars")
+    d.add_argument("-v", "--verbose", action="store_true", help="keep the libraries' own progress bars and warnings")
     d.set_defaults(func=cmd_node)
+    dsub = d.add_subparsers(dest="node_command", metavar="[check]")
+    c = dsub.add_parser("check", help="verify everything the node needs before its first transaction")
+    c.add_argument("--config", type=Path, required=True, help="node TOML/JSON config")
+    c.add_argument("--no-model-hash", action="store_true", help="skip hashing the model files (large models)")
+    c.set_defaults(func=cmd_node_check)
 
     learn = subparsers.add_parser("learn", help="local LoRA training and evaluation (no chain)")
     sub = learn.add_subparsers(dest="learn_command", metavar="LEARN_COMMAND")
@@ -210,10 +221,26 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_check(args: argparse.Namespace) -> int:
+    from prismesh.cli.output import configure_output
+
+    configure_output(False)
+    from prismesh.node.check import render, run_checks
+
+    checks = run_checks(args.config, hash_model=not args.no_model_hash)
+    print(render(checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
 def cmd_node(args) -> int:
     import logging
 
+    if args.config is None:
+        raise UsageError("--config FILE is required (the node's TOML/JSON config)")
+
+    from prismesh.cli.output import configure_output
+
+    configure_output(args.verbose, level=logging.INFO)
     from prismesh.node.daemon import run_node
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return run_node(args.config, once=args.once, progress=not args.quiet)

@@ -8,9 +8,11 @@ shows what any auditor could re-derive.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,12 @@ def build_spec(base_model: Path, seed: int, strategy: str = "fedavg") -> Any:
 
 
 def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, strategy: str = "fedavg",
-             finality: bool = True, baselines: bool = True, plots: bool = True) -> dict[str, Any]:
-    """Run the whole demo into ``out`` and return the report (also written as JSON/Markdown)."""
+             finality: bool = True, baselines: bool = True, plots: bool = True,
+             chain: str = "anvil") -> dict[str, Any]:
+    """Run the whole demo into ``out`` and return the report (also written as JSON/Markdown).
+
+    With ``chain="anvil"`` (the default) the chain's state is kept under ``out/run/chain``, so
+    the finished run can be re-opened and audited (:func:`reopen_chain`)."""
     from prismesh.node.basemodel import ensure_base_model
     from prismesh.node.synthetic import make_benchmark
     from prismesh.node.trainer import TrainConfig, create_initial_adapter
@@ -49,21 +55,25 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(["base model (built once, then cached)", "synthetic non-IID benchmark",
+                    f"{chain} chain + HotStuff committee + contracts + store", "federated task",
+                    *(["baselines: base model and single-client LoRA (same number of local epochs)"] if baselines else []),
+                    "report"])
     t_start = time.perf_counter()
-    _say("[1/6] base model (built once, then cached)")
+    steps.next()
     base = ensure_base_model(progress=True)
     _say(f"      {base}")
-    _say("[2/6] synthetic non-IID benchmark")
+    steps.next()
     clients = make_benchmark(out / "data", seed=seed, scale=scale)
     for c in clients:
         _say(f"      {c.name}: {c.language}/{c.fmt}, {c.n_train} train, {c.n_test} test")
-    _say("[3/6] embedded chain + HotStuff committee + contracts + store")
+    steps.next()
     run_dir = out / "run"
     if run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
-    fed = Federation(run_dir, finality=finality)
+    fed = Federation(run_dir, finality=finality, chain=chain)
     try:
         for c in clients:
             fed.add_hospital(c.name, c.train_path, c.test_path, base, device="cpu")
@@ -75,7 +85,7 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
             base_model_name=spec.base_model_id,
         )
         task_id = fed.create_task(spec, TaskSettings(num_rounds=rounds, min_participants=2), initial_adapter=initial)
-        _say(f"[4/6] task {task_id}: {rounds} rounds, strategy {strategy}; nodes train on final RoundOpened events")
+        steps.next(f"task {task_id}: {rounds} rounds, strategy {strategy}; nodes train on final RoundOpened events")
         printer = _RoundPrinter(fed, task_id, clients)
         t_fed = time.perf_counter()
         state = fed.run_task(task_id, on_step=printer.poll)
@@ -91,16 +101,54 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         report["audit"] = {"ok": audit.ok, "checks": len(audit.findings), "failures": [f.__dict__ for f in audit.failures()]}
         _say(f"      audit from chain + store: {'PASS' if audit.ok else 'FAIL'} ({len(audit.findings)} checks)")
         if baselines:
-            _say("[5/6] baselines: base model and single-client LoRA (same number of local epochs)")
+            steps.next()
             report["baselines"] = compute_baselines(base, clients, initial, spec, rounds)
         report["timing"]["total_seconds"] = round(time.perf_counter() - t_start, 2)
-        _say("[6/6] report")
+        steps.next()
         write_report(out, report, plots=plots, fed=fed, task_id=task_id)
         _say(render_round_table(report))
         _say(f"wrote {out / 'report.json'}, {out / 'report.md'}" + (" and plots" if plots else ""))
         return report
     finally:
         fed.close()
+        if chain == "anvil":
+            _say(f"the chain is kept in {fed.state_file}; re-check it any time with\n"
+                 f"      prismesh audit --out {out} --task 1\n"
+                 f"      prismesh govern status --out {out} 1")
+
+
+class _Steps:
+    """``[k/n] what``: the counter follows the steps actually taken."""
+
+    def __init__(self, titles: list[str]) -> None:
+        self.titles, self.k = titles, 0
+
+    def next(self, title: str | None = None) -> None:
+        self.k += 1
+        _say(f"[{self.k}/{len(self.titles)}] {title or self.titles[self.k - 1]}")
+
+
+@contextlib.contextmanager
+def reopen_chain(out: Path) -> Iterator[tuple[Any, Any, str]]:
+    """Re-open a finished demo's chain: anvil from the saved state on a free port. Yields the
+    manifest (pointing at that port), a Web3 and the demo's store spec; stops anvil afterwards."""
+    from dataclasses import replace
+
+    from prismesh.chain.evm.devnet import start_anvil
+    from prismesh.chain.evm.manifest import ManifestError, load_manifest
+
+    run_dir = Path(out) / "run"
+    state = run_dir / "chain" / "anvil-state.json"
+    if not state.is_file():
+        raise ManifestError(
+            f"{out} holds no saved demo chain ({state} is missing); run `prismesh demo --out {out}` first"
+        )
+    manifest = load_manifest(run_dir / "manifest.json")
+    dev = start_anvil(state_file=state, chain_id=manifest.chain_id)
+    try:
+        yield replace(manifest, rpc_url=dev.rpc_url), dev.w3, f"embedded:{run_dir / 'ipfs'}"
+    finally:
+        dev.stop()
 
 
 def _say(text: str) -> None:
@@ -108,21 +156,26 @@ def _say(text: str) -> None:
 
 
 class _RoundPrinter:
-    """Prints a line as each round's aggregate is accepted (live progress)."""
+    """Prints a line as each round's aggregate is accepted (live progress), reading only the
+    blocks it has not read yet."""
 
     def __init__(self, fed: Any, task_id: int, clients: list) -> None:
-        self.fed, self.task_id, self.seen = fed, task_id, 0
+        self.fed, self.task_id = fed, task_id
         self.coord = fed.coordinator()
+        self.next_block = fed.manifest.deploy_block
         self.started = time.perf_counter()
         self.accepted_at: dict[int, float] = {}
 
     def poll(self) -> None:
-        events = self.coord.get_events("AggregateAccepted", self.fed.manifest.deploy_block, taskId=self.task_id)
-        for ev in events[self.seen:]:
+        head = int(self.fed.w3.eth.block_number)
+        if head < self.next_block:
+            return
+        events = self.coord.get_events("AggregateAccepted", self.next_block, head, taskId=self.task_id)
+        self.next_block = head + 1
+        for ev in events:
             self.accepted_at[ev.round] = time.perf_counter() - self.started
             _say(f"      round {ev.round}: aggregate {ev.aggregate_cid} accepted in block {ev.block_number} "
                  f"({len(ev.included)} clients included)")
-        self.seen = len(events)
 
 
 # ---------------------------------------------------------------------- report

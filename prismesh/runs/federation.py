@@ -1,8 +1,12 @@
-"""A whole federation in one process: the embedded chain with its finality committee, the
-embedded store, one node daemon per hospital and the aggregator daemon.
+"""A whole federation in one process: a devnet with its finality committee, the embedded store,
+one node daemon per hospital and the aggregator daemon.
 
-The demo and the end-to-end tests use it; each role still talks to the others only through the
-chain (final events, transactions) and the store (CIDs), exactly as separate hosts would.
+The chain is the embedded py-evm chain (nothing to start; the tests) or an anvil whose state
+lives in a file under the federation's directory (the demo: the chain outlives the run, so
+``prismesh audit`` and ``prismesh govern status`` work on it afterwards). Either way the
+committee runs in this process and is stepped in turn with the daemons. Each role still talks
+to the others only through the chain (final events, transactions) and the store (CIDs), exactly
+as separate hosts would.
 """
 
 from __future__ import annotations
@@ -56,15 +60,21 @@ def make_stream(devnet: Any, manifest: Any, names: tuple[str, ...], cursor_path:
 class Federation:
     """Sets up and drives an in-process federation on the embedded chain."""
 
-    def __init__(self, root: Path, *, n_validators: int = 4, finality: bool = True, parallel: bool = True) -> None:
+    def __init__(self, root: Path, *, n_validators: int = 4, finality: bool = True, parallel: bool = True,
+                 chain: str = "embedded") -> None:
         from prismesh.chain.evm.deploy import deploy_to_devnet
-        from prismesh.chain.evm.devnet import start_embedded
+        from prismesh.chain.evm.devnet import start_anvil, start_embedded
         from prismesh.chain.finality.committee import devnet_validator_keys, in_process_committee
         from prismesh.chain.storage import open_store
 
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.devnet = start_embedded()
+        if chain == "embedded":
+            self.devnet = start_embedded()
+        elif chain == "anvil":
+            self.devnet = start_anvil(state_file=self.state_file)
+        else:
+            raise ValueError(f"chain must be 'embedded' or 'anvil', got {chain!r}")
         self.w3 = self.devnet.w3
         self.accounts = self.devnet.accounts
         self.finality = finality
@@ -82,6 +92,15 @@ class Federation:
         self.store = open_store(self.store_spec)
         self.hospitals: list[Hospital] = []
         self.aggregator: Any = None
+
+    @property
+    def state_file(self) -> Path:
+        """Where an anvil federation keeps its chain (written when the federation closes)."""
+        return self.root / "chain" / "anvil-state.json"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
 
     # ------------------------------------------------------------------ roles
 

@@ -1,0 +1,39 @@
+"""What long-running commands print: our own progress and log lines, not the libraries' chatter.
+
+transformers draws a "Loading weights" bar for every model load and Ray warns at every start;
+in a demo or a daemon log those drown the lines that matter. Unless ``--verbose``, they are
+turned off here, before the libraries are imported (both read their settings at import time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' bars follow huggingface_hub's switch
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PRISMESH_QUIET": "1",  # read by ensure_ray: Ray logs errors only
+}
+
+
+def configure_output(verbose: bool = False, *, level: int | None = None) -> None:
+    """Logging to standard error (INFO for daemons, WARNING for runs unless ``level``) and, unless
+    ``verbose``, silence for third-party progress bars and start-up warnings."""
+    if not verbose:
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+        if "transformers" in sys.modules:  # already imported: switch its bars off directly
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+    else:
+        os.environ.pop("PRISMESH_QUIET", None)
+    chosen = level if level is not None else (logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=chosen, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger().setLevel(chosen)
