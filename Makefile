@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.prismesh-installed
 NPM_STAMP := node_modules/.prismesh-installed
 OUT    ?= out/demo
 
-.PHONY: setup demo test lint clean bench
+.PHONY: setup demo test lint clean figures
 
 setup: $(STAMP) $(NPM_STAMP)
 	@$(BIN)/python -m prismesh.chain.evm.toolchain install-bridge
@@ -33,6 +33,12 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The figures docs/ quotes, regenerated from a run (the demo's report, the gas report).
+figures: setup
+	OMP_NUM_THREADS=1 $(BIN)/prismesh demo --out out/figures-demo
+	mkdir -p docs/figures && cp out/figures-demo/report.md docs/figures/demo-report.md
+	$(BIN)/prismesh gas-report
 
 lint: setup
 	$(BIN)/ruff check .

@@ -95,6 +95,7 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         report = collect_report(fed, task_id, clients, spec)
         _add_round_timing(report, printer.accepted_at)
         report["timing"] = {"federated_seconds": round(fed_seconds, 2)}
+        report["run"] = _run_info(seed=seed, scale=scale, rounds=rounds, strategy=strategy, chain=chain)
         from prismesh.aggregator.audit import audit_task
 
         audit = audit_task(fed.w3, fed.manifest, fed.store, task_id, check_finality=finality)
@@ -149,6 +150,23 @@ def reopen_chain(out: Path) -> Iterator[tuple[Any, Any, str]]:
         yield replace(manifest, rpc_url=dev.rpc_url), dev.w3, f"embedded:{run_dir / 'ipfs'}"
     finally:
         dev.stop()
+
+
+def _run_info(**options: Any) -> dict[str, Any]:
+    """How and where a report was produced, for the reader of a copy of it."""
+    import datetime
+    import os
+    import platform
+
+    from prismesh import __version__
+
+    return {
+        "command": "prismesh demo " + " ".join(f"--{k} {v}" for k, v in options.items()),
+        "prismesh": __version__,
+        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, {platform.system()}",
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def _say(text: str) -> None:
@@ -363,6 +381,8 @@ def write_report(out: Path, report: dict[str, Any], *, plots: bool, fed: Any, ta
     md = [
         "# PrisMesh demo report",
         "",
+        *([f"Produced by `{report['run']['command']}` (prismesh {report['run']['prismesh']}) on "
+           f"{report['run']['machine']}, {report['run']['date']}.", ""] if "run" in report else []),
         f"Chain: {report['chain']['kind']} (chain id {report['chain']['chain_id']}), finality: "
         f"{report['chain']['finality']} with {len(report['chain']['validators'])} validators.",
         "",
