@@ -134,3 +134,19 @@ def test_pipe_into_head_ends_quietly(tmp_path: Path) -> None:
                               capture_output=True, timeout=120)
         assert proc.returncode == 0 and proc.stderr == b"", (command, proc.stderr[-2000:])
         assert proc.stdout
+
+
+def test_learn_evaluate_names_test_sets_by_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The documented form (`--data out/bench/*/test.jsonl`): three files all named test.jsonl
+    stay three entries, named by their folders; a clash of explicit names is refused."""
+    from tests.conftest import tiny_federation_inputs
+
+    base, clients = tiny_federation_inputs(tmp_path)
+    files = [str(c.test_path) for c in clients]
+    code, out, err = run(["learn", "evaluate", "--base-model", str(base), "--data", *files], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["accuracy"]) == {c.name for c in clients}
+    assert all(0.0 <= v <= 1.0 for v in result["accuracy"].values()) and "min_acc" in result
+    code, _, err = run(["learn", "evaluate", "--base-model", str(base), "--data", f"x={files[0]}", f"x={files[1]}"], capsys)
+    assert code == 2 and "both named 'x'" in one_error_line(err)
