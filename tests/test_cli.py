@@ -150,3 +150,32 @@ def test_learn_evaluate_names_test_sets_by_folder(tmp_path: Path, capsys: pytest
     assert all(0.0 <= v <= 1.0 for v in result["accuracy"].values()) and "min_acc" in result
     code, _, err = run(["learn", "evaluate", "--base-model", str(base), "--data", f"x={files[0]}", f"x={files[1]}"], capsys)
     assert code == 2 and "both named 'x'" in one_error_line(err)
+
+
+def test_ipfs_add_reads_stdin_and_wraps_like_kubo(tmp_path: Path) -> None:
+    env = {**os.environ, "PRISMESH_IPFS": f"embedded:{tmp_path / 'ipfs'}"}
+
+    def ipfs(*args: str, stdin: bytes | None = None, cwd: Path = tmp_path) -> subprocess.CompletedProcess:
+        return subprocess.run([*PRISMESH, "ipfs", *args], input=stdin, env=env, cwd=cwd,
+                              capture_output=True, timeout=120)
+
+    # `echo hello | ipfs add`: Kubo names a piped file by its CID
+    res = ipfs("add", stdin=b"hello\n")
+    cid = "QmZULkCELmmk5XNfCgTnCyFgAVxBRBXyDHGGMVoLFLiXEN"
+    assert res.returncode == 0 and res.stdout.decode().strip() == f"added {cid} {cid}"
+    assert ipfs("cat", cid).stdout == b"hello\n"
+    # -w: a directory naming the file, the same node as adding a directory holding only it
+    folder = tmp_path / "only"
+    folder.mkdir()
+    (folder / "mars.txt").write_text("Hello Mars!\n")
+    res = ipfs("add", "-w", str(folder / "mars.txt"))
+    lines = res.stdout.decode().splitlines()
+    assert res.returncode == 0 and lines[0] == "added QmPrrHqJzto9m7SyiRzarwkqPcCSsKR2EB1AyqJfe8L8tN mars.txt"
+    wrapped = lines[-1].split()[1]
+    assert lines[-1] == f"added {wrapped}"
+    assert ipfs("add", "-r", "-Q", "-n", str(folder)).stdout.decode().strip() == wrapped
+    # get without -o writes ./CID, and refuses to overwrite it
+    res = ipfs("get", wrapped)
+    assert res.returncode == 0 and (tmp_path / wrapped / "mars.txt").read_text() == "Hello Mars!\n"
+    res = ipfs("get", wrapped)
+    assert res.returncode == 1 and b"already exists" in res.stderr
