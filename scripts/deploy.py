@@ -28,10 +28,8 @@ from pathlib import Path
 from brownie import Coordinator, Registry, RewardToken, accounts, network, project, web3
 
 from prismesh.chain.evm.contracts import AGGREGATOR_ROLE, MINTER_ROLE
-from prismesh.chain.evm.devnet import dev_accounts
+from prismesh.chain.evm.devnet import DEV_CHAIN_IDS, dev_accounts
 from prismesh.chain.evm.manifest import GADGET, build_manifest, default_manifest_path, save_manifest
-
-DEV_CHAIN_IDS = (31337, 131277)
 
 
 def _validators(spec: str) -> list[str]:

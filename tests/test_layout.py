@@ -155,3 +155,12 @@ def test_plain_wheel_installs_only_prismesh(tmp_path: Path) -> None:
     ver = subprocess.run([str(venv / "bin" / "prismesh"), "--version"], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path)
     assert ver.returncode == 0 and ver.stdout.strip() == f"prismesh {__version__}"
+
+
+def test_version_loads_no_heavy_library() -> None:
+    """`prismesh --version` (and argument parsing) stays fast: no web3, torch or ray import."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "prismesh", "--version"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    heavy = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert not heavy & {"web3", "torch", "ray", "transformers", "eth_account"}, sorted(heavy & {"web3", "torch", "ray"})

@@ -36,6 +36,8 @@ DEV_HD_PATH = "m/44'/60'/0'/0"
 DEFAULT_ACCOUNTS = 20
 ANVIL_CHAIN_ID = 31337
 EMBEDDED_CHAIN_ID = 131277
+# Chain ids of the local devnets: their well-known dev keys may sign, nothing of value is at stake.
+DEV_CHAIN_IDS = (ANVIL_CHAIN_ID, EMBEDDED_CHAIN_ID)
 # Both chains run the same fork so a contract behaves identically on either.
 HARDFORK = "prague"
 

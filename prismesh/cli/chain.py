@@ -13,7 +13,6 @@ from typing import Any
 
 from prismesh.cli.errors import CommandError, UsageError
 
-DEV_CHAIN_IDS = (31337, 131277)
 DEFAULT_DEVNET_DIR = Path(".prismesh") / "devnet"
 
 
@@ -153,7 +152,7 @@ def _validators(spec: str) -> list[str]:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from prismesh.chain.evm.deploy import deploy
-    from prismesh.chain.evm.devnet import http_web3
+    from prismesh.chain.evm.devnet import DEV_CHAIN_IDS, http_web3
     from prismesh.chain.evm.manifest import default_manifest_path
     from prismesh.chain.identity import IdentityError, load_account
 

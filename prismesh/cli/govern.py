@@ -11,8 +11,6 @@ from typing import Any
 
 from prismesh.cli.errors import CommandError, UsageError
 
-DEV_CHAIN_IDS = (31337, 131277)
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("govern", help="governance: approve clients, create and start tasks")
@@ -139,6 +137,7 @@ def _fund(args: argparse.Namespace) -> int:
     from eth_utils import is_address, to_checksum_address, to_wei
 
     from prismesh.chain.evm.contracts import TxSender
+    from prismesh.chain.evm.devnet import DEV_CHAIN_IDS
 
     bad = [a for a in args.addresses if not is_address(a)]
     if bad:

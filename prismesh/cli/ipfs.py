@@ -119,17 +119,18 @@ def cmd_add(args: argparse.Namespace) -> int:
     if path.is_dir() and not path.is_symlink() and not args.recursive:
         raise UsageError(f"{path} is a directory, use the '-r' flag to specify directories")
     lines: list[tuple[str, str]] = []
-    root = _store(args).add_path(
-        path,
-        cid_version=args.cid_version,
-        raw_leaves=raw_leaves,
-        only_hash=args.only_hash,
-        pin=args.pin,
-        on_added=None if args.quieter else lambda name, cid: lines.append((name, cid)),
-        wrap_with_directory=args.wrap_with_directory,
-    )
+    root = _add(args, path, raw_leaves, args.wrap_with_directory, args.pin,
+                None if args.quieter else lambda name, cid: lines.append((name, cid)))
     _print_added(args, root, lines)
     return 0
+
+
+def _add(args: argparse.Namespace, path: Path, raw_leaves: bool | None, wrap: bool, pin: bool,
+         on_added=None) -> str:
+    return _store(args).add_path(
+        path, cid_version=args.cid_version, raw_leaves=raw_leaves, only_hash=args.only_hash,
+        pin=pin, on_added=on_added, wrap_with_directory=wrap,
+    )
 
 
 def _add_stdin(args: argparse.Namespace, raw_leaves: bool | None) -> int:
@@ -140,21 +141,13 @@ def _add_stdin(args: argparse.Namespace, raw_leaves: bool | None) -> int:
         path = Path(tmp) / "stdin"
         with path.open("wb") as fh:
             shutil.copyfileobj(sys.stdin.buffer, fh, 1 << 20)
-        store = _store(args)
-        cid = store.add_path(
-            path, cid_version=args.cid_version, raw_leaves=raw_leaves, only_hash=args.only_hash,
-            pin=args.pin and not args.wrap_with_directory,
-        )
-        lines = [(cid, cid)]
-        root = cid
+        cid = _add(args, path, raw_leaves, False, args.pin and not args.wrap_with_directory)
+        lines, root = [(cid, cid)], cid
         if args.wrap_with_directory:
             named = Path(tmp) / "named"
             named.mkdir()
             path.rename(named / cid)
-            root = store.add_path(
-                named / cid, cid_version=args.cid_version, raw_leaves=raw_leaves,
-                only_hash=args.only_hash, pin=args.pin, wrap_with_directory=True,
-            )
+            root = _add(args, named / cid, raw_leaves, True, args.pin)
             lines.append(("", root))
     _print_added(args, root, lines)
     return 0
