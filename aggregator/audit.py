@@ -2,9 +2,12 @@
 
 For every round it checks that each revealed adapter's bytes match its CID and its revealed
 sha256, that the aggregate is exactly what the task's strategy computes from the included
-adapters (same bytes, so the same CID), and that every finality certificate carries a quorum of
-valid validator signatures over the chain's own block hash. Nothing is taken from the daemons'
-local state.
+adapters with the task's bounded weights (same bytes, so the same CID), that every included
+client's contribution score is what ``aggregator.contribution`` computes from those adapters,
+that every reward is the contract's split of the round's pool by those scores (and that no
+one else earned anything), that the task never paid beyond its budget, and that every finality
+certificate carries a quorum of valid validator signatures over the chain's own block hash.
+Nothing is taken from the daemons' local state.
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ def _sha256(path: Path) -> bytes:
 def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finality: bool = True) -> AuditReport:
     """Run every check for ``task_id``; never raises on a failed check, only records it."""
     from prismesh.aggregator.adapters import load_adapter, save_adapter
+    from prismesh.aggregator.contribution import published_before, score_updates
     from prismesh.aggregator.daemon import aggregation_base
     from prismesh.aggregator.strategies import ClientUpdate, get_strategy
+    from prismesh.aggregator.weights import WeightRule
     from prismesh.chain.evm.contracts import Coordinator
     from prismesh.chain.storage import StorageError, cid_of_path, fetch_adapter
     from prismesh.chain.taskspec import TaskSpec
@@ -83,6 +88,14 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
     accepted = coord.get_events("AggregateAccepted", start, taskId=task_id)
     if not accepted:
         report.add("rounds", f"task {task_id}", False, "no accepted aggregate on chain")
+    rule = WeightRule.of_task(params)
+    over = [f"round {r} {c}" for r, by in reveals.items() for c, ev in by.items() if ev.num_samples > params.sample_cap]
+    report.add("claims within cap", f"task {task_id}", not over,
+               f"sample cap {params.sample_cap}" + (f"; above it: {over}" if over else ""))
+    earned: dict[int, list[Any]] = {}
+    for ev in coord.get_events("RewardEarned", start, taskId=task_id):
+        earned.setdefault(ev.round, []).append(ev)
+    scored: dict[int, dict[str, int]] = {}
 
     with tempfile.TemporaryDirectory(prefix="prismesh-audit-") as tmp:
         work = Path(tmp)
@@ -118,10 +131,13 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
                 glob = aggregation_base(
                     spec, load_adapter(fetch_adapter(store, global_cid, work / "global" / global_cid)) if global_cid else None
                 )
-                updates = [ClientUpdate(ref.client, int(ref.num_samples), load_adapter(adapters[ref.cid])) for ref in refs]
+                updates = [ClientUpdate(ref.client, rule.weight(int(ref.num_samples)), load_adapter(adapters[ref.cid]))
+                           for ref in refs]
                 result = strategy.aggregate(updates, glob)
                 out = save_adapter(result.adapter, work / "recomputed" / f"round{r}")
                 cid = cid_of_path(out)
+                known = published_before(coord, store, task_id, r, work / "published")
+                scored[r] = score_updates(updates, glob, known)
             except Exception as exc:  # noqa: BLE001 - recorded as a failed check
                 report.add("aggregate recomputed", subject, False, f"{type(exc).__name__}: {exc}")
                 continue
@@ -135,9 +151,50 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
             except StorageError as exc:
                 report.add("aggregate stored", subject, False, str(exc))
 
+    _audit_rewards(report, params, accepted, earned, scored)
     if check_finality:
         _audit_finality(w3, manifest, report, [a.block_number for a in accepted])
     return report
+
+
+def _audit_rewards(report: AuditReport, params: Any, accepted: list[Any], earned: dict[int, list[Any]],
+                   scored: dict[int, dict[str, int]]) -> None:
+    """Every reward re-derived: recomputed scores, the contract's split of each round's pool by
+    the on-chain scores within the budget left, nothing for anyone not included."""
+    from prismesh.aggregator.contribution import split_pool
+
+    paid = 0
+    for acc in sorted(accepted, key=lambda a: a.round):
+        r = acc.round
+        subject = f"round {r} rewards"
+        events = earned.get(r, [])
+        clients = {ev.recipient: ev for ev in events if not ev.is_aggregator}
+        fees = [ev for ev in events if ev.is_aggregator]
+        strangers = sorted(set(clients) - set(acc.included))
+        missing = sorted(set(acc.included) - set(clients))
+        report.add("rewards only included", subject, not strangers and not missing and len(fees) == 1,
+                   (f"earned without inclusion: {strangers}; " if strangers else "")
+                   + (f"included without a reward record: {missing}; " if missing else "")
+                   + f"{len(fees)} aggregator fee record(s)")
+        on_chain = {c: int(ev.score) for c, ev in clients.items()}
+        if r in scored:
+            # Tolerance of one unit in a million: another BLAS may round the last bit apart.
+            off = {c: (on_chain.get(c), s) for c, s in scored[r].items() if abs(on_chain.get(c, -9) - s) > 1}
+            report.add("scores recomputed", subject, not off,
+                       "scores " + ", ".join(f"{c[:10]}={s}" for c, s in sorted(scored[r].items()))
+                       + (f"; on chain vs recomputed differ: {off}" if off else ""))
+        remaining = params.reward_budget - paid
+        expected = split_pool(on_chain, params.reward_per_update, remaining)
+        wrong = {c: (int(ev.amount), expected.get(c)) for c, ev in clients.items() if int(ev.amount) != expected.get(c)}
+        clients_paid = sum(expected.values())
+        fee = min(params.aggregator_reward, remaining - clients_paid)
+        fee_ok = len(fees) == 1 and int(fees[0].amount) == fee
+        report.add("rewards recomputed", subject, not wrong and fee_ok,
+                   f"pool split {clients_paid} + fee {fee}" + (f"; on chain vs contract rule: {wrong}" if wrong else "")
+                   + ("" if fee_ok else f"; fee on chain {[int(f.amount) for f in fees]}"))
+        paid += sum(int(ev.amount) for ev in events)
+    report.add("within budget", "task rewards", paid <= params.reward_budget,
+               f"{paid} earned of a budget of {params.reward_budget}")
 
 
 def _audit_finality(w3: Any, manifest: Any, report: AuditReport, accepted_blocks: list[int]) -> None:

@@ -4,7 +4,9 @@ It learns of rounds and reveals only from the finality-aware event stream. A rou
 when the chain says it is Aggregating (every committer revealed, or the reveal deadline
 passed) *and* every block up to that moment is final, so no reveal can still be missing.
 Then every revealed adapter is fetched and verified in parallel Ray tasks, the task's strategy
-merges the valid ones, the result is pinned and its CID submitted with the included clients.
+merges the valid ones with the task's bounded weights (``aggregator.weights``), each included
+update gets its contribution score (``aggregator.contribution``), the result is pinned and its
+CID submitted with the included clients and their scores, which set their rewards.
 
 Restart safety: reveals are persisted as they arrive, the aggregate's CID is recorded once it
 is pinned, and the on-chain round is read before submitting, so a crash at any point neither
@@ -19,7 +21,7 @@ import json
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -207,21 +209,22 @@ class AggregatorDaemon:
             outcome = self.compute(task, rnd, params, rec)
             if outcome is None:
                 return None
-            out_dir, included, rejected, metrics = outcome
+            out_dir, scores, rejected, metrics = outcome
             cid = add_adapter(self.store, out_dir)
             rec.update(
                 aggregate_cid=cid,
                 aggregate_sha256=sha256_file(out_dir / "adapter_model.safetensors").hex(),
-                included=included,
+                included=sorted(scores),
+                scores=scores,
                 rejected=rejected,
                 metrics=metrics,
             )
             self.state.save()
             self._write_report(rec)
-            log.info("task %d round %d: aggregate %s pinned (%d included, %d rejected)", task, rnd, cid, len(included), len(rejected))
+            log.info("task %d round %d: aggregate %s pinned (%d included, %d rejected)", task, rnd, cid, len(scores), len(rejected))
         try:
             self.coordinator.submit_aggregate(
-                task, rnd, rec["aggregate_cid"], bytes.fromhex(rec["aggregate_sha256"]), rec["included"]
+                task, rnd, rec["aggregate_cid"], bytes.fromhex(rec["aggregate_sha256"]), rec["scores"]
             )
         except ContractRevert:
             if self.coordinator.phase_of(task, rnd) == Phase.FINALIZED:
@@ -233,13 +236,15 @@ class AggregatorDaemon:
         log.info("task %d round %d: aggregate %s submitted", task, rnd, rec["aggregate_cid"])
         return rec["aggregate_cid"]
 
-    def compute(self, task: int, rnd: int, params: Any, rec: dict) -> tuple[Path, list[str], dict[str, str], dict] | None:
-        """Fetch and verify every reveal in parallel, then merge the valid ones."""
+    def compute(self, task: int, rnd: int, params: Any, rec: dict) -> tuple[Path, dict[str, int], dict[str, str], dict] | None:
+        """Fetch and verify every reveal in parallel, merge the valid ones, score each."""
         log.info("aggregating task %d round %d: fetching and verifying %d updates", task, rnd, len(rec["reveals"]))
         from prismesh.aggregator.adapters import load_adapter, save_adapter
+        from prismesh.aggregator.contribution import published_before, score_updates
         from prismesh.aggregator.parallel import Rejected, StoreFetch, UpdateRef, fetch_and_verify
         from prismesh.aggregator.strategies import get_strategy
         from prismesh.aggregator.verify import expected_lora_shapes
+        from prismesh.aggregator.weights import WeightRule
         from prismesh.chain.storage import fetch_adapter
         from prismesh.chain.taskspec import TaskSpec
 
@@ -279,18 +284,21 @@ class AggregatorDaemon:
         global_adapter = aggregation_base(
             spec, load_adapter(fetch_adapter(self.store, rec["global_cid"], work / "global")) if rec.get("global_cid") else None
         )
+        rule = WeightRule.of_task(params)
+        updates = [replace(v.to_update(), num_samples=rule.weight(v.num_samples)) for v in verified]
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
-        result = strategy.aggregate([v.to_update() for v in verified], global_adapter)
+        result = strategy.aggregate(updates, global_adapter)
         out = save_adapter(result.adapter, self.config.state_dir / "aggregates" / f"task{task}-round{rnd}")
-        included = sorted(v.client for v in verified)
-        return out, included, rejected, _jsonable(result.metrics)
+        known = published_before(self.coordinator, self.store, task, rnd, self.config.state_dir / "work" / "published")
+        scores = score_updates(updates, global_adapter, known)
+        return out, scores, rejected, _jsonable(result.metrics)
 
     def _fail(self, task: int, rnd: int, reason: str, rec: dict, rejected: dict[str, str]) -> None:
         from prismesh.chain.evm.contracts import ContractRevert
 
         log.error("task %d round %d fails: %s", task, rnd, reason)
         try:
-            self.coordinator.fail_round(task, rnd, reason)
+            self.coordinator.fail_round(task, rnd, reason, rec.get("global_cid", ""))
         except ContractRevert as exc:
             log.error("task %d round %d: failRound refused: %s", task, rnd, exc)
         rec.update(status="failed", rejected=rejected, failure=reason)

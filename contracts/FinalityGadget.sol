@@ -7,7 +7,9 @@ pragma solidity ^0.8.28;
 ///         domain-separated message (chain id, this contract, height, block hash, view). Honest
 ///         validators sign it only after committing the block by the three-chain rule, so a
 ///         certificate proves at least f+1 honest commits. A certificate for height h finalizes
-///         every height <= h; heights only grow.
+///         every height <= h; heights only grow. The certified hash must be the chain's own
+///         block hash, so only heights the EVM can still check (the last 256 blocks) are
+///         accepted: an older certificate could name an invented hash.
 /// @dev The validator set is fixed at construction (at most 256 validators, so that the
 ///      duplicate-signer check fits one bitmap word). Signatures are 65 bytes r || s || v with
 ///      low s and v in {27, 28}; they are checked with ecrecover against the claimed signer.
@@ -43,6 +45,7 @@ contract FinalityGadget {
     error StaleHeight(uint256 height, uint256 finalizedHeight);
     error FutureHeight(uint256 height, uint256 currentBlock);
     error BlockHashMismatch(uint256 height, bytes32 expected, bytes32 given);
+    error UncheckableHeight(uint256 height, uint256 currentBlock);
     error ZeroBlockHash();
     error LengthMismatch(uint256 signers, uint256 signatures);
     error TooFewSignatures(uint256 given, uint256 required);
@@ -82,8 +85,9 @@ contract FinalityGadget {
     }
 
     /// @notice Finalize `height` (and every lower height) with a commit certificate.
-    /// @param height Block number being finalized; must exceed `finalizedHeight` and be mined.
-    /// @param blockHash Hash of that block; must equal `blockhash(height)` while the EVM keeps it.
+    /// @param height Block number being finalized; must exceed `finalizedHeight`, be mined and
+    ///        be one of the last 256 blocks (older hashes cannot be checked on chain).
+    /// @param blockHash Hash of that block; must equal `blockhash(height)`.
     /// @param viewNumber HotStuff view of the committing node, part of the signed message.
     /// @param signers Claimed signer of each signature (validators, each at most once).
     /// @param signatures 65-byte signatures over `commitDigest(height, blockHash, view)`.
@@ -99,7 +103,8 @@ contract FinalityGadget {
         if (height >= block.number) revert FutureHeight(height, block.number);
         if (blockHash == bytes32(0)) revert ZeroBlockHash();
         bytes32 onChain = blockhash(height);
-        if (onChain != bytes32(0) && onChain != blockHash) revert BlockHashMismatch(height, onChain, blockHash);
+        if (onChain == bytes32(0)) revert UncheckableHeight(height, block.number);
+        if (onChain != blockHash) revert BlockHashMismatch(height, onChain, blockHash);
         uint256 count = signers.length;
         if (count != signatures.length) revert LengthMismatch(count, signatures.length);
         if (count < quorum) revert TooFewSignatures(count, quorum);

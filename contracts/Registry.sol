@@ -1,13 +1,20 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.28;
 
-import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {AccessControlDefaultAdminRules} from
+    "@openzeppelin/contracts/access/extensions/AccessControlDefaultAdminRules.sol";
 
 /// @title PrisMesh participant registry
 /// @notice A client is its key pair: its address registers with the hash of an institution
 ///         descriptor, and governance approves, suspends or revokes it. Governance and
 ///         aggregator roles live here too, so every contract asks one place who may do what.
-contract Registry is AccessControl {
+///
+///         Administration follows OpenZeppelin's default-admin rules: exactly one account holds
+///         DEFAULT_ADMIN_ROLE (it grants and revokes the other roles), and it moves only in two
+///         steps, beginDefaultAdminTransfer by the current admin and acceptDefaultAdminTransfer
+///         by the new one once `defaultAdminDelay()` has passed, so a stolen or mistyped key
+///         cannot take over at once. The admin may be a contract (a multisig).
+contract Registry is AccessControlDefaultAdminRules {
     /// @notice Role that approves, suspends and revokes clients and creates tasks.
     bytes32 public constant GOVERNANCE_ROLE = keccak256("GOVERNANCE_ROLE");
     /// @notice Role that may submit aggregates and fail rounds on the Coordinator.
@@ -51,11 +58,17 @@ contract Registry is AccessControl {
         address indexed client, ClientStatus previous, ClientStatus current, address indexed by
     );
 
-    /// @param governance Account that receives the admin, governance and (initially) no
-    ///        aggregator role; it grants AGGREGATOR_ROLE with grantRole.
-    constructor(address governance) {
-        _grantRole(DEFAULT_ADMIN_ROLE, governance);
+    /// @param adminDelay Seconds between beginning and accepting an admin transfer.
+    /// @param governance Account (an EOA or a multisig contract) that receives the admin and
+    ///        governance roles; the deployer keeps no role unless it is this account.
+    /// @param aggregators Accounts granted AGGREGATOR_ROLE from the start.
+    constructor(uint48 adminDelay, address governance, address[] memory aggregators)
+        AccessControlDefaultAdminRules(adminDelay, governance)
+    {
         _grantRole(GOVERNANCE_ROLE, governance);
+        for (uint256 i = 0; i < aggregators.length; ++i) {
+            _grantRole(AGGREGATOR_ROLE, aggregators[i]);
+        }
     }
 
     /// @notice Register the caller as a client with the hash of its institution descriptor.

@@ -2,30 +2,35 @@
 pragma solidity 0.8.28;
 
 import {ERC20} from "@openzeppelin/contracts/token/ERC20/ERC20.sol";
-import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 
 /// @title PrisMesh reward token
-/// @notice ERC-20 paid to clients whose updates are included in an accepted aggregate, and to
-///         the aggregator. New tokens are only ever minted by holders of MINTER_ROLE (the
-///         Coordinator), so the supply equals the sum of all rewards paid.
-contract RewardToken is ERC20, AccessControl {
-    /// @notice Role allowed to mint rewards (granted to the Coordinator at deployment).
-    bytes32 public constant MINTER_ROLE = keccak256("MINTER_ROLE");
+/// @notice ERC-20 paid to clients for the contribution of their accepted updates and to
+///         aggregators. Exactly one account can ever mint: `minter`, fixed at construction to
+///         the Coordinator. There is no admin and no role to grant, so no key (governance
+///         included) can mint outside the Coordinator's reward rules, and the supply is the sum
+///         of the rewards the Coordinator paid out.
+contract RewardToken is ERC20 {
+    /// @notice The only account allowed to mint (the Coordinator), fixed forever.
+    address public immutable minter;
 
-    /// @notice Emitted for every mint, next to the ERC-20 Transfer from address(0).
-    event RewardMinted(address indexed to, uint256 amount, address indexed minter);
+    /// @notice The caller is not the minter.
+    error NotMinter(address account);
+    /// @notice The minter was the zero address.
+    error ZeroMinter();
 
-    /// @param admin Account that may grant and revoke MINTER_ROLE.
-    constructor(address admin) ERC20("PrisMesh Reward", "PRSM") {
-        _grantRole(DEFAULT_ADMIN_ROLE, admin);
+    /// @param minter_ The Coordinator's address. The deployment computes it before the
+    ///        Coordinator exists; the Coordinator's constructor checks that it is the minter.
+    constructor(address minter_) ERC20("PrisMesh Reward", "PRSM") {
+        if (minter_ == address(0)) revert ZeroMinter();
+        minter = minter_;
     }
 
-    /// @notice Mint `amount` tokens to `to`.
-    /// @dev Only MINTER_ROLE; reverts with AccessControlUnauthorizedAccount otherwise.
+    /// @notice Mint `amount` tokens to `to` (the ERC-20 Transfer from address(0) records it).
+    /// @dev Only the minter; reverts with NotMinter otherwise.
     /// @param to Recipient of the reward.
     /// @param amount Amount in the token's smallest unit.
-    function mint(address to, uint256 amount) external onlyRole(MINTER_ROLE) {
+    function mint(address to, uint256 amount) external {
+        if (msg.sender != minter) revert NotMinter(msg.sender);
         _mint(to, amount);
-        emit RewardMinted(to, amount, msg.sender);
     }
 }

@@ -10,6 +10,9 @@ takes is recorded in a small state file before and after the side effect, so tha
   task, round), so it is secret, never has to be stored, and is the same after a restart;
 * before sending a commit or a reveal the node reads its on-chain submission, so a transaction
   that landed just before a crash is not sent twice.
+
+It claims no more samples than the task's cap (the contract refuses more), and once a task is
+over it claims the rewards its updates earned.
 """
 
 from __future__ import annotations
@@ -197,7 +200,18 @@ class NodeDaemon:
             log.warning("%s: task %d round %d failed: %s", self.config.name, ev.task_id, ev.round, ev.reason)
         elif name == "TaskCompleted":
             log.info("%s: task %d completed; final adapter %s", self.config.name, ev.task_id, ev.final_adapter_cid)
+        if name in ("TaskCompleted", "TaskFailed", "TaskCancelled"):
+            return self._claim(ev.task_id)
         return 0
+
+    def _claim(self, task: int) -> int:
+        """Mint the rewards this node's updates earned in a finished task (once)."""
+        owed = self.coordinator.rewards_owed(task, self.address)
+        if owed == 0:
+            return 0
+        self.coordinator.claim_rewards(task)
+        log.info("%s: task %d: claimed %d reward units", self.config.name, task, owed)
+        return 1
 
     def _on_task_created(self, ev: Any) -> int:
         if not self.config.auto_join:
@@ -299,11 +313,14 @@ class NodeDaemon:
             base_model_name=spec.base_model_id,
         )
         cid = add_adapter(self.store, result.adapter_dir)
+        cap = self.coordinator.get_task_params(task).sample_cap
         rec = {
             "stage": "pinned",
             "cid": cid,
             "sha256": file_sha256(result.adapter_dir / "adapter_model.safetensors").hex(),
-            "num_samples": int(result.num_samples),
+            # The claim the task allows: the local count, up to the task's cap.
+            "num_samples": min(int(result.num_samples), int(cap)),
+            "trained_samples": int(result.num_samples),
             "train_seconds": float(result.metrics.get("seconds", 0.0)),
             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
         }
@@ -323,9 +340,10 @@ class NodeDaemon:
 
         sub = self.coordinator.get_submission(task, rnd, self.address)
         commitment = make_commitment(
-            rec["cid"], bytes.fromhex(rec["sha256"]), rec["num_samples"], self.salt(task, rnd), self.address
-        )
-        if bytes(sub.commitment) == b"\x00" * 32:
+            self.manifest.chain_id, self.coordinator.address, task, rnd, self.address,
+            rec["cid"], bytes.fromhex(rec["sha256"]), rec["num_samples"], self.salt(task, rnd),
+        )  # fmt: skip
+        if not sub.committed:
             try:
                 self.coordinator.commit_update(task, rnd, commitment)
             except ContractRevert as exc:
@@ -427,7 +445,10 @@ class NodeDaemon:
         return self._evaluator
 
 
-NODE_EVENTS = ("TaskCreated", "RoundOpened", "PhaseChanged", "AggregateAccepted", "RoundFailed", "TaskCompleted")
+NODE_EVENTS = (
+    "TaskCreated", "RoundOpened", "PhaseChanged", "AggregateAccepted", "RoundFailed", "TaskCompleted",
+    "TaskFailed", "TaskCancelled",
+)
 
 
 def run_node(config_path: Path, *, once: bool = False, progress: bool = True) -> int:

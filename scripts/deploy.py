@@ -18,6 +18,10 @@ Environment:
                            FinalityGadget; 0 for none (default on a devnet: 4, as `prismesh devnet`).
     PRISMESH_AGGREGATORS   comma-separated addresses granted the aggregator role (default on a
                            devnet: devnet account 1, as `prismesh devnet`).
+    PRISMESH_GOVERNANCE    address that receives the admin and governance roles (default: the
+                           deployer), e.g. a multisig contract.
+    PRISMESH_ADMIN_DELAY   seconds between beginning and accepting an admin transfer
+                           (default two days).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from brownie import Coordinator, Registry, RewardToken, accounts, network, project, web3
 
-from prismesh.chain.evm.contracts import AGGREGATOR_ROLE, MINTER_ROLE
+from prismesh.chain.evm.deploy import DEFAULT_ADMIN_DELAY, create_address
 from prismesh.chain.evm.devnet import DEV_CHAIN_IDS, dev_accounts
 from prismesh.chain.evm.manifest import GADGET, build_manifest, default_manifest_path, save_manifest
 
@@ -64,17 +68,23 @@ def main() -> None:
         if not devnet:
             raise SystemExit(f"chain {chain_id} is not a devnet: set PRISMESH_DEPLOYER_KEY")
         key = "0x" + bytes(dev_accounts(1)[0].key).hex()
-    gov = accounts.add(key)
+    deployer = accounts.add(key)
     # EIP-1559 fees from the chain's base fee, so the same script runs on a chain that charges one
-    tx = {"from": gov, "priority_fee": "1 gwei"}
-
-    token = RewardToken.deploy(gov.address, tx)
-    registry = Registry.deploy(gov.address, tx)
-    coordinator = Coordinator.deploy(registry.address, token.address, tx)
-    token.grantRole(MINTER_ROLE, coordinator.address, tx)
+    tx = {"from": deployer, "priority_fee": "1 gwei"}
+    governance = web3.to_checksum_address(os.environ.get("PRISMESH_GOVERNANCE") or deployer.address)
+    delay = int(os.environ.get("PRISMESH_ADMIN_DELAY") or DEFAULT_ADMIN_DELAY)
     default_aggregators = dev_accounts(2)[1].address if devnet else ""
-    for agg in filter(None, os.environ.get("PRISMESH_AGGREGATORS", default_aggregators).split(",")):
-        registry.grantRole(AGGREGATOR_ROLE, web3.to_checksum_address(agg.strip()), tx)
+    aggregators = [
+        web3.to_checksum_address(a.strip())
+        for a in os.environ.get("PRISMESH_AGGREGATORS", default_aggregators).split(",")
+        if a.strip()
+    ]
+
+    registry = Registry.deploy(delay, governance, aggregators, tx)
+    # The token's only minter is the Coordinator deployed right after it (its constructor
+    # checks this), so no key can ever mint.
+    token = RewardToken.deploy(create_address(deployer.address, deployer.nonce + 1), tx)
+    coordinator = Coordinator.deploy(registry.address, token.address, tx)
 
     deployed = {"RewardToken": token, "Registry": registry, "Coordinator": coordinator}
     validators = _validators(os.environ.get("PRISMESH_VALIDATORS", "4" if devnet else ""))
@@ -89,8 +99,8 @@ def main() -> None:
         rpc_url=getattr(web3.provider, "endpoint_uri", None),
         addresses={name: c.address for name, c in deployed.items()},
         abis={name: c.abi for name, c in deployed.items()},
-        deploy_block=int(token.tx.block_number),
-        governance=gov.address,
+        deploy_block=int(registry.tx.block_number),
+        governance=governance,
         deployed_by="brownie",
     )
     out = Path(os.environ.get("PRISMESH_MANIFEST") or default_manifest_path(chain_id))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from prismesh.chain.evm.contracts import (
     Registry,
     RewardToken,
     TaskParams,
+    Weighting,
     make_commitment,
 )
 from prismesh.chain.evm.deploy import deploy_to_devnet
@@ -148,23 +149,30 @@ def onboard(env: ChainEnv, clients: list[LocalAccount]) -> None:
 
 
 def task_params(**overrides: object) -> TaskParams:
-    """Small-task defaults; override any field by name."""
-    values = dict(
+    """Small-task defaults; override any field by name (an initial adapter CID without its
+    sha256 gets a made-up one)."""
+    values: dict[str, object] = dict(
         base_model_id="tiny-qwen3",
         base_model_hash=hashlib.sha256(b"tiny-qwen3").digest(),
         hyper_params_cid="bafkreihyperparams",
         initial_adapter_cid="",
+        initial_adapter_sha256=b"\x00" * 32,
         num_rounds=3,
+        max_failed_rounds=1,
         min_participants=2,
         max_participants=4,
-        max_failed_rounds=1,
+        weighting=Weighting.SAMPLES,
+        sample_cap=1_000,
         commit_duration=600,
         reveal_duration=300,
+        aggregation_duration=600,
         reward_per_update=10,
         aggregator_reward=3,
         reward_budget=1_000,
     )
     values.update(overrides)
+    if values["initial_adapter_cid"] and "initial_adapter_sha256" not in overrides:
+        values["initial_adapter_sha256"] = hashlib.sha256(str(values["initial_adapter_cid"]).encode()).digest()
     return TaskParams(**values)  # type: ignore[arg-type]
 
 
@@ -184,29 +192,45 @@ def open_task(
 
 @dataclass(frozen=True)
 class Update:
-    """One client's update for one round, with its commitment."""
+    """One client's update for one round of one task on one deployment, with its commitment."""
 
     client: LocalAccount
+    task: int
+    round: int
     cid: str
     sha256: bytes
     num_samples: int
     salt: bytes
+    chain_id: int
+    coordinator: str
 
     @property
     def commitment(self) -> bytes:
         return make_commitment(
-            self.cid, self.sha256, self.num_samples, self.salt, self.client.address
-        )
+            self.chain_id, self.coordinator, self.task, self.round, self.client.address,
+            self.cid, self.sha256, self.num_samples, self.salt,
+        )  # fmt: skip
+
+    def but(self, **changes: object) -> Update:
+        """A copy with some fields changed (a tampered or replayed update)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
 
 
-def make_update(client: LocalAccount, task: int, rnd: int, num_samples: int = 100) -> Update:
-    tag = f"{client.address}-{task}-{rnd}".encode()
+def make_update(
+    env: ChainEnv, client: LocalAccount, task: int, rnd: int, num_samples: int = 100, tag: str = ""
+) -> Update:
+    """A made-up update with content (CID and sha256) unique to client, task, round and tag."""
+    ident = f"{client.address}-{task}-{rnd}-{tag}".encode()
     return Update(
         client=client,
-        cid="bafy" + hashlib.sha256(b"cid" + tag).hexdigest()[:40],
-        sha256=hashlib.sha256(b"sha" + tag).digest(),
+        task=task,
+        round=rnd,
+        cid="bafy" + hashlib.sha256(b"cid" + ident).hexdigest()[:40],
+        sha256=hashlib.sha256(b"sha" + ident).digest(),
         num_samples=num_samples,
-        salt=hashlib.sha256(b"salt" + tag).digest(),
+        salt=hashlib.sha256(b"salt" + ident).digest(),
+        chain_id=env.devnet.chain_id,
+        coordinator=env.manifest.address("Coordinator"),
     )
 
 
@@ -223,7 +247,7 @@ def reveal(env: ChainEnv, task: int, rnd: int, upd: Update) -> TxReceipt:
 def commit_reveal_all(
     env: ChainEnv, task: int, rnd: int, clients: list[LocalAccount]
 ) -> list[Update]:
-    updates = [make_update(c, task, rnd, 100 + i) for i, c in enumerate(clients)]
+    updates = [make_update(env, c, task, rnd, 100 + i) for i, c in enumerate(clients)]
     for u in updates:
         commit(env, task, rnd, u)
     for u in updates:

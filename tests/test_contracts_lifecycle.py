@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from prismesh.chain.evm.contracts import Phase, TaskStatus, WrongTaskStatus
+from prismesh.chain.evm.contracts import Phase, TaskStatus, WrongTaskStatus, sort_included
 from tests.conftest import ChainEnv, commit, make_update, open_task, reveal
 
 
@@ -18,6 +18,7 @@ def _run_lifecycle(env: ChainEnv) -> None:
         env,
         clients,
         num_rounds=3,
+        max_participants=3,
         reward_per_update=per_update,
         aggregator_reward=agg_fee,
         reward_budget=3 * (3 * per_update + agg_fee),
@@ -27,13 +28,14 @@ def _run_lifecycle(env: ChainEnv) -> None:
     token = env.token()
     start_block = env.devnet.block_number
     expected_global = "bafyinitial"
+    earned = {c.address: 0 for c in clients}
     for rnd in (1, 2, 3):
         assert coord.get_task(task).current_round == rnd
         assert coord.phase_of(task, rnd) is Phase.OPEN
-        assert coord.get_round(task, rnd).global_adapter_cid == expected_global
+        assert coord.round_global_cid(task, rnd) == expected_global
         # Round 2 excludes the third client's update (e.g. rejected by verification).
         included = clients if rnd != 2 else clients[:2]
-        updates = [make_update(c, task, rnd, 50 * (i + 1)) for i, c in enumerate(clients)]
+        updates = [make_update(env, c, task, rnd, 50 * (i + 1)) for i, c in enumerate(clients)]
         for u in updates:
             commit(env, task, rnd, u)
         assert coord.phase_of(task, rnd) is Phase.REVEAL
@@ -44,38 +46,41 @@ def _run_lifecycle(env: ChainEnv) -> None:
         assert coord.phase_of(task, rnd) is Phase.AGGREGATING
         agg_cid = f"bafyaggregate{rnd}"
         agg_sha = hashlib.sha256(agg_cid.encode()).digest()
-        receipt = env.coordinator(agg).submit_aggregate(
-            task, rnd, agg_cid, agg_sha, [c.address for c in included]
-        )
+        scores = {c.address: 500_000 + 100_000 * i for i, c in enumerate(included)}
+        receipt = env.coordinator(agg).submit_aggregate(task, rnd, agg_cid, agg_sha, scores)
         names = [e.event for e in coord.events_in(receipt)]
-        paid = coord.events_in(receipt, "RewardPaid")
-        assert [(p.recipient, p.amount, p.is_aggregator) for p in paid] == [
-            (c.address, per_update, False) for c in included
-        ] + [(agg.address, agg_fee, True)]
+        paid = {e.recipient: e for e in coord.events_in(receipt, "RewardEarned")}
+        pool, total = per_update * len(included), sum(scores.values())
+        for c, score in scores.items():
+            assert (paid[c].score, paid[c].amount) == (score, pool * score // total)
+            earned[c] += paid[c].amount
+        assert paid[agg.address].is_aggregator and paid[agg.address].amount == agg_fee
+        tail = ["PhaseChanged", "AggregateAccepted"] + (["RoundOpened"] if rnd < 3 else ["TaskCompleted"])
+        assert names[-3:] == tail
         if rnd < 3:
-            assert names[:3] == ["PhaseChanged", "AggregateAccepted", "RoundOpened"]
             nxt = coord.events_in(receipt, "RoundOpened")[0]
             assert (nxt.round, nxt.global_adapter_cid) == (rnd + 1, agg_cid)
-        else:
-            assert names[:3] == ["PhaseChanged", "AggregateAccepted", "TaskCompleted"]
-        info = coord.get_round(task, rnd)
-        assert info.phase is Phase.FINALIZED and info.aggregate_cid == agg_cid
-        assert info.aggregate_sha256 == agg_sha and info.accepted_count == len(included)
-        assert coord.get_included(task, rnd) == [c.address for c in included]
+        assert coord.phase_of(task, rnd) is Phase.FINALIZED
+        assert coord.get_task(task).global_sha256 == agg_sha
+        assert coord.included(task, rnd) == sort_included(c.address for c in included)
         for i, c in enumerate(clients):
             env.coordinator(c).report_metric(task, rnd, "accuracy", 0.5 + 0.1 * i + 0.01 * rnd)
         expected_global = agg_cid
 
     state = coord.get_task(task)
     assert state.status is TaskStatus.COMPLETED
-    assert state.completed_rounds == 3 and state.global_adapter_cid == "bafyaggregate3"
-    total = 8 * per_update + 3 * agg_fee
-    assert state.rewards_paid == total == token.total_supply()
-    assert token.balance_of(clients[0].address) == 3 * per_update
-    assert token.balance_of(clients[2].address) == 2 * per_update
-    assert token.balance_of(agg.address) == 3 * agg_fee
+    assert state.completed_rounds == 3 and coord.global_adapter_cid(task) == "bafyaggregate3"
+    total = sum(earned.values()) + 3 * agg_fee
+    assert state.rewards_paid == total <= 3 * (3 * per_update + agg_fee)
+    assert token.total_supply() == 0
+    for c in clients:
+        assert coord.rewards_owed(task, c.address) == earned[c.address]
+        env.coordinator(c).claim_rewards(task)
+        assert token.balance_of(c.address) == earned[c.address]
+    env.coordinator(agg).claim_fees()
+    assert token.balance_of(agg.address) == 3 * agg_fee and token.total_supply() == total
     with pytest.raises(WrongTaskStatus):
-        commit(env, task, 3, make_update(clients[0], task, 4))
+        commit(env, task, 3, make_update(env, clients[0], task, 4))
 
     # The event history alone tells the whole story (what nodes and auditors read).
     opened = coord.get_events("RoundOpened", start_block, taskId=task)
@@ -86,7 +91,7 @@ def _run_lifecycle(env: ChainEnv) -> None:
     ]
     accepted = coord.get_events("AggregateAccepted", start_block, taskId=task)
     assert [len(e.included) for e in accepted] == [3, 2, 3]
-    assert sum(e.amount for e in coord.get_events("RewardPaid", 0, taskId=task)) == total
+    assert sum(e.amount for e in coord.get_events("RewardEarned", 0, taskId=task)) == total
     metrics = coord.get_events("MetricReported", start_block, taskId=task)
     assert len(metrics) == 9 and metrics[-1].value == 730_000
     assert len(coord.get_events("TaskCompleted", start_block)) == 1

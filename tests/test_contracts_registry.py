@@ -10,8 +10,10 @@ from prismesh.chain.evm.contracts import (
     AGGREGATOR_ROLE,
     DEFAULT_ADMIN_ROLE,
     GOVERNANCE_ROLE,
-    MINTER_ROLE,
     AccessControlBadConfirmation,
+    AccessControlEnforcedDefaultAdminDelay,
+    AccessControlEnforcedDefaultAdminRules,
+    AccessControlInvalidDefaultAdmin,
     AccessControlUnauthorizedAccount,
     AlreadyRegistered,
     ClientRegistered,
@@ -23,13 +25,14 @@ from prismesh.chain.evm.contracts import (
     ERC20InsufficientBalance,
     ErrorDecoder,
     InvalidStatusTransition,
+    NotMinter,
     NotRegistered,
     PanicRevert,
     RevertWithReason,
     RoleGranted,
     UnknownRevert,
 )
-from tests.conftest import DESCRIPTOR, ChainEnv, onboard
+from tests.conftest import DESCRIPTOR, ChainEnv, commit_reveal_all, onboard, open_task
 
 
 def test_register_records_pending_client_and_emits(chain_env: ChainEnv) -> None:
@@ -165,22 +168,26 @@ def test_read_only_client_cannot_send(chain_env: ChainEnv) -> None:
 
 
 def test_reward_token(chain_env: ChainEnv) -> None:
-    a, b, c = chain_env.clients[:3]
-    token = chain_env.token()
+    env = chain_env
+    a, b, c = env.clients[:3]
+    token = env.token()
     assert (token.name(), token.symbol(), token.decimals()) == ("PrisMesh Reward", "PRSM", 18)
-    assert token.minter_role() == MINTER_ROLE
-    assert token.has_role(MINTER_ROLE, chain_env.manifest.address("Coordinator"))
-    with pytest.raises(AccessControlUnauthorizedAccount) as exc:
-        token.with_sender(a).mint(a.address, 5)
-    assert exc.value.args["neededRole"] == MINTER_ROLE
-    # Governance (admin) may appoint a minter; supply tracks mints exactly.
-    token.grant_role(MINTER_ROLE, chain_env.governance.address)
-    receipt = token.mint(a.address, 100)
-    assert token.events_in(receipt, "RewardMinted")[0].amount == 100
-    assert token.events_in(receipt, "Transfer")[0].from_ == "0x" + "00" * 20
-    assert token.total_supply() == 100
+    assert token.minter() == env.manifest.address("Coordinator")
+    # Nobody but the Coordinator mints: not governance, not a client.
+    for who in (env.governance, a):
+        with pytest.raises(NotMinter) as exc:
+            token.with_sender(who).mint(who.address, 5)
+        assert exc.value.args == {"account": who.address}
+    # Tokens exist only as claimed rewards.
+    task = open_task(env, [a, b], reward_per_update=50, aggregator_reward=0, reward_budget=300)
+    commit_reveal_all(env, task, 1, [a, b])
+    env.coordinator(env.aggregator).submit_aggregate(task, 1, "bafyagg", b"\x01" * 32, {a.address: 1, b.address: 1})
+    receipt = env.coordinator(a).claim_rewards(task)
+    (minted,) = token.events_in(receipt, "Transfer")
+    assert (minted.from_, minted.to, minted.value) == ("0x" + "00" * 20, a.address, 50)
+    assert token.total_supply() == 50
     token.with_sender(a).transfer(b.address, 30)
-    assert (token.balance_of(a.address), token.balance_of(b.address)) == (70, 30)
+    assert (token.balance_of(a.address), token.balance_of(b.address)) == (20, 30)
     with pytest.raises(ERC20InsufficientBalance) as exc:
         token.with_sender(b).transfer(a.address, 31)
     assert exc.value.args == {"sender": b.address, "balance": 30, "needed": 31}
@@ -190,9 +197,40 @@ def test_reward_token(chain_env: ChainEnv) -> None:
         token.with_sender(c).transfer_from(a.address, c.address, 21)
     token.with_sender(c).transfer_from(a.address, c.address, 20)
     assert token.balance_of(c.address) == 20 and token.allowance(a.address, c.address) == 0
-    token.revoke_role(MINTER_ROLE, chain_env.governance.address)
+
+
+def test_admin_moves_in_two_steps_after_the_delay(chain_env: ChainEnv) -> None:
+    env = chain_env
+    gov = env.registry()
+    new = env.outsiders[0]
+    assert gov.default_admin() == gov.owner() == env.governance.address
+    delay = gov.default_admin_delay()
+    assert delay == 2 * 24 * 3600
+    # The admin role is never granted in one step, not even by the admin.
+    with pytest.raises(AccessControlEnforcedDefaultAdminRules):
+        gov.grant_role(DEFAULT_ADMIN_ROLE, new.address)
     with pytest.raises(AccessControlUnauthorizedAccount):
-        token.mint(a.address, 1)
+        env.registry(new).begin_default_admin_transfer(new.address)
+    receipt = gov.begin_default_admin_transfer(new.address)
+    (ev,) = gov.events_in(receipt, "DefaultAdminTransferScheduled")
+    pending, schedule = gov.pending_default_admin()
+    assert ev.new_admin == pending == new.address and ev.accept_schedule == schedule
+    assert schedule == env.devnet.timestamp + delay
+    with pytest.raises(AccessControlEnforcedDefaultAdminDelay):
+        env.registry(new).accept_default_admin_transfer()
+    with pytest.raises(AccessControlInvalidDefaultAdmin):
+        env.registry(env.outsiders[1]).accept_default_admin_transfer()
+    env.devnet.increase_time(delay + 1)
+    env.devnet.mine()
+    env.registry(new).accept_default_admin_transfer()
+    assert gov.default_admin() == new.address and gov.has_role(DEFAULT_ADMIN_ROLE, new.address)
+    assert not gov.has_role(DEFAULT_ADMIN_ROLE, env.governance.address)
+    # The new admin appoints governance; the old account can no longer grant roles.
+    env.registry(new).grant_role(GOVERNANCE_ROLE, new.address)
+    env.registry(new).revoke_role(GOVERNANCE_ROLE, env.governance.address)
+    assert gov.is_governance(new.address) and not gov.is_governance(env.governance.address)
+    with pytest.raises(AccessControlUnauthorizedAccount):
+        gov.grant_role(AGGREGATOR_ROLE, env.outsiders[2].address)
 
 
 def test_error_decoder_builtin_errors() -> None:

@@ -14,10 +14,12 @@ import yaml
 
 from prismesh.chain.evm.contracts import (
     AGGREGATOR_ROLE,
-    MINTER_ROLE,
+    DEFAULT_ADMIN_ROLE,
+    GOVERNANCE_ROLE,
     Coordinator,
     Registry,
     RewardToken,
+    TokenMinterMismatch,
 )
 from prismesh.chain.evm.devnet import AnvilDevnet, free_port
 from prismesh.chain.evm.manifest import (
@@ -63,16 +65,47 @@ def test_prismesh_deploy_writes_a_checked_manifest(anvil: AnvilDevnet, tmp_path:
         code = bytes(anvil.w3.eth.get_code(m.address(name)))
         expected = bytes.fromhex(arts[name]["deployedBytecode"][2:])
         assert len(code) == len(expected)
-        if name != "Coordinator":  # the Coordinator's immutables are filled in at deployment
+        if name == "Registry":  # the others' immutables are filled in at deployment
             assert code == expected
     if HAS_GADGET:
         assert m.finality_gadget == m.addresses[GADGET]
         assert m.abi_hashes[GADGET] == abi_hash(arts[GADGET]["abi"])
-    # Wiring: the coordinator mints, the named aggregator holds its role.
-    assert RewardToken.read_only(m, anvil.w3).has_role(MINTER_ROLE, m.address("Coordinator"))
+    # Wiring: the coordinator is the token's only minter, the named aggregator holds its role.
+    assert RewardToken.read_only(m, anvil.w3).minter() == m.address("Coordinator")
     reg = Registry.read_only(m, anvil.w3)
     assert reg.has_role(AGGREGATOR_ROLE, agg) and reg.is_governance(m.governance)
-    assert Coordinator.read_only(m, anvil.w3).registry_address() == m.address("Registry")
+    assert reg.default_admin() == m.governance and reg.default_admin_delay() == 2 * 24 * 3600
+    coord = Coordinator.read_only(m, anvil.w3)
+    assert coord.registry_address() == m.address("Registry")
+    assert coord.reward_token_address() == m.address("RewardToken")
+
+
+def test_deploy_hands_governance_to_another_account(anvil: AnvilDevnet, tmp_path: Path) -> None:
+    """A multisig-style hand-off: the deployer pays for the deployment and keeps no role."""
+    out = tmp_path / "m.json"
+    multisig, deployer = anvil.accounts[7].address, anvil.accounts[0].address
+    assert _cli_deploy(anvil, out, "--governance", multisig, "--admin-delay", "3600") == 0
+    m = load_manifest(out)
+    reg = Registry.read_only(m, anvil.w3)
+    assert m.governance == reg.default_admin() == multisig and reg.default_admin_delay() == 3600
+    assert reg.is_governance(multisig)
+    for role in (DEFAULT_ADMIN_ROLE, GOVERNANCE_ROLE, AGGREGATOR_ROLE):
+        assert not reg.has_role(role, deployer)
+    assert _cli_deploy(anvil, tmp_path / "bad.json", "--governance", "0x1234") == 2
+
+
+def test_coordinator_refuses_a_token_it_cannot_mint(anvil: AnvilDevnet) -> None:
+    """The token's minter is fixed before the Coordinator exists; a mismatch fails the deploy."""
+    from prismesh.chain.evm.contracts import ErrorDecoder, TxSender
+    from prismesh.chain.evm.deploy import _deploy_one
+
+    arts = compile_contracts()
+    sender = TxSender(anvil.w3, anvil.accounts[0], ErrorDecoder(a["abi"] for a in arts.values()))
+    registry, _ = _deploy_one(anvil.w3, sender, arts, "Registry", 0, anvil.accounts[0].address, [])
+    token, _ = _deploy_one(anvil.w3, sender, arts, "RewardToken", anvil.accounts[9].address)
+    with pytest.raises(TokenMinterMismatch) as exc:
+        _deploy_one(anvil.w3, sender, arts, "Coordinator", registry, token)
+    assert exc.value.args == {"minter": anvil.accounts[9].address}
 
 
 def test_deploy_without_validators_has_no_gadget(anvil: AnvilDevnet, tmp_path: Path) -> None:
@@ -238,9 +271,15 @@ def test_identity_keystores_and_descriptors(tmp_path: Path) -> None:
 
 
 def test_gas_report_covers_every_external_call(anvil: AnvilDevnet, tmp_path: Path) -> None:
-    from prismesh.chain.evm.gas import run_gas_report, write_report
+    from prismesh.chain.evm.gas import (
+        AGGREGATE_FIXED_TARGET,
+        AGGREGATE_PER_CLIENT_TARGET,
+        COMMIT_REVEAL_TARGET,
+        run_gas_report,
+        write_report,
+    )
 
-    report = run_gas_report(anvil)
+    report = run_gas_report(anvil, sizes=(3, 8))
     measured = {(c, f) for c, f, *_ in report.rows()}
     arts = compile_contracts()
     for name in ("Registry", "Coordinator"):
@@ -249,7 +288,6 @@ def test_gas_report_covers_every_external_call(anvil: AnvilDevnet, tmp_path: Pat
             for e in arts[name]["abi"]
             if e["type"] == "function" and e["stateMutability"] not in ("view", "pure")
         }
-        writes -= {"renounceRole", "revokeRole"}
         assert writes <= {f for c, f in measured if c == name}, name
     for c, f, n, lo, avg, hi in report.rows():
         assert n >= 1 and 21_000 <= lo <= avg <= hi, (c, f)
@@ -262,9 +300,17 @@ def test_gas_report_covers_every_external_call(anvil: AnvilDevnet, tmp_path: Pat
         )
         + report.calls[("Coordinator", "submitAggregate")][0]
     )
+    # Each figure beside its target: per client per round, and per aggregate.
+    rows = report.target_rows()
+    assert {n for *_, n in rows} == {3, 8} and len(rows) == 2 * (1 + 2)
+    for what, gas, target, n in rows:
+        expected = COMMIT_REVEAL_TARGET if what.startswith("commit") else AGGREGATE_FIXED_TARGET + AGGREGATE_PER_CLIENT_TARGET * n
+        assert target == expected and gas <= target, (what, n, gas, target)
+    assert report.on_target()
     path = write_report(report, tmp_path / "gas.md")
     text = path.read_text()
-    assert "| Coordinator | submitAggregate | 1 |" in text and "One 3-client round" in text
+    assert "| Coordinator | submitAggregate | 4 |" in text and "One 3-client round" in text
+    assert "| 8 | aggregate, round 1 |" in text
 
 
 def test_connect_checks_the_chain(anvil: AnvilDevnet, tmp_path: Path) -> None:

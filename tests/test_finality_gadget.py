@@ -146,3 +146,21 @@ def test_constructor_checks_the_validator_set(chain_env: ChainEnv) -> None:
     for bad in (accounts[:3], accounts[:2] + accounts[:2], []):
         with pytest.raises((ContractLogicError, RuntimeError, ValueError)):
             deploy_gadget(chain_env.w3, bad, chain_env.governance)
+
+
+def test_refuses_a_certificate_older_than_blockhash_can_check(chain_env: ChainEnv) -> None:
+    """A quorum-signed certificate for an invented hash more than 256 blocks back used to be
+    accepted (blockhash returns zero there); now only checkable heights are final."""
+    keys = _keys(chain_env)
+    gadget = _gadget(chain_env)
+    old, real = _block(chain_env)
+    chain_env.devnet.mine(300)
+    invented = b"\x13" * 32
+    args = _expect(chain_env, _cert(chain_env, keys[:3], old, invented), "UncheckableHeight")
+    assert args[0] == old and args[1] > old + 256
+    # Even its real hash cannot be checked any more: still refused.
+    _expect(chain_env, _cert(chain_env, keys[:3], old, real), "UncheckableHeight")
+    assert gadget.finalized_height() < old
+    recent, recent_hash = _block(chain_env)  # a recent block still finalizes, and everything below
+    gadget.submit_certificate(_cert(chain_env, keys[:3], recent, recent_hash), chain_env.governance)
+    assert gadget.finalized_height() == recent > old

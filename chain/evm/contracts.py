@@ -6,9 +6,9 @@ raises a ``ContractRevert`` subclass named after the Solidity custom error (or O
 with the error's arguments as a dict, e.g. ``WrongPhase(taskId=1, round=2, expected=Phase.REVEAL,
 actual=Phase.COMMIT)``.
 
-The commitment a client submits is ``keccak256(abi.encode(cid, sha256, numSamples, salt,
-sender))`` with ABI types ``(string, bytes32, uint64, bytes32, address)``; ``make_commitment``
-computes it.
+The commitment a client submits is ``keccak256(abi.encode(chainid, coordinator, taskId, round,
+sender, cid, sha256, numSamples, salt))`` with ABI types ``(uint256, address, uint256, uint32,
+address, string, bytes32, uint32, bytes32)``; ``make_commitment`` computes it.
 """
 
 from __future__ import annotations
@@ -72,6 +72,22 @@ class Phase(IntEnum):
     FAILED = 6
 
 
+class Weighting(IntEnum):
+    """Coordinator.Weighting: how the aggregate weights the included updates."""
+
+    SAMPLES = 0
+    UNIFORM = 1
+
+
+class SubmissionStatus(IntEnum):
+    """Coordinator.SubmissionStatus."""
+
+    NONE = 0
+    COMMITTED = 1
+    REVEALED = 2
+    ACCEPTED = 3
+
+
 # Which error/event argument names carry which enum, so decoded values come back typed.
 _ENUM_ARGS: dict[str, dict[str, type[IntEnum]]] = {
     "InvalidStatusTransition": {"current": ClientStatus, "requested": ClientStatus},
@@ -82,7 +98,9 @@ _ENUM_ARGS: dict[str, dict[str, type[IntEnum]]] = {
 }
 
 METRIC_SCALE = 1_000_000
+SCORE_SCALE = 1_000_000
 MAX_PARTICIPANTS = 32
+MAX_PHASE_DURATION = 30 * 24 * 3600
 
 # ------------------------------------------------------------------------------ errors
 
@@ -242,10 +260,34 @@ class EmptyCid(ContractRevert): ...
 class ZeroSamples(ContractRevert): ...
 
 
+class EmptyContentHash(ContractRevert): ...
+
+
+class SamplesAboveCap(ContractRevert): ...
+
+
+class CopiedGlobal(ContractRevert): ...
+
+
+class DuplicateUpdate(ContractRevert): ...
+
+
+class PhaseStillOpen(ContractRevert): ...
+
+
 class NotRevealed(ContractRevert): ...
 
 
 class DuplicateIncluded(ContractRevert): ...
+
+
+class UnsortedIncluded(ContractRevert): ...
+
+
+class LengthMismatch(ContractRevert): ...
+
+
+class ScoreOutOfRange(ContractRevert): ...
 
 
 class TooFewIncluded(ContractRevert): ...
@@ -254,7 +296,13 @@ class TooFewIncluded(ContractRevert): ...
 class TooManyIncluded(ContractRevert): ...
 
 
-class RewardBudgetExceeded(ContractRevert): ...
+class WrongGlobalAdapter(ContractRevert): ...
+
+
+class NothingToClaim(ContractRevert): ...
+
+
+class TokenMinterMismatch(ContractRevert): ...
 
 
 class InvalidMetricName(ContractRevert): ...
@@ -263,11 +311,30 @@ class InvalidMetricName(ContractRevert): ...
 class MetricAlreadyReported(ContractRevert): ...
 
 
+# RewardToken
+class NotMinter(ContractRevert): ...
+
+
+class ZeroMinter(ContractRevert): ...
+
+
 # OpenZeppelin 5
 class AccessControlUnauthorizedAccount(ContractRevert): ...
 
 
 class AccessControlBadConfirmation(ContractRevert): ...
+
+
+class AccessControlInvalidDefaultAdmin(ContractRevert): ...
+
+
+class AccessControlEnforcedDefaultAdminRules(ContractRevert): ...
+
+
+class AccessControlEnforcedDefaultAdminDelay(ContractRevert): ...
+
+
+class SafeCastOverflowedUintDowncast(ContractRevert): ...
 
 
 class ERC20InsufficientBalance(ContractRevert): ...
@@ -299,6 +366,11 @@ _OZ_ERRORS: list[dict[str, Any]] = [
     {"type": "error", "name": "AccessControlUnauthorizedAccount",
      "inputs": [{"name": "account", "type": "address"}, {"name": "neededRole", "type": "bytes32"}]},
     {"type": "error", "name": "AccessControlBadConfirmation", "inputs": []},
+    {"type": "error", "name": "AccessControlInvalidDefaultAdmin",
+     "inputs": [{"name": "defaultAdmin", "type": "address"}]},
+    {"type": "error", "name": "AccessControlEnforcedDefaultAdminRules", "inputs": []},
+    {"type": "error", "name": "AccessControlEnforcedDefaultAdminDelay",
+     "inputs": [{"name": "schedule", "type": "uint48"}]},
     {"type": "error", "name": "ERC20InsufficientBalance",
      "inputs": [{"name": "sender", "type": "address"}, {"name": "balance", "type": "uint256"},
                 {"name": "needed", "type": "uint256"}]},
@@ -427,17 +499,33 @@ def _normalize(v: Any) -> Any:
 # ---------------------------------------------------------------------------- helpers
 
 
-def make_commitment(cid: str, sha256: bytes, num_samples: int, salt: bytes, sender: str) -> bytes:
-    """``keccak256(abi.encode(cid, sha256, numSamples, salt, sender))``, the value to commit."""
+def make_commitment(
+    chain_id: int,
+    coordinator: str,
+    task_id: int,
+    round: int,
+    sender: str,
+    cid: str,
+    sha256: bytes,
+    num_samples: int,
+    salt: bytes,
+) -> bytes:
+    """The value to commit: ``keccak256(abi.encode(chainid, coordinator, taskId, round, sender,
+    cid, sha256, numSamples, salt))``. It binds the deployment, the task, the round and the
+    sender, so a commitment can be neither copied by another client nor replayed later."""
     return keccak(
         abi_encode(
-            ["string", "bytes32", "uint64", "bytes32", "address"],
+            ["uint256", "address", "uint256", "uint32", "address", "string", "bytes32", "uint32", "bytes32"],
             [
+                int(chain_id),
+                to_checksum_address(coordinator),
+                int(task_id),
+                int(round),
+                to_checksum_address(sender),
                 cid,
                 _bytes32(sha256, "sha256"),
                 int(num_samples),
                 _bytes32(salt, "salt"),
-                to_checksum_address(sender),
             ],
         )
     )
@@ -507,18 +595,23 @@ class ClientInfo:
 
 @dataclass(frozen=True)
 class TaskParams:
-    """Coordinator.TaskParams; amounts are in the reward token's smallest unit."""
+    """Coordinator.TaskParams; amounts are in the reward token's smallest unit, durations in
+    seconds (each at most ``MAX_PHASE_DURATION``)."""
 
     base_model_id: str
     base_model_hash: bytes
     hyper_params_cid: str
     initial_adapter_cid: str
+    initial_adapter_sha256: bytes
     num_rounds: int
+    max_failed_rounds: int
     min_participants: int
     max_participants: int
-    max_failed_rounds: int
+    weighting: Weighting
+    sample_cap: int
     commit_duration: int
     reveal_duration: int
+    aggregation_duration: int
     reward_per_update: int
     aggregator_reward: int
     reward_budget: int
@@ -528,7 +621,8 @@ class TaskParams:
         cls,
         spec: Any,
         hyper_params_cid: str,
-        initial_adapter_cid: str,
+        initial_adapter_cid: str = "",
+        initial_adapter_sha256: bytes = b"",
         *,
         num_rounds: int,
         min_participants: int,
@@ -536,13 +630,18 @@ class TaskParams:
         max_failed_rounds: int,
         commit_duration: int,
         reveal_duration: int,
+        aggregation_duration: int,
         reward_per_update: int,
         aggregator_reward: int,
+        sample_cap: int,
+        weighting: Weighting | str = Weighting.SAMPLES,
     ) -> TaskParams:
         """Parameters for a task whose spec (a ``TaskSpec``) is pinned at ``hyper_params_cid``.
 
-        The reward budget covers every round and every allowed retry with all participants
-        and the aggregator paid, so a task never stops for want of budget.
+        ``initial_adapter_sha256`` is the sha256 of the initial adapter's weights file (empty
+        when the task starts from the bare base model). The reward budget covers every round
+        with all participants and the aggregator paid in full (failed rounds pay nothing), so
+        a task never runs short.
         """
         per_round = reward_per_update * max_participants + aggregator_reward
         return cls(
@@ -550,76 +649,128 @@ class TaskParams:
             base_model_hash=spec.base_model_hash,
             hyper_params_cid=hyper_params_cid,
             initial_adapter_cid=initial_adapter_cid,
+            initial_adapter_sha256=bytes(initial_adapter_sha256) or b"\x00" * 32,
             num_rounds=num_rounds,
+            max_failed_rounds=max_failed_rounds,
             min_participants=min_participants,
             max_participants=max_participants,
-            max_failed_rounds=max_failed_rounds,
+            weighting=parse_weighting(weighting),
+            sample_cap=sample_cap,
             commit_duration=commit_duration,
             reveal_duration=reveal_duration,
+            aggregation_duration=aggregation_duration,
             reward_per_update=reward_per_update,
             aggregator_reward=aggregator_reward,
-            reward_budget=per_round * (num_rounds + max_failed_rounds),
+            reward_budget=per_round * num_rounds,
         )
 
+    # The ABI width of every integer field (the contract's own range checks come on top).
+    _BITS: ClassVar[dict[str, int]] = {
+        "num_rounds": 32, "max_failed_rounds": 32, "min_participants": 8, "max_participants": 8,
+        "sample_cap": 32, "commit_duration": 32, "reveal_duration": 32, "aggregation_duration": 32,
+        "reward_per_update": 128, "aggregator_reward": 128, "reward_budget": 256,
+    }  # fmt: skip
+
     def to_abi(self) -> tuple[Any, ...]:
+        """The ABI tuple; a value outside its field's integer type raises ``ValueError`` naming it."""
+        for name, bits in self._BITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**bits:
+                raise ValueError(f"task parameter {name}={value!r} is not a uint{bits}")
         return (
             self.base_model_id,
             _bytes32(self.base_model_hash, "base_model_hash"),
             self.hyper_params_cid,
             self.initial_adapter_cid,
+            _bytes32(self.initial_adapter_sha256 or b"\x00" * 32, "initial_adapter_sha256"),
             self.num_rounds,
+            self.max_failed_rounds,
             self.min_participants,
             self.max_participants,
-            self.max_failed_rounds,
+            int(self.weighting),
+            self.sample_cap,
             self.commit_duration,
             self.reveal_duration,
+            self.aggregation_duration,
             self.reward_per_update,
             self.aggregator_reward,
             self.reward_budget,
         )
 
+    @property
+    def round_pool_max(self) -> int:
+        """The most one accepted round can pay (every participant included, plus the fee)."""
+        return self.reward_per_update * self.max_participants + self.aggregator_reward
+
+
+def parse_weighting(value: Weighting | str | int) -> Weighting:
+    """``Weighting`` from itself, its value or its name (``"samples"``, ``"uniform"``)."""
+    if isinstance(value, Weighting):
+        return value
+    if isinstance(value, str):
+        try:
+            return Weighting[value.strip().upper()]
+        except KeyError:
+            names = ", ".join(w.name.lower() for w in Weighting)
+            raise ValueError(f"unknown weighting {value!r}; known: {names}") from None
+    return Weighting(int(value))
+
 
 @dataclass(frozen=True)
 class TaskState:
+    """Coordinator.TaskState: the task and its current round (``phase`` is the stored phase;
+    ``Coordinator.phase_of`` is live). The global adapter's CID is in the events only; its
+    hash (the first 16 bytes of its keccak256) and its weights' sha256 are here."""
+
     status: TaskStatus
-    creator: str
+    phase: Phase
+    participant_count: int
+    commit_count: int
+    reveal_count: int
     current_round: int
     completed_rounds: int
     failed_rounds: int
-    participant_count: int
+    opened_at: int
     rewards_paid: int
-    global_adapter_cid: str
+    global_cid_hash: bytes
+    global_sha256: bytes
+    creator: str
 
 
 @dataclass(frozen=True)
 class RoundInfo:
-    """Coordinator.Round; ``phase`` is the stored phase (``Coordinator.phase_of`` is live)."""
+    """Coordinator.RoundInfo: the effective phase; deadlines and counts for the current round
+    (earlier rounds report only their outcome)."""
 
     phase: Phase
     opened_at: int
     commit_deadline: int
     reveal_deadline: int
+    aggregation_deadline: int
     commit_count: int
     reveal_count: int
-    accepted_count: int
-    aggregator: str
-    aggregate_sha256: bytes
-    rewards_paid: int
-    global_adapter_cid: str
-    aggregate_cid: str
-    failure_reason: str
 
 
 @dataclass(frozen=True)
 class Submission:
+    """Coordinator.Submission: one client's submission in one round (empty for a round the
+    client has moved past; the events keep every submission)."""
+
+    status: SubmissionStatus
     commitment: bytes
-    sha256: bytes
     num_samples: int
-    committed_at: int
-    revealed_at: int
-    revealed: bool
-    accepted: bool
-    cid: str
+
+    @property
+    def committed(self) -> bool:
+        return self.status >= SubmissionStatus.COMMITTED
+
+    @property
+    def revealed(self) -> bool:
+        return self.status >= SubmissionStatus.REVEALED
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == SubmissionStatus.ACCEPTED
 
 
 # ------------------------------------------------------------------------------ events
@@ -692,10 +843,25 @@ class Approval(Event):
 
 
 @dataclass(frozen=True)
-class RewardMinted(Event):
-    to: str
-    amount: int
-    minter: str
+class DefaultAdminTransferScheduled(Event):
+    new_admin: str
+    accept_schedule: int
+
+
+@dataclass(frozen=True)
+class DefaultAdminTransferCanceled(Event):
+    pass
+
+
+@dataclass(frozen=True)
+class DefaultAdminDelayChangeScheduled(Event):
+    new_delay: int
+    effect_schedule: int
+
+
+@dataclass(frozen=True)
+class DefaultAdminDelayChangeCanceled(Event):
+    pass
 
 
 @dataclass(frozen=True)
@@ -725,6 +891,7 @@ class RoundOpened(Event):
     global_adapter_cid: str
     commit_deadline: int
     reveal_deadline: int
+    aggregation_deadline: int
 
 
 @dataclass(frozen=True)
@@ -764,12 +931,29 @@ class AggregateAccepted(Event):
 
 
 @dataclass(frozen=True)
-class RewardPaid(Event):
+class RewardEarned(Event):
+    """A reward credited to ``recipient`` (minted when it claims): a contributor's share for
+    its update's contribution ``score`` (of ``SCORE_SCALE``), or the aggregator's fee."""
+
     task_id: int
     round: int
     recipient: str
+    score: int
     amount: int
     is_aggregator: bool
+
+
+@dataclass(frozen=True)
+class RewardsClaimed(Event):
+    task_id: int
+    account: str
+    amount: int
+
+
+@dataclass(frozen=True)
+class FeesClaimed(Event):
+    aggregator: str
+    amount: int
 
 
 @dataclass(frozen=True)
@@ -1056,34 +1240,6 @@ class ContractClient:
                 out.append(_decode_event(cls, log))
         return sorted(out, key=lambda e: e.log_index)
 
-    # -- AccessControl (shared by all three contracts)
-    def has_role(self, role: bytes, account: str) -> bool:
-        """AccessControl.hasRole."""
-        return bool(self._call("hasRole", role, to_checksum_address(account)))
-
-    def get_role_admin(self, role: bytes) -> bytes:
-        """AccessControl.getRoleAdmin."""
-        return bytes(self._call("getRoleAdmin", role))
-
-    def grant_role(self, role: bytes, account: str) -> TxReceipt:
-        """AccessControl.grantRole (role admin only)."""
-        return self._transact("grantRole", role, to_checksum_address(account))
-
-    def revoke_role(self, role: bytes, account: str) -> TxReceipt:
-        """AccessControl.revokeRole (role admin only)."""
-        return self._transact("revokeRole", role, to_checksum_address(account))
-
-    def renounce_role(self, role: bytes, account: str) -> TxReceipt:
-        """AccessControl.renounceRole (``account`` must be the sender)."""
-        return self._transact("renounceRole", role, to_checksum_address(account))
-
-    def supports_interface(self, interface_id: bytes) -> bool:
-        """ERC-165 supportsInterface."""
-        return bool(self._call("supportsInterface", interface_id))
-
-    def default_admin_role(self) -> bytes:
-        """AccessControl.DEFAULT_ADMIN_ROLE (zero)."""
-        return bytes(self._call("DEFAULT_ADMIN_ROLE"))
 
 
 def _discard_marker() -> Any:
@@ -1096,18 +1252,16 @@ _DISCARD = _discard_marker()
 
 GOVERNANCE_ROLE = keccak(text="GOVERNANCE_ROLE")
 AGGREGATOR_ROLE = keccak(text="AGGREGATOR_ROLE")
-MINTER_ROLE = keccak(text="MINTER_ROLE")
 DEFAULT_ADMIN_ROLE = b"\x00" * 32
 ROLE_NAMES = {
     GOVERNANCE_ROLE: "GOVERNANCE_ROLE",
     AGGREGATOR_ROLE: "AGGREGATOR_ROLE",
-    MINTER_ROLE: "MINTER_ROLE",
     DEFAULT_ADMIN_ROLE: "DEFAULT_ADMIN_ROLE",
 }
 
 
 class Registry(ContractClient):
-    """Typed client of Registry.sol."""
+    """Typed client of Registry.sol: clients, roles, and the two-step admin transfer."""
 
     NAME = "Registry"
 
@@ -1163,15 +1317,93 @@ class Registry(ContractClient):
         """revokeRole(AGGREGATOR_ROLE, account) (admin)."""
         return self.revoke_role(AGGREGATOR_ROLE, account)
 
+    # -- AccessControl
+    def has_role(self, role: bytes, account: str) -> bool:
+        """AccessControl.hasRole."""
+        return bool(self._call("hasRole", role, to_checksum_address(account)))
+
+    def get_role_admin(self, role: bytes) -> bytes:
+        """AccessControl.getRoleAdmin."""
+        return bytes(self._call("getRoleAdmin", role))
+
+    def grant_role(self, role: bytes, account: str) -> TxReceipt:
+        """AccessControl.grantRole (role admin only; never DEFAULT_ADMIN_ROLE)."""
+        return self._transact("grantRole", role, to_checksum_address(account))
+
+    def revoke_role(self, role: bytes, account: str) -> TxReceipt:
+        """AccessControl.revokeRole (role admin only)."""
+        return self._transact("revokeRole", role, to_checksum_address(account))
+
+    def renounce_role(self, role: bytes, account: str) -> TxReceipt:
+        """AccessControl.renounceRole (``account`` must be the sender)."""
+        return self._transact("renounceRole", role, to_checksum_address(account))
+
+    def supports_interface(self, interface_id: bytes) -> bool:
+        """ERC-165 supportsInterface."""
+        return bool(self._call("supportsInterface", interface_id))
+
+    def default_admin_role(self) -> bytes:
+        """AccessControl.DEFAULT_ADMIN_ROLE (zero)."""
+        return bytes(self._call("DEFAULT_ADMIN_ROLE"))
+
+    # -- default-admin rules: the admin moves in two steps with a delay
+    def default_admin(self) -> str:
+        """The one holder of DEFAULT_ADMIN_ROLE."""
+        return to_checksum_address(self._call("defaultAdmin"))
+
+    def owner(self) -> str:
+        """Alias of ``default_admin`` (ERC-5313)."""
+        return to_checksum_address(self._call("owner"))
+
+    def pending_default_admin(self) -> tuple[str, int]:
+        """(new admin, timestamp from which it may accept); zero address when none pending."""
+        admin, schedule = self._call("pendingDefaultAdmin")
+        return to_checksum_address(admin), int(schedule)
+
+    def default_admin_delay(self) -> int:
+        """Seconds between beginning and accepting an admin transfer."""
+        return int(self._call("defaultAdminDelay"))
+
+    def pending_default_admin_delay(self) -> tuple[int, int]:
+        delay, schedule = self._call("pendingDefaultAdminDelay")
+        return int(delay), int(schedule)
+
+    def default_admin_delay_increase_wait(self) -> int:
+        return int(self._call("defaultAdminDelayIncreaseWait"))
+
+    def begin_default_admin_transfer(self, new_admin: str) -> TxReceipt:
+        """Step one (current admin): schedule the transfer to ``new_admin``."""
+        return self._transact("beginDefaultAdminTransfer", to_checksum_address(new_admin))
+
+    def cancel_default_admin_transfer(self) -> TxReceipt:
+        """Cancel a pending transfer (current admin)."""
+        return self._transact("cancelDefaultAdminTransfer")
+
+    def accept_default_admin_transfer(self) -> TxReceipt:
+        """Step two (the new admin, once the delay has passed)."""
+        return self._transact("acceptDefaultAdminTransfer")
+
+    def change_default_admin_delay(self, new_delay: int) -> TxReceipt:
+        """Schedule a new admin-transfer delay (current admin)."""
+        return self._transact("changeDefaultAdminDelay", int(new_delay))
+
+    def rollback_default_admin_delay(self) -> TxReceipt:
+        """Cancel a scheduled delay change (current admin)."""
+        return self._transact("rollbackDefaultAdminDelay")
+
 
 class RewardToken(ContractClient):
-    """Typed client of RewardToken.sol (ERC-20 + minter role)."""
+    """Typed client of RewardToken.sol (ERC-20 whose only minter is the Coordinator)."""
 
     NAME = "RewardToken"
 
     def mint(self, to: str, amount: int) -> TxReceipt:
-        """Mint (MINTER_ROLE only; the Coordinator in a deployment)."""
+        """Mint (the minter only: every other sender reverts with NotMinter)."""
         return self._transact("mint", to_checksum_address(to), int(amount))
+
+    def minter(self) -> str:
+        """The only account that can mint (the Coordinator), fixed at deployment."""
+        return to_checksum_address(self._call("minter"))
 
     def transfer(self, to: str, amount: int) -> TxReceipt:
         return self._transact("transfer", to_checksum_address(to), int(amount))
@@ -1204,8 +1436,10 @@ class RewardToken(ContractClient):
     def decimals(self) -> int:
         return int(self._call("decimals"))
 
-    def minter_role(self) -> bytes:
-        return bytes(self._call("MINTER_ROLE"))
+
+def sort_included(addresses: Iterable[str]) -> list[str]:
+    """Checksummed addresses in the ascending numeric order ``submitAggregate`` requires."""
+    return sorted((to_checksum_address(a) for a in addresses), key=lambda a: int(a, 16))
 
 
 class Coordinator(ContractClient):
@@ -1239,8 +1473,20 @@ class Coordinator(ContractClient):
         """Join a task before it starts (approved clients)."""
         return self._transact("joinTask", int(task_id))
 
+    def commitment_for(
+        self, task_id: int, round: int, cid: str, sha256: bytes, num_samples: int, salt: bytes,
+        sender: str | None = None,
+    ) -> bytes:
+        """The commitment the sender (or ``sender``) must submit for these reveal values."""
+        who = sender or (self.sender.address if self.sender is not None else None)
+        if who is None:
+            raise ValueError("commitment_for needs a sender")
+        return make_commitment(
+            self.manifest.chain_id, self.address, task_id, round, who, cid, sha256, num_samples, salt
+        )
+
     def commit_update(self, task_id: int, round: int, commitment: bytes) -> TxReceipt:
-        """Commit to an update (``make_commitment``)."""
+        """Commit to an update (``commitment_for`` / ``make_commitment``)."""
         return self._transact(
             "commitUpdate", int(task_id), int(round), _bytes32(commitment, "commitment")
         )
@@ -1248,7 +1494,9 @@ class Coordinator(ContractClient):
     def reveal_update(
         self, task_id: int, round: int, cid: str, sha256: bytes, num_samples: int, salt: bytes
     ) -> TxReceipt:
-        """Reveal the committed update."""
+        """Reveal the committed update (``num_samples`` is a uint32, at most the task's cap)."""
+        if isinstance(num_samples, bool) or not 0 <= int(num_samples) < 2**32:
+            raise ValueError(f"num_samples={num_samples!r} is not a uint32")
         return self._transact(
             "revealUpdate",
             int(task_id),
@@ -1266,6 +1514,15 @@ class Coordinator(ContractClient):
         v = int(value) if scaled else round_half_even(value * METRIC_SCALE)
         return self._transact("reportMetric", int(task_id), int(round), metric, v)
 
+    def claim_rewards(self, task_id: int) -> TxReceipt:
+        """Mint the sender's earned rewards of a task (reverts NothingToClaim when none)."""
+        return self._transact("claimRewards", int(task_id))
+
+    # -- anyone
+    def advance_phase(self, task_id: int, round: int) -> TxReceipt:
+        """Close a Commit or Reveal phase that waits only for clients no longer approved."""
+        return self._transact("advancePhase", int(task_id), int(round))
+
     # -- aggregator
     def submit_aggregate(
         self,
@@ -1273,17 +1530,34 @@ class Coordinator(ContractClient):
         round: int,
         aggregate_cid: str,
         aggregate_sha256: bytes,
-        included: Sequence[str],
+        scores: Mapping[str, int] | Sequence[str],
     ) -> TxReceipt:
-        """Accept an aggregate for the round and pay rewards (aggregator role)."""
+        """Accept an aggregate for the round and credit rewards (aggregator role).
+
+        ``scores`` maps each included client to its contribution score (0..SCORE_SCALE); a
+        plain list of clients gives them equal scores. The client sorts them as the contract
+        requires."""
+        if not isinstance(scores, Mapping):
+            scores = {c: SCORE_SCALE for c in scores}
+        by_address = {to_checksum_address(c): int(v) for c, v in scores.items()}
+        included = sort_included(by_address)
         return self._transact(
             "submitAggregate", int(task_id), int(round), aggregate_cid,
-            _bytes32(aggregate_sha256, "aggregate_sha256"), [to_checksum_address(a) for a in included],
+            _bytes32(aggregate_sha256, "aggregate_sha256"), included, [by_address[c] for c in included],
         )  # fmt: skip
 
-    def fail_round(self, task_id: int, round: int, reason: str) -> TxReceipt:
-        """Mark an Aggregating round failed and open a retry or fail the task."""
-        return self._transact("failRound", int(task_id), int(round), reason)
+    def fail_round(
+        self, task_id: int, round: int, reason: str, global_adapter_cid: str | None = None
+    ) -> TxReceipt:
+        """Mark an Aggregating round failed and open a retry or fail the task. The round's
+        global adapter CID is read from its RoundOpened event unless given."""
+        if global_adapter_cid is None:
+            global_adapter_cid = self.round_global_cid(task_id, round)
+        return self._transact("failRound", int(task_id), int(round), global_adapter_cid, reason)
+
+    def claim_fees(self) -> TxReceipt:
+        """Mint the sender's earned aggregator fees (reverts NothingToClaim when none)."""
+        return self._transact("claimFees")
 
     # -- views
     def task_count(self) -> int:
@@ -1314,8 +1588,17 @@ class Coordinator(ContractClient):
             self._call("getSubmission", int(task_id), int(round), to_checksum_address(client)),
         )
 
-    def get_included(self, task_id: int, round: int) -> list[str]:
-        return [to_checksum_address(a) for a in self._call("getIncluded", int(task_id), int(round))]
+    def rewards_owed(self, task_id: int, account: str) -> int:
+        """Rewards ``account`` earned in the task and has not claimed."""
+        return int(self._call("rewardsOwed", int(task_id), to_checksum_address(account)))
+
+    def fees_owed(self, account: str) -> int:
+        """Aggregator fees ``account`` earned and has not claimed."""
+        return int(self._call("feesOwed", to_checksum_address(account)))
+
+    def revealed_in(self, task_id: int, sha256: bytes) -> int:
+        """The round in which this weights hash was revealed in the task (0: never)."""
+        return int(self._call("revealedIn", int(task_id), _bytes32(sha256, "sha256")))
 
     def get_metric(self, task_id: int, round: int, client: str, metric: str) -> tuple[bool, int]:
         reported, value = self._call(
@@ -1324,19 +1607,16 @@ class Coordinator(ContractClient):
         return bool(reported), int(value)
 
     def compute_commitment(
-        self, cid: str, sha256: bytes, num_samples: int, salt: bytes, sender: str
+        self, task_id: int, round: int, sender: str, cid: str, sha256: bytes, num_samples: int,
+        salt: bytes,
     ) -> bytes:
         """The contract's own commitment hash (checks ``make_commitment``)."""
         return bytes(
             self._call(
-                "computeCommitment",
-                cid,
-                _bytes32(sha256, "sha256"),
-                int(num_samples),
-                _bytes32(salt, "salt"),
-                to_checksum_address(sender),
+                "computeCommitment", int(task_id), int(round), to_checksum_address(sender), cid,
+                _bytes32(sha256, "sha256"), int(num_samples), _bytes32(salt, "salt"),
             )
-        )
+        )  # fmt: skip
 
     def registry_address(self) -> str:
         return to_checksum_address(self._call("registry"))
@@ -1349,6 +1629,44 @@ class Coordinator(ContractClient):
 
     def metric_scale(self) -> int:
         return int(self._call("METRIC_SCALE"))
+
+    def score_scale(self) -> int:
+        return int(self._call("SCORE_SCALE"))
+
+    def max_phase_duration(self) -> int:
+        return int(self._call("MAX_PHASE_DURATION"))
+
+    # -- history (events): what storage no longer keeps
+    def round_global_cid(self, task_id: int, round: int) -> str:
+        """The CID of the adapter round ``round`` trains from (its RoundOpened event)."""
+        events = self.get_events(
+            "RoundOpened", self.manifest.deploy_block, taskId=int(task_id), round=int(round)
+        )
+        if not events:
+            raise ValueError(f"task {task_id} has no round {round}")
+        return str(events[-1].global_adapter_cid)  # type: ignore[attr-defined]
+
+    def global_adapter_cid(self, task_id: int) -> str:
+        """The task's current global adapter CID (its latest round's, or the final one)."""
+        done = self.get_events("TaskCompleted", self.manifest.deploy_block, taskId=int(task_id))
+        if done:
+            return str(done[-1].final_adapter_cid)  # type: ignore[attr-defined]
+        state = self.get_task(task_id)
+        if state.current_round == 0:
+            return self.get_task_params(task_id).initial_adapter_cid
+        return self.round_global_cid(task_id, state.current_round)
+
+    def accepted_aggregate(self, task_id: int, round: int) -> AggregateAccepted | None:
+        """The round's AggregateAccepted event (None when it was not accepted)."""
+        events = self.get_events(
+            "AggregateAccepted", self.manifest.deploy_block, taskId=int(task_id), round=int(round)
+        )
+        return events[-1] if events else None  # type: ignore[return-value]
+
+    def included(self, task_id: int, round: int) -> list[str]:
+        """The clients included in the round's accepted aggregate (empty when none)."""
+        ev = self.accepted_aggregate(task_id, round)
+        return list(ev.included) if ev is not None else []
 
 
 def round_half_even(x: float) -> int:

@@ -10,7 +10,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from web3 import Web3
 
-from prismesh.chain.evm.contracts import AGGREGATOR_ROLE, MINTER_ROLE, ErrorDecoder, TxSender
+from prismesh.chain.evm.contracts import ErrorDecoder, TxSender
 from prismesh.chain.evm.manifest import (
     CORE_CONTRACTS,
     GADGET,
@@ -20,6 +20,18 @@ from prismesh.chain.evm.manifest import (
     save_manifest,
 )
 from prismesh.chain.evm.toolchain import compile_contracts
+
+# Seconds between beginning and accepting a Registry admin transfer.
+DEFAULT_ADMIN_DELAY = 2 * 24 * 3600
+
+
+def create_address(sender: str, nonce: int) -> str:
+    """The address a contract created by ``sender`` with ``nonce`` gets (CREATE)."""
+    import rlp
+    from eth_utils import keccak
+
+    raw = keccak(rlp.encode([bytes.fromhex(to_checksum_address(sender)[2:]), int(nonce)]))
+    return to_checksum_address(raw[12:])
 
 
 def _deploy_one(
@@ -35,6 +47,8 @@ def deploy(
     w3: Web3,
     deployer: LocalAccount,
     *,
+    governance: str | None = None,
+    admin_delay: int = DEFAULT_ADMIN_DELAY,
     validators: Sequence[str] | None = None,
     aggregators: Sequence[str] = (),
     kind: str = "rpc",
@@ -43,12 +57,17 @@ def deploy(
     artifacts: dict[str, dict[str, Any]] | None = None,
     on_receipt: Callable[[str, str, Any], None] | None = None,
 ) -> Manifest:
-    """Deploy RewardToken, Registry and Coordinator (and FinalityGadget when ``validators`` are
-    given and its source exists), grant the Coordinator MINTER_ROLE and ``aggregators`` the
-    aggregator role, and write the manifest to ``manifest_path`` when given.
+    """Deploy Registry, RewardToken and Coordinator (and FinalityGadget when ``validators`` are
+    given and its source exists), and write the manifest to ``manifest_path`` when given.
 
-    ``deployer`` becomes governance (admin of every role). ``on_receipt(contract, function,
-    receipt)`` sees every transaction (the gas report uses it)."""
+    ``governance`` (default: the deployer) receives the Registry's admin and governance roles;
+    another address, e.g. a multisig contract, leaves the deployer with no role at all. The
+    admin moves later only in two steps ``admin_delay`` seconds apart. ``aggregators`` hold
+    the aggregator role from the start. The token is created with the Coordinator's address
+    (computed from the deployer's nonce) as its only minter, and the Coordinator's constructor
+    checks it, so no account can ever mint outside the Coordinator.
+
+    ``on_receipt(contract, function, receipt)`` sees every transaction (the gas report uses it)."""
     arts = artifacts if artifacts is not None else compile_contracts()
     for name in CORE_CONTRACTS:
         if name not in arts:
@@ -56,22 +75,14 @@ def deploy(
     sender = TxSender(w3, deployer, ErrorDecoder(a["abi"] for a in arts.values()))
     if on_receipt is not None:
         sender = _Recording(sender, on_receipt)
-    gov = deployer.address
-    token, first_block = _deploy_one(w3, sender, arts, "RewardToken", gov)
-    registry, _ = _deploy_one(w3, sender, arts, "Registry", gov)
+    gov = to_checksum_address(governance or deployer.address)
+    aggs = [to_checksum_address(a) for a in aggregators]
+    registry, first_block = _deploy_one(w3, sender, arts, "Registry", int(admin_delay), gov, aggs)
+    nonce = w3.eth.get_transaction_count(deployer.address, "pending")
+    predicted = create_address(deployer.address, nonce + 1)
+    token, _ = _deploy_one(w3, sender, arts, "RewardToken", predicted)
     coordinator, _ = _deploy_one(w3, sender, arts, "Coordinator", registry, token)
     addresses = {"RewardToken": token, "Registry": registry, "Coordinator": coordinator}
-
-    token_c = w3.eth.contract(address=token, abi=arts["RewardToken"]["abi"])
-    sender.send(
-        {"to": token, "data": token_c.encode_abi("grantRole", args=[MINTER_ROLE, coordinator])},
-        "RewardToken",
-        "grantRole",
-    )
-    registry_c = w3.eth.contract(address=registry, abi=arts["Registry"]["abi"])
-    for agg in aggregators:
-        data = registry_c.encode_abi("grantRole", args=[AGGREGATOR_ROLE, to_checksum_address(agg)])
-        sender.send({"to": registry, "data": data}, "Registry", "grantRole")
 
     if validators:
         if GADGET in arts:
@@ -115,11 +126,14 @@ def deploy_to_devnet(
     validators: Sequence[str] | None = None,
     aggregators: Sequence[str] = (),
     manifest_path: Path | None = None,
+    governance: str | None = None,
 ) -> Manifest:
-    """Deploy to a ``prismesh.chain.evm.devnet.Devnet`` with its account 0 as governance."""
+    """Deploy to a ``prismesh.chain.evm.devnet.Devnet`` from its account 0 (governance unless
+    ``governance`` names another account)."""
     return deploy(
         devnet.w3,
         devnet.accounts[0],
+        governance=governance,
         validators=validators,
         aggregators=aggregators,
         kind=devnet.kind,

@@ -341,6 +341,7 @@ def start_anvil(
     port: int | None = None,
     chain_id: int = ANVIL_CHAIN_ID,
     block_time: float | None = None,
+    num_accounts: int = DEFAULT_ACCOUNTS,
 ) -> AnvilDevnet:
     """Start anvil and wait until it answers. With ``state_file`` the chain is loaded from it
     (when it exists) and dumped to it on ``stop()``, so a restart continues the same chain.
@@ -350,7 +351,8 @@ def start_anvil(
     for _ in range(attempts):
         try:
             return AnvilDevnet(
-                state_file=state_file, port=port, chain_id=chain_id, block_time=block_time
+                state_file=state_file, port=port, chain_id=chain_id, block_time=block_time,
+                num_accounts=num_accounts,
             )
         except DevnetError as exc:
             last = exc

@@ -705,6 +705,11 @@ class Committee:
         try:
             receipt = self.client.submit_certificate(cert, self.submitter)
         except GadgetRevert as exc:
+            if exc.error_name == "UncheckableHeight":
+                # More than 256 blocks old: the gadget cannot check its hash any more. A later
+                # commit certifies a recent block, which finalizes this one too.
+                self.collector.prune(cert.height)
+                return
             if exc.error_name != "StaleHeight":
                 raise
             self.final_height = self.client.finalized_height()

@@ -71,8 +71,10 @@ def register(subparsers: Any) -> None:
     d = subparsers.add_parser(
         "deploy",
         help="deploy the contracts with web3.py and write the manifest",
-        description="Deploy RewardToken, Registry, Coordinator (and FinalityGadget with "
-        "--validators) to an RPC endpoint; the deployer becomes governance.",
+        description="Deploy Registry, RewardToken, Coordinator (and FinalityGadget with "
+        "--validators) to an RPC endpoint. The deployer becomes governance unless --governance "
+        "hands it to another account (e.g. a multisig); the admin role then moves only in two "
+        "steps, --admin-delay seconds apart. Only the Coordinator can ever mint rewards.",
     )
     d.add_argument("--rpc-url", default=os.environ.get("PRISMESH_RPC_URL", "http://127.0.0.1:8545"))
     d.add_argument(
@@ -98,6 +100,17 @@ def register(subparsers: Any) -> None:
         help="address granted the aggregator role (repeatable)",
     )
     d.add_argument(
+        "--governance",
+        default=None,
+        help="address that receives the admin and governance roles (default: the deployer)",
+    )
+    d.add_argument(
+        "--admin-delay",
+        type=int,
+        default=None,
+        help="seconds between beginning and accepting an admin transfer (default two days)",
+    )
+    d.add_argument(
         "--kind",
         default=None,
         help="manifest kind (default: anvil for a devnet chain id, else rpc)",
@@ -119,7 +132,7 @@ def register(subparsers: Any) -> None:
 
     g = subparsers.add_parser(
         "gas-report",
-        help="run a full 3-client round on anvil and print gas per external call",
+        help="measure gas per external call on anvil (3 and 32 clients) beside the targets",
     )
     g.add_argument(
         "--out",
@@ -151,6 +164,8 @@ def _validators(spec: str) -> list[str]:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from eth_utils import is_address
+
     from prismesh.chain.evm.deploy import deploy
     from prismesh.chain.evm.devnet import DEV_CHAIN_IDS, http_web3
     from prismesh.chain.evm.manifest import default_manifest_path
@@ -174,9 +189,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise CommandError(f"--key: {exc}") from None
     kind = args.kind or ("anvil" if chain_id in DEV_CHAIN_IDS else "rpc")
     path = args.manifest or default_manifest_path(chain_id)
+    if args.governance is not None and not is_address(args.governance):
+        raise UsageError(f"--governance: {args.governance!r} is not an address")
+    if args.admin_delay is not None and args.admin_delay < 0:
+        raise UsageError("--admin-delay must be zero or more seconds")
+    extra: dict[str, Any] = {}
+    if args.admin_delay is not None:
+        extra["admin_delay"] = args.admin_delay
     manifest = deploy(
         w3,
         deployer,
+        governance=args.governance,
+        **extra,
         validators=_validators(args.validators) or None,
         aggregators=args.aggregator,
         kind=kind,

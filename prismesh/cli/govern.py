@@ -4,6 +4,7 @@ tasks, and read a task's state. Every command signs with the governance key it i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -83,7 +84,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-failed-rounds", type=int, default=2)
     p.add_argument("--commit-seconds", type=int, default=3600)
     p.add_argument("--reveal-seconds", type=int, default=1800)
-    p.add_argument("--reward", type=float, default=10.0, help="tokens per accepted update")
+    p.add_argument("--aggregation-seconds", type=int, default=3600,
+                   help="time the aggregator has once reveals close; after it anyone may fail the round")
+    p.add_argument("--weighting", choices=("samples", "uniform"), default="samples",
+                   help="aggregation weights: claimed sample counts (capped) or equal (default samples)")
+    p.add_argument("--sample-cap", type=int, default=10_000,
+                   help="most samples a client may claim (the chain refuses more; default 10000)")
+    p.add_argument("--reward", type=float, default=10.0,
+                   help="tokens per included update, pooled per round and split by contribution score")
     p.add_argument("--aggregator-reward", type=float, default=2.0)
     p.set_defaults(func=_create_task)
 
@@ -213,20 +221,30 @@ def _create_task(args: argparse.Namespace) -> int:
     manifest, w3, acct = _open(args)
     store = open_store(args.store)
     spec_cid = store.add_bytes(spec.to_bytes())
-    init_cid = add_adapter(store, args.initial_adapter) if args.initial_adapter else ""
+    init_cid, init_sha = "", b""
+    if args.initial_adapter:
+        weights = args.initial_adapter / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise CommandError(f"--initial-adapter {args.initial_adapter}: no adapter_model.safetensors")
+        init_cid = add_adapter(store, args.initial_adapter)
+        init_sha = hashlib.sha256(weights.read_bytes()).digest()
     unit = 10 ** RewardToken.read_only(manifest, w3).decimals()
     params = TaskParams.for_spec(
         spec,
         spec_cid,
         init_cid,
+        init_sha,
         num_rounds=args.rounds,
         min_participants=args.min_participants,
         max_participants=args.max_participants,
         max_failed_rounds=args.max_failed_rounds,
         commit_duration=args.commit_seconds,
         reveal_duration=args.reveal_seconds,
+        aggregation_duration=args.aggregation_seconds,
         reward_per_update=int(args.reward * unit),
         aggregator_reward=int(args.aggregator_reward * unit),
+        sample_cap=args.sample_cap,
+        weighting=args.weighting,
     )
     coord = Coordinator(manifest, w3, acct)
     task = coord.task_id_from(coord.create_task(params))
@@ -269,22 +287,35 @@ def _status_of(coord: Any, task: int | None) -> dict[str, Any]:
             })
         return {"tasks": tasks}
     state = coord.get_task(task)
+    params = coord.get_task_params(task)
+    start = coord.manifest.deploy_block
+    # History lives in events: CIDs, included clients, scores and rewards of every round.
+    accepted = {ev.round: ev for ev in coord.get_events("AggregateAccepted", start, taskId=task)}
+    earned: dict[int, dict[str, dict[str, int]]] = {}
+    for ev in coord.get_events("RewardEarned", start, taskId=task):
+        if not ev.is_aggregator:
+            earned.setdefault(ev.round, {})[ev.recipient] = {"score": ev.score, "reward": ev.amount}
     rounds = []
     for r in range(1, state.current_round + 1):
         info = coord.get_round(task, r)
-        rounds.append({
-            "round": r,
-            "phase": coord.phase_of(task, r).name,
-            "commits": info.commit_count,
-            "reveals": info.reveal_count,
-            "aggregate_cid": info.aggregate_cid,
-            "included": coord.get_included(task, r) if info.aggregate_cid else [],
-        })
+        acc = accepted.get(r)
+        row: dict[str, Any] = {"round": r, "phase": info.phase.name}
+        if r == state.current_round:
+            row.update(commits=info.commit_count, reveals=info.reveal_count,
+                       commit_deadline=info.commit_deadline, reveal_deadline=info.reveal_deadline,
+                       aggregation_deadline=info.aggregation_deadline)
+        row.update(aggregate_cid=acc.aggregate_cid if acc else "", included=list(acc.included) if acc else [],
+                   rewards=earned.get(r, {}))
+        rounds.append(row)
     return {
         "task": task,
         "status": state.status.name,
         "current_round": state.current_round,
         "completed_rounds": state.completed_rounds,
+        "weighting": params.weighting.name.lower(),
+        "sample_cap": params.sample_cap,
+        "reward_budget": params.reward_budget,
+        "rewards_paid": state.rewards_paid,
         "participants": coord.get_participants(task),
         "rounds": rounds,
     }

@@ -210,7 +210,7 @@ def collect_report(fed: Any, task_id: int, clients: list, spec: Any) -> dict[str
     opened = {ev.round: ev for ev in coord.get_events("RoundOpened", start, taskId=task_id)}
     reveals = coord.get_events("UpdateRevealed", start, taskId=task_id)
     metrics = coord.get_events("MetricReported", start, taskId=task_id)
-    rewards = coord.get_events("RewardPaid", start, taskId=task_id)
+    rewards = coord.get_events("RewardEarned", start, taskId=task_id)
     finals = _final_heights(fed)
     rounds = []
     for ev in accepted:
@@ -234,6 +234,7 @@ def collect_report(fed: Any, task_id: int, clients: list, spec: Any) -> dict[str
             "min_acc": fair.get("min_acc"),
             "h_mean": fair.get("h_mean"),
             "rewards": {x.recipient: int(x.amount) for x in rewards if x.round == r},
+            "scores": {x.recipient: int(x.score) for x in rewards if x.round == r and not x.is_aggregator},
             "bytes_uploaded": uploaded,
             "gas_used": _gas_between(fed.w3, begin, ev.block_number),
             "accepted_block": ev.block_number,

@@ -11,6 +11,7 @@ as separate hosts would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -34,19 +35,26 @@ class Hospital:
     train_path: Path
     test_path: Path
     daemon: Any = None
+    free_rider: str | None = None
 
 
 @dataclass
 class TaskSettings:
-    """On-chain task parameters the demo chooses (durations in seconds of chain time)."""
+    """On-chain task parameters the demo chooses (durations in seconds of chain time).
+
+    ``sample_cap`` bounds what a client may claim; ``weighting`` is ``samples`` (capped claims)
+    or ``uniform``."""
 
     num_rounds: int = 3
     min_participants: int = 2
     commit_duration: int = 3600
     reveal_duration: int = 3600
+    aggregation_duration: int = 3600
     reward_per_update: int = 10 * 10**18
     aggregator_reward: int = 2 * 10**18
     max_failed_rounds: int = 2
+    sample_cap: int = 4096
+    weighting: str = "samples"
 
 
 def make_stream(devnet: Any, manifest: Any, names: tuple[str, ...], cursor_path: Path | None,
@@ -118,7 +126,10 @@ class Federation:
 
         return Registry(self.manifest, self.w3, account or self.governance)
 
-    def add_hospital(self, name: str, train_path: Path, test_path: Path, base_model: Path, *, device: str = "cpu", progress: bool = False) -> Hospital:
+    def add_hospital(self, name: str, train_path: Path, test_path: Path, base_model: Path, *, device: str = "cpu",
+                     progress: bool = False, free_rider: str | None = None) -> Hospital:
+        """A hospital's node; with ``free_rider`` (one of ``FREE_RIDER_KINDS``) a participant
+        that does no training and submits that kind of copy or junk instead."""
         from prismesh.node.daemon import NODE_EVENTS, NodeConfig, NodeDaemon
 
         index = FIRST_CLIENT + len(self.hospitals)
@@ -140,8 +151,12 @@ class Federation:
             device=device,
         )
         stream = make_stream(self.devnet, self.manifest, NODE_EVENTS, state_dir / "cursor.json", self.finality)
-        daemon = NodeDaemon(cfg, w3=self.w3, manifest=self.manifest, account=account, store=self.store, stream=stream, progress=progress)
-        hospital = Hospital(name, train_path, test_path, daemon)
+        kwargs = dict(w3=self.w3, manifest=self.manifest, account=account, store=self.store, stream=stream, progress=progress)
+        if free_rider is None:
+            daemon = NodeDaemon(cfg, **kwargs)
+        else:
+            daemon = free_rider_node(free_rider)(cfg, **kwargs)
+        hospital = Hospital(name, train_path, test_path, daemon, free_rider)
         self.hospitals.append(hospital)
         return hospital
 
@@ -178,21 +193,29 @@ class Federation:
         """Pin the task's hyper-parameter file (and initial adapter), create the task on chain."""
         from prismesh.chain.evm.contracts import TaskParams
         from prismesh.chain.storage import add_adapter
+        from prismesh.node.daemon import file_sha256
 
         spec_cid = self.store.add_bytes(spec.to_bytes())
-        init_cid = add_adapter(self.store, initial_adapter) if initial_adapter is not None else ""
+        init_cid, init_sha = "", b""
+        if initial_adapter is not None:
+            init_cid = add_adapter(self.store, initial_adapter)
+            init_sha = file_sha256(Path(initial_adapter) / "adapter_model.safetensors")
         params = TaskParams.for_spec(
             spec,
             spec_cid,
             init_cid,
+            init_sha,
             num_rounds=settings.num_rounds,
             min_participants=settings.min_participants,
             max_participants=max(len(self.hospitals), settings.min_participants),
             max_failed_rounds=settings.max_failed_rounds,
             commit_duration=settings.commit_duration,
             reveal_duration=settings.reveal_duration,
+            aggregation_duration=settings.aggregation_duration,
             reward_per_update=settings.reward_per_update,
             aggregator_reward=settings.aggregator_reward,
+            sample_cap=settings.sample_cap,
+            weighting=settings.weighting,
         )
         coord = self.coordinator()
         receipt = coord.create_task(params)
@@ -256,3 +279,126 @@ class Federation:
 def model_config_of(base_model: Path) -> dict[str, Any]:
     """The base model's config.json, as the task spec carries it for shape checks."""
     return json.loads((Path(base_model) / "config.json").read_text())
+
+
+# ---------------------------------------------------------------------------- free riders
+
+FREE_RIDER_KINDS = ("copy-global", "copy-peer", "perturb", "noise")
+
+
+def free_rider_node(kind: str) -> type:
+    """A node daemon class that joins, commits and reveals like any other but never trains:
+
+    * ``copy-global``: the round's global adapter itself;
+    * ``copy-peer``: another participant's update of the previous round (the global in round 1);
+    * ``perturb``: the global plus Gaussian noise of 1e-3 of its factors' spread;
+    * ``noise``: Gaussian factors with the spread of the global's (a plausible-looking adapter).
+
+    The weights file carries the free rider's own metadata, so its bytes (and sha256) are new and
+    the chain's copy checks pass: what is left to stop it is the contribution score. It always
+    claims the task's sample cap (the most weight it can get)."""
+    if kind not in FREE_RIDER_KINDS:
+        raise ValueError(f"unknown free-rider kind {kind!r}; known: {', '.join(FREE_RIDER_KINDS)}")
+    from prismesh.node.daemon import NodeDaemon
+
+    class FreeRiderNode(NodeDaemon):
+        def _train_and_pin(self, task: int, rnd: int, global_cid: str, spec: Any, rec: dict) -> dict:
+            cid = rec.get("cid")
+            if cid and self.store.has(cid):
+                return rec
+            tensors = self._fake_tensors(task, rnd, global_cid)
+            cid, sha = self._pin(task, rnd, global_cid, tensors)
+            rec = {"stage": "pinned", "cid": cid, "sha256": sha, "free_rider": kind,
+                   "num_samples": int(self.coordinator.get_task_params(task).sample_cap)}
+            self.state.section("rounds")[f"{task}:{rnd}"] = rec
+            self.state.save()
+            log.info("%s: task %d round %d: free rider (%s) pinned %s", self.config.name, task, rnd, kind, cid)
+            return rec
+
+        def _fake_tensors(self, task: int, rnd: int, global_cid: str) -> dict[str, Any]:
+            import numpy as np
+
+            from prismesh.aggregator.adapters import load_adapter
+
+            if not global_cid:
+                raise ValueError("a free rider needs a task with an initial adapter")
+            glob = load_adapter(self.fetch_global(global_cid)).as_numpy().tensors
+            seed = hashlib.sha256(f"{self.address}/{task}/{rnd}/{kind}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(seed[:8], "big"))
+            if kind == "copy-peer" and rnd > 1:
+                peers = [ev for ev in self.coordinator.get_events(
+                    "UpdateRevealed", self.manifest.deploy_block, taskId=task, round=rnd - 1)
+                    if ev.client != self.address]
+                if peers:
+                    peer = min(peers, key=lambda ev: ev.client)
+                    return dict(load_adapter(self.fetch_global(peer.cid)).as_numpy().tensors)
+            if kind in ("copy-global", "copy-peer"):
+                return dict(glob)
+            # Each kind of factor gets the spread the global's factors of that kind have (the
+            # global's B is all zero at the start: then B gets A's spread).
+            spread = {}
+            for suffix in ("lora_A.weight", "lora_B.weight"):
+                values = [t.ravel() for k, t in glob.items() if k.endswith(suffix)]
+                spread[suffix] = float(np.std(np.concatenate(values))) if values else 0.0
+            spread["lora_B.weight"] = spread["lora_B.weight"] or spread["lora_A.weight"]
+            out = {}
+            for key, t in sorted(glob.items()):
+                sigma = next((v for suffix, v in spread.items() if key.endswith(suffix)), float(np.std(t)))
+                if kind == "perturb":
+                    out[key] = (t + rng.standard_normal(t.shape) * 1e-3 * sigma).astype(t.dtype)
+                else:
+                    out[key] = (rng.standard_normal(t.shape) * sigma).astype(t.dtype)
+            return out
+
+        def _pin(self, task: int, rnd: int, global_cid: str, tensors: dict[str, Any]) -> tuple[str, str]:
+            from prismesh.aggregator.adapters import (
+                SAFETENSORS_METADATA,
+                WEIGHTS_NAME,
+                Adapter,
+                load_adapter,
+                save_adapter,
+                serialize_safetensors,
+            )
+            from prismesh.chain.storage import add_adapter
+            from prismesh.node.daemon import file_sha256
+
+            config = load_adapter(self.fetch_global(global_cid)).config
+            out = save_adapter(Adapter(config, tensors), self.config.state_dir / "adapters" / f"task{task}-round{rnd}")
+            meta = {**SAFETENSORS_METADATA, "origin": f"{self.address}/{task}/{rnd}"}
+            (out / WEIGHTS_NAME).write_bytes(serialize_safetensors(tensors, meta))
+            return add_adapter(self.store, out), file_sha256(out / WEIGHTS_NAME).hex()
+
+    FreeRiderNode.__name__ = f"FreeRiderNode[{kind}]"
+    return FreeRiderNode
+
+
+def reward_shares(fed: Federation, task_id: int) -> list[dict[str, Any]]:
+    """Per accepted round, each participant's score, reward and reward relative to the median
+    honest reward (0 when the participant was not included), read from the chain's events."""
+    import statistics
+
+    coord = fed.coordinator()
+    start = fed.manifest.deploy_block
+    rows = []
+    earned: dict[int, dict[str, Any]] = {}
+    for ev in coord.get_events("RewardEarned", start, taskId=task_id):
+        if not ev.is_aggregator:
+            earned.setdefault(ev.round, {})[ev.recipient] = ev
+    for acc in coord.get_events("AggregateAccepted", start, taskId=task_id):
+        got = earned.get(acc.round, {})
+        honest = [int(got[h.daemon.address].amount) if h.daemon.address in got else 0
+                  for h in fed.hospitals if h.free_rider is None]
+        median = statistics.median(honest) if honest else 0
+        for h in fed.hospitals:
+            ev = got.get(h.daemon.address)
+            amount = int(ev.amount) if ev else 0
+            rows.append({
+                "round": acc.round,
+                "name": h.name,
+                "kind": h.free_rider or "honest",
+                "included": ev is not None,
+                "score": int(ev.score) if ev else 0,
+                "reward": amount,
+                "share_of_honest_median": amount / median if median else 0.0,
+            })
+    return rows

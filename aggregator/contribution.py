@@ -1,0 +1,204 @@
+"""Contribution scores: how much each included update added, recomputable by anyone.
+
+Write W for an adapter's weight change in ΔW space (Σ over LoRA modules of s·B·A, relative to
+the base model), G for the round's global adapter and Δ_i = W_i − G for update i. Its score is
+
+    score_i = novelty_i · max(0, cos(Δ_i, c_{-i}))
+
+    novelty_i = min(1, min_{K ∈ known} ‖W_i − K‖ / median_j ‖Δ_j‖)
+    c_{-i}    = Σ_{j ≠ i} novelty_j · Δ_j / ‖Δ_j‖
+
+where ``known`` is everything the task published before the round's reveals: the round's global
+adapter, every earlier global and every update revealed in an earlier round.
+
+* **Novelty** is how far the update is from anything a client could have copied, measured in
+  units of a typical update of the round. A copy of the global (Δ = 0), a tiny perturbation of
+  it, and a copy of any earlier published update (re-serialised so that its hash is new) are
+  all within a sliver of something known and score about 0, whatever else they look like.
+* **Agreement** is the cosine between the update and the leave-one-out consensus direction of
+  the *other* included updates. An update is never compared with itself, so it cannot raise
+  its own score; each other update votes with its unit direction, so neither a huge update
+  (noise at the norm bound) nor a large claimed sample count can drag the consensus; copies
+  do not vote (their novelty is 0), so free riders cannot vouch for each other. Pure noise
+  points in a random direction of a space of millions of dimensions: its cosine with the
+  consensus is about 0, while honest clients training the same task share a direction.
+
+The score needs only the chain (which updates were included, which adapters were published)
+and the stored adapters: no validation data, no model. It assumes that honest clients are the
+majority of the novel updates and that their updates share some direction (the task's); where
+honest updates are orthogonal (disjoint data and nothing in common) agreement cannot tell them
+from noise, and no data-free score can.
+
+Inner products of low-rank adapters use only the factors (⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂)⊙(A₁A₂ᵀ)),
+float64, module by module in sorted order on one BLAS thread, so the scores are the same on
+every run. The chain stores them as integers in [0, SCORE_SCALE] (``to_fixed``), and
+``split_pool`` mirrors the contract's integer arithmetic, so the audit recomputes every reward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from prismesh.aggregator.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, Adapter
+from prismesh.aggregator.lowrank import single_threaded_blas
+from prismesh.aggregator.strategies.base import ClientUpdate
+
+SCORE_SCALE = 1_000_000
+
+
+def _factors(adapters: Sequence[Adapter], module: str) -> tuple[np.ndarray, np.ndarray]:
+    """s·B stacked side by side (out × k·r) and A stacked (k·r × in) for the adapters."""
+    bs, as_ = [], []
+    for ad in adapters:
+        a = np.asarray(ad.tensors[module + LORA_A_SUFFIX], dtype=np.float64)
+        b = np.asarray(ad.tensors[module + LORA_B_SUFFIX], dtype=np.float64)
+        bs.append(ad.scaling(module) * b)
+        as_.append(a)
+    return np.concatenate(bs, axis=1), np.concatenate(as_, axis=0)
+
+
+def inner_products(left: Sequence[Adapter], right: Sequence[Adapter]) -> np.ndarray:
+    """⟨W_a, W_b⟩ for every a in ``left`` and b in ``right``, W being the adapter's weight change
+    in ΔW space (an adapter without tensors is zero). Every adapter with tensors must have the
+    same tensor names and ranks; a mismatch raises ``ValueError`` naming it."""
+    out = np.zeros((len(left), len(right)))
+    li = [i for i, ad in enumerate(left) if ad.tensors]
+    ri = [j for j, ad in enumerate(right) if ad.tensors]
+    if not li or not ri:
+        return out
+    lefts, rights = [left[i] for i in li], [right[j] for j in ri]
+    ref = lefts[0]
+    for ad in lefts + rights:
+        if set(ad.tensors) != set(ref.tensors):
+            raise ValueError("adapters with different tensors cannot be compared")
+    block = np.zeros((len(li), len(ri)))
+    with single_threaded_blas():
+        for m in ref.lora_modules():
+            bl, al = _factors(lefts, m)
+            br, ar = _factors(rights, m)
+            r = al.shape[0] // len(lefts)
+            if al.shape[0] != r * len(lefts) or ar.shape[0] != r * len(rights):
+                raise ValueError(f"module {m}: adapters have different ranks")
+            h = (bl.T @ br) * (al @ ar.T)
+            block += h.reshape(len(lefts), r, len(rights), r).sum(axis=(1, 3))
+        pairs = {m + s for m in ref.lora_modules() for s in (LORA_A_SUFFIX, LORA_B_SUFFIX)}
+        for key in sorted(set(ref.tensors) - pairs):
+            lv = np.stack([np.asarray(ad.tensors[key], np.float64).ravel() for ad in lefts])
+            rv = np.stack([np.asarray(ad.tensors[key], np.float64).ravel() for ad in rights])
+            block += lv @ rv.T
+    out[np.ix_(li, ri)] = block
+    return out
+
+
+def scores_from_geometry(
+    points: np.ndarray, to_known: np.ndarray, known_sq: np.ndarray
+) -> np.ndarray:
+    """Scores in [0, 1] from inner products: ``points`` is the (n+1)×(n+1) matrix of the n
+    updates followed by the round's global adapter, ``to_known`` the n×k products with the
+    known adapters and ``known_sq`` their k squared norms."""
+    p = np.asarray(points, dtype=np.float64)
+    n = p.shape[0] - 1
+    if n <= 0:
+        return np.zeros(0)
+    cross = p[:n, n]
+    delta = p[:n, :n] - cross[:, None] - cross[None, :] + p[n, n]  # ⟨Δ_i, Δ_j⟩
+    nrm = np.sqrt(np.clip(np.diag(delta), 0.0, None))
+    own = np.diag(p)[:n]
+    dist_sq = [nrm**2]
+    if np.asarray(to_known).size:
+        dist_sq.append(own[:, None] - 2.0 * np.asarray(to_known) + np.asarray(known_sq)[None, :])
+    nearest = np.sqrt(np.clip(np.column_stack(dist_sq).min(axis=1), 0.0, None))
+    typical = float(np.median(nrm))
+    novelty = np.minimum(1.0, nearest / typical) if typical > 0 else np.zeros(n)
+    alive = nrm > 0
+    inv = np.where(alive, 1.0 / np.where(alive, nrm, 1.0), 0.0)
+    unit = delta * np.outer(inv, inv)
+    out = np.zeros(n)
+    for i in range(n):
+        votes = novelty * alive
+        votes[i] = 0.0
+        ref_sq = float(votes @ unit @ votes)
+        if novelty[i] <= 0 or ref_sq <= 0:
+            continue
+        cos = float(unit[i] @ votes) / np.sqrt(ref_sq)
+        out[i] = novelty[i] * min(1.0, max(0.0, cos))
+    return out
+
+
+def contribution_scores(
+    adapters: Sequence[Adapter], base: Adapter | None = None, known: Sequence[Adapter] = ()
+) -> np.ndarray:
+    """Scores in [0, 1] of the updates ``adapters`` made from ``base`` (the round's global
+    adapter; None or no tensors: the bare base model), ``known`` being every adapter the task
+    published before the round (earlier globals and reveals)."""
+    glob = base if base is not None else Adapter({}, {})
+    points = list(adapters) + [glob]
+    p = inner_products(points, points)
+    layout = {k: np.shape(v) for k, v in adapters[0].tensors.items()} if adapters else {}
+    known = [k for k in known if {n: np.shape(v) for n, v in k.tensors.items()} == layout]
+    to_known = inner_products(list(adapters), known) if known else np.zeros((len(adapters), 0))
+    known_sq = np.array([inner_products([k], [k])[0, 0] for k in known])
+    return scores_from_geometry(p, to_known, known_sq)
+
+
+def to_fixed(scores: Sequence[float]) -> list[int]:
+    """Scores as the contract stores them: integers in [0, SCORE_SCALE] (round half to even)."""
+    return [int(np.clip(np.rint(s * SCORE_SCALE), 0, SCORE_SCALE)) for s in scores]
+
+
+def score_updates(
+    updates: Sequence[ClientUpdate], base: Adapter | None = None, known: Sequence[Adapter] = ()
+) -> dict[str, int]:
+    """Fixed-point contribution scores of the included ``updates`` (any order) made from
+    ``base``, the round's global adapter, with ``known`` the adapters published before the
+    round: what the aggregator submits and the audit recomputes. Claimed sample counts play no
+    part: a score is about what an update is, not what its sender says."""
+    ordered = sorted(updates, key=lambda u: u.client)
+    if not ordered:
+        return {}
+    scores = contribution_scores([u.adapter.as_numpy() for u in ordered], base, [k.as_numpy() for k in known])
+    return dict(zip([u.client for u in ordered], to_fixed(scores), strict=True))
+
+
+def split_pool(scores: Mapping[str, int], reward_per_update: int, remaining: int) -> dict[str, int]:
+    """Each included client's reward exactly as ``Coordinator.submitAggregate`` credits it:
+    a pool of ``reward_per_update`` per included update (at most the budget ``remaining``),
+    split in proportion to the fixed-point scores, rounded down."""
+    total = sum(scores.values())
+    pool = 0 if total == 0 else min(reward_per_update * len(scores), remaining)
+    return {c: (pool * s) // total if total else 0 for c, s in scores.items()}
+
+
+def published_before(coordinator: object, store: object, task_id: int, round: int, workdir: object) -> list[Adapter]:
+    """The adapters ``known`` to round ``round`` of a task: every round's global adapter up to
+    this one and every update revealed in an earlier round (failed rounds included), in chain
+    order. Adapters that cannot be fetched intact and loaded are left out, by the aggregator
+    and the audit alike. Fetches are cached under ``workdir``."""
+    from pathlib import Path
+
+    from prismesh.aggregator.adapters import load_adapter
+    from prismesh.chain.storage import fetch_adapter
+
+    start = coordinator.manifest.deploy_block  # type: ignore[attr-defined]
+    cids: list[str] = []
+    for ev in coordinator.get_events("RoundOpened", start, taskId=task_id):  # type: ignore[attr-defined]
+        if ev.round <= round and ev.global_adapter_cid:
+            cids.append(ev.global_adapter_cid)
+    for ev in coordinator.get_events("UpdateRevealed", start, taskId=task_id):  # type: ignore[attr-defined]
+        if ev.round < round:
+            cids.append(ev.cid)
+    out: list[Adapter] = []
+    seen: set[str] = set()
+    for cid in cids:
+        if cid in seen:
+            continue
+        seen.add(cid)
+        dest = Path(workdir) / cid  # type: ignore[arg-type]
+        try:
+            path = dest if (dest / "adapter_model.safetensors").is_file() else fetch_adapter(store, cid, dest)
+            out.append(load_adapter(path).as_numpy())
+        except Exception:  # noqa: BLE001 - an unavailable or malformed adapter is simply not known
+            continue
+    return out
