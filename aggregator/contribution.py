@@ -19,7 +19,9 @@ adapter, every earlier global and every update revealed in an earlier round.
   the *other* included updates. An update is never compared with itself, so it cannot raise
   its own score; each other update votes with its unit direction, so neither a huge update
   (noise at the norm bound) nor a large claimed sample count can drag the consensus; copies
-  do not vote (their novelty is 0), so free riders cannot vouch for each other. Pure noise
+  do not vote (their novelty is 0), so free riders cannot vouch for each other; updates of
+  one round that are the same work (twins within 1e-3 of a typical update, i.e. a colluding
+  copy) share one novelty and do not vouch for each other either. Pure noise
   points in a random direction of a space of millions of dimensions: its cosine with the
   consensus is about 0, while honest clients training the same task share a direction.
 
@@ -46,6 +48,8 @@ from prismesh.aggregator.lowrank import single_threaded_blas
 from prismesh.aggregator.strategies.base import ClientUpdate
 
 SCORE_SCALE = 1_000_000
+# Updates of one round closer than this (in units of a typical update) are one piece of work.
+TWIN_TOLERANCE = 1e-3
 
 
 def _factors(adapters: Sequence[Adapter], module: str) -> tuple[np.ndarray, np.ndarray]:
@@ -112,13 +116,17 @@ def scores_from_geometry(
     nearest = np.sqrt(np.clip(np.column_stack(dist_sq).min(axis=1), 0.0, None))
     typical = float(np.median(nrm))
     novelty = np.minimum(1.0, nearest / typical) if typical > 0 else np.zeros(n)
+    # Same-round twins (within a hair of each other): one piece of work, paid once, split.
+    gap_sq = np.diag(delta)[:, None] + np.diag(delta)[None, :] - 2.0 * delta
+    twins = np.sqrt(np.clip(gap_sq, 0.0, None)) <= TWIN_TOLERANCE * typical
+    novelty = novelty / twins.sum(axis=1)
     alive = nrm > 0
     inv = np.where(alive, 1.0 / np.where(alive, nrm, 1.0), 0.0)
     unit = delta * np.outer(inv, inv)
     out = np.zeros(n)
     for i in range(n):
         votes = novelty * alive
-        votes[i] = 0.0
+        votes[twins[i]] = 0.0  # neither itself nor its twins vouch for an update
         ref_sq = float(votes @ unit @ votes)
         if novelty[i] <= 0 or ref_sq <= 0:
             continue

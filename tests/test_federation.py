@@ -80,11 +80,20 @@ def test_full_task_with_finality_pays_every_client(tmp_path, bench):
             link = next(lnk for lnk in fed.store.node(cid).links if lnk.name == "adapter_config.json")
             conf = json.loads(fed.store.cat(unixfs_cid(link.cid)))
             assert conf["base_model_name_or_path"] == "test/tiny-qwen3", cid
+        # Each round's pool (reward per update x included updates) is split by contribution
+        # score; the nodes claimed what they earned when the task completed.
         from prismesh.chain.evm.contracts import RewardToken
 
         t = RewardToken(fed.manifest, fed.w3, fed.governance)
+        earned = coord.get_events("RewardEarned", fed.manifest.deploy_block, taskId=task)
+        for ev in accepted:
+            shares = [e for e in earned if e.round == ev.round and not e.is_aggregator]
+            assert sorted(e.recipient for e in shares) == addresses
+            pool = TaskSettings().reward_per_update * len(addresses)
+            assert pool - len(shares) <= sum(e.amount for e in shares) <= pool or all(e.score == 0 for e in shares)
         for a in addresses:
-            assert t.balance_of(a) == 2 * TaskSettings().reward_per_update
+            assert t.balance_of(a) == sum(e.amount for e in earned if e.recipient == a)
+            assert coord.rewards_owed(task, a) == 0
         # Each event a node acted on was final when it acted: everything up to the last
         # aggregate is certified by the committee.
         assert fed.committee.final_height >= accepted[-1].block_number
@@ -92,8 +101,9 @@ def test_full_task_with_finality_pays_every_client(tmp_path, bench):
 
         report = audit_task(fed.w3, fed.manifest, fed.store, task)
         assert report.ok, report.render()
-        recomputed = [f for f in report.findings if f.check == "aggregate recomputed"]
-        assert len(recomputed) == 2 and all(f.ok for f in recomputed)
+        for check in ("aggregate recomputed", "scores recomputed", "rewards recomputed"):
+            found = [f for f in report.findings if f.check == check]
+            assert len(found) == 2 and all(f.ok for f in found), check
         assert any(f.check == "finality certificate" for f in report.findings)
 
         # Tamper with one stored client adapter: the audit must fail and name it.
@@ -179,9 +189,12 @@ def test_bad_updates_are_excluded_with_reasons_and_honest_clients_paid(tmp_path,
         from prismesh.chain.evm.contracts import RewardToken
 
         token = RewardToken(fed.manifest, fed.w3, fed.governance)
+        coord = fed.coordinator()
+        earned = coord.get_events("RewardEarned", fed.manifest.deploy_block, taskId=task)
+        assert {e.recipient for e in earned if not e.is_aggregator} == {h.daemon.address for h in honest}
         for h in honest:
-            assert token.balance_of(h.daemon.address) == TaskSettings().reward_per_update
-        for n in bad.values():
-            assert token.balance_of(n.daemon.address) == 0
+            assert token.balance_of(h.daemon.address) == sum(e.amount for e in earned if e.recipient == h.daemon.address)
+        for n in bad.values():  # excluded updates earn nothing
+            assert token.balance_of(n.daemon.address) == 0 == coord.rewards_owed(task, n.daemon.address)
     finally:
         fed.close()

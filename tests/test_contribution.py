@@ -1,0 +1,184 @@
+"""Contribution scores and bounded weights, on adapters built in numpy (no chain, no training):
+every kind of free rider scores a small fraction of the honest median; the geometry through
+the factors equals the dense computation; the scores are deterministic; weights are bounded.
+
+The end-to-end measurement on the federation (real training, real chain, real audit) is in
+test_free_riders.py and tests/benchmarks/bench_free_riders.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prismesh.aggregator.adapters import Adapter
+from prismesh.aggregator.contribution import (
+    SCORE_SCALE,
+    contribution_scores,
+    inner_products,
+    score_updates,
+    split_pool,
+    to_fixed,
+)
+from prismesh.aggregator.strategies import ClientUpdate
+from prismesh.aggregator.weights import WeightRule, normalised
+
+R, IN, OUT, MODULES = 4, 48, 40, ("q", "v", "o")
+CONFIG = {"peft_type": "LORA", "r": R, "lora_alpha": 8, "target_modules": list(MODULES)}
+
+
+def _key(m: str, ab: str) -> str:
+    return f"base_model.model.layers.0.attn.{m}_proj.lora_{ab}.weight"
+
+
+def _adapter(factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> Adapter:
+    tensors = {}
+    for m, (a, b) in factors.items():
+        tensors[_key(m, "A")] = a.astype(np.float32)
+        tensors[_key(m, "B")] = b.astype(np.float32)
+    return Adapter(dict(CONFIG), tensors)
+
+
+def _factors(ad: Adapter) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {m: (np.asarray(ad.tensors[_key(m, "A")], np.float64), np.asarray(ad.tensors[_key(m, "B")], np.float64))
+            for m in MODULES}
+
+
+class Round:
+    """A global adapter and honest updates trained from it: a shared task direction (in B) plus
+    each client's own part, as LoRA training from a common A moves mostly B."""
+
+    def __init__(self, seed: int, honest: int = 5, shared: float = 1.0, own: float = 1.0) -> None:
+        rng = np.random.default_rng(seed)
+        self.rng = rng
+        self.glob = _adapter({m: (rng.normal(0, 0.15, (R, IN)), rng.normal(0, 0.02, (OUT, R))) for m in MODULES})
+        g = _factors(self.glob)
+        task = {m: rng.normal(0, 0.01, (OUT, R)) for m in MODULES}
+        self.honest = []
+        for _ in range(honest):
+            self.honest.append(_adapter({
+                m: (a + rng.normal(0, 0.002, a.shape), b + shared * task[m] + own * rng.normal(0, 0.01, b.shape))
+                for m, (a, b) in g.items()
+            }))
+
+    def free_riders(self, earlier: Adapter) -> dict[str, Adapter]:
+        g = _factors(self.glob)
+        spread_a = np.std(np.concatenate([a.ravel() for a, _ in g.values()]))
+        spread_b = np.std(np.concatenate([b.ravel() for _, b in g.values()]))
+        rng = self.rng
+        return {
+            "copy-global": _adapter(g),
+            "copy-peer": earlier,
+            "perturb": _adapter({m: (a + rng.normal(0, 1e-3 * spread_a, a.shape), b + rng.normal(0, 1e-3 * spread_b, b.shape))
+                                 for m, (a, b) in g.items()}),
+            "noise": _adapter({m: (rng.normal(0, spread_a, (R, IN)), rng.normal(0, spread_b, (OUT, R))) for m in MODULES}),
+            "noise-on-global": _adapter({m: (a, b + rng.normal(0, 0.014, b.shape)) for m, (a, b) in g.items()}),
+        }
+
+
+def test_every_free_rider_earns_a_small_fraction_of_the_honest_median() -> None:
+    previous = Round(seed=1)
+    rnd = Round(seed=2)
+    riders = rnd.free_riders(earlier=previous.honest[0])
+    adapters = rnd.honest + list(riders.values())
+    known = [previous.glob, *previous.honest, rnd.glob]
+    scores = contribution_scores(adapters, rnd.glob, known)
+    honest = scores[: len(rnd.honest)]
+    median = float(np.median(honest))
+    assert median > 0.2 and (honest > 0).all()
+    for name, score in zip(riders, scores[len(rnd.honest):], strict=True):
+        assert score <= 0.1 * median, (name, score, median)
+    # Exact copies and near-copies score exactly or essentially nothing.
+    assert scores[len(rnd.honest)] == 0.0  # copy of the global
+    assert scores[len(rnd.honest) + 1] == 0.0  # copy of an earlier published update
+    # Without the earlier round among the known adapters the stale copy would look novel: the
+    # known set is what catches it.
+    blind = contribution_scores(adapters, rnd.glob, [rnd.glob])
+    assert blind[len(rnd.honest) + 1] > 0
+
+
+def test_noise_cannot_drag_the_consensus_nor_buy_votes() -> None:
+    rnd = Round(seed=3)
+    rng = np.random.default_rng(7)
+    g = _factors(rnd.glob)
+    huge = _adapter({m: (a, b + rng.normal(0, 50.0, b.shape)) for m, (a, b) in g.items()})
+    scores = contribution_scores(rnd.honest + [huge], rnd.glob, [rnd.glob])
+    honest = scores[:-1]
+    assert scores[-1] <= 0.1 * float(np.median(honest)) and (honest > 0.2).all()
+    # Claimed weights play no part in the score.
+    ups = [ClientUpdate(f"0x{i:040x}", 1 + 1000 * (i == 5), ad) for i, ad in enumerate(rnd.honest + [huge])]
+    same = score_updates(ups, rnd.glob, [rnd.glob])
+    ups[5] = ClientUpdate(ups[5].client, 1, ups[5].adapter)
+    assert score_updates(ups, rnd.glob, [rnd.glob]) == same
+
+
+def test_colluding_twins_share_one_reward() -> None:
+    rnd = Round(seed=4)
+    twin = _adapter(_factors(rnd.honest[0]))  # the same tensors under another identity
+    alone = contribution_scores(rnd.honest, rnd.glob, [rnd.glob])
+    paired = contribution_scores(rnd.honest + [twin], rnd.glob, [rnd.glob])
+    assert paired[0] == pytest.approx(paired[-1])
+    assert paired[0] + paired[-1] == pytest.approx(alone[0], rel=0.05)
+    assert paired[1] == pytest.approx(alone[1], rel=0.05)
+
+
+def test_inner_products_through_factors_equal_the_dense_computation() -> None:
+    rnd = Round(seed=5, honest=3)
+    ads = [rnd.glob, *rnd.honest, Adapter(dict(CONFIG), {})]
+    fast = inner_products(ads, ads[:2])
+    scale = CONFIG["lora_alpha"] / R
+
+    def dense(ad: Adapter) -> np.ndarray:
+        if not ad.tensors:
+            return np.zeros(len(MODULES) * OUT * IN)
+        return np.concatenate([(scale * b @ a).ravel() for a, b in _factors(ad).values()])
+
+    slow = np.array([[dense(x) @ dense(y) for y in ads[:2]] for x in ads])
+    np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-15)
+    assert (fast[-1] == 0).all()
+    with pytest.raises(ValueError, match="different tensors"):
+        inner_products([rnd.glob], [Adapter(dict(CONFIG), {"x": np.zeros(3)})])
+
+
+def test_scores_are_deterministic_and_order_free() -> None:
+    rnd = Round(seed=6)
+    riders = rnd.free_riders(earlier=rnd.glob)
+    ups = [ClientUpdate(f"0x{i:040x}", 10, ad) for i, ad in enumerate(rnd.honest + list(riders.values()))]
+    first = score_updates(ups, rnd.glob, [rnd.glob])
+    assert score_updates(list(reversed(ups)), rnd.glob, [rnd.glob]) == first
+    assert all(isinstance(v, int) and 0 <= v <= SCORE_SCALE for v in first.values())
+    # Starting from the bare base model (a global without tensors) works the same way.
+    bare = score_updates(ups[:3], Adapter(dict(CONFIG), {}))
+    assert len(bare) == 3 and sum(bare.values()) > 0
+
+
+def test_fixed_point_and_the_contracts_split() -> None:
+    assert to_fixed([0.0, 0.5, 1.0, 1.2, -0.1, 0.1234565]) == [0, 500_000, 1_000_000, 1_000_000, 0, 123_456]
+    # 3 included updates at 10 each: a pool of 30 split 2:1:0, rounded down like the contract.
+    assert split_pool({"a": 600_000, "b": 300_000, "c": 0}, 10, 1_000) == {"a": 20, "b": 10, "c": 0}
+    assert split_pool({"a": 1, "b": 1, "c": 1}, 10, 20) == {"a": 6, "b": 6, "c": 6}  # budget left caps the pool
+    assert split_pool({"a": 0, "b": 0}, 10, 1_000) == {"a": 0, "b": 0}
+
+
+def test_weight_rules_bound_every_claim() -> None:
+    capped = WeightRule("samples", 500)
+    assert capped.weights({"a": 120, "b": 2**63, "c": 500}) == {"a": 120, "b": 500, "c": 500}
+    assert WeightRule("uniform", 500).weights({"a": 120, "b": 2**63}) == {"a": 1, "b": 1}
+    assert WeightRule("samples").weight(7) == 7
+    shares = normalised(capped.weights({"honest": 400, "liar": 2**64 - 1}))
+    assert shares == {"honest": pytest.approx(400 / 900), "liar": pytest.approx(500 / 900)}
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            capped.weight(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown weighting"):
+        WeightRule("median")
+    with pytest.raises(ValueError, match="sample_cap"):
+        WeightRule("samples", 0)
+
+    class Params:  # what Coordinator.get_task_params returns, as far as the rule needs
+        from prismesh.chain.evm.contracts import Weighting
+
+        weighting = Weighting.UNIFORM
+        sample_cap = 64
+
+    assert WeightRule.of_task(Params()) == WeightRule("uniform", 64)
