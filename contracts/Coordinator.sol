@@ -869,7 +869,7 @@ contract Coordinator {
         if (n != scores.length) revert LengthMismatch(n, scores.length);
         if (n > t.participantCount) revert TooManyIncluded(taskId, round, n, t.participantCount);
         if (n < p.minParticipants) revert TooFewIncluded(taskId, round, n, p.minParticipants);
-        address previous;
+        address previous = address(0);
         for (uint256 i = 0; i < n; ++i) {
             address client = included[i];
             if (client <= previous) {

@@ -54,19 +54,19 @@ contract FinalityGadget {
     error MalformedSignature(uint256 index);
     error ForgedSignature(uint256 index, address claimed, address recovered);
 
-    /// @param validators The committee, n = 3f + 1 distinct non-zero addresses (n <= 256).
-    constructor(address[] memory validators) {
-        uint256 n = validators.length;
+    /// @param validators_ The committee, n = 3f + 1 distinct non-zero addresses (n <= 256).
+    constructor(address[] memory validators_) {
+        uint256 n = validators_.length;
         if (n == 0 || n > MAX_VALIDATORS || n % 3 != 1) revert InvalidValidatorCount(n);
         for (uint256 i = 0; i < n; ++i) {
-            address v = validators[i];
+            address v = validators_[i];
             if (v == address(0)) revert ZeroAddressValidator(i);
             if (validatorSlot[v] != 0) revert DuplicateValidator(v);
             validatorSlot[v] = i + 1;
             _validators.push(v);
         }
-        quorum = 2 * ((n - 1) / 3) + 1;
-        emit ValidatorSetInitialized(validators, quorum);
+        quorum = (2 * n + 1) / 3; // n = 3f + 1 gives exactly 2f + 1
+        emit ValidatorSetInitialized(validators_, quorum);
     }
 
     /// @notice The validator addresses in index order.
@@ -110,7 +110,7 @@ contract FinalityGadget {
         if (count < quorum) revert TooFewSignatures(count, quorum);
 
         bytes32 digest = commitDigest(height, blockHash, viewNumber);
-        uint256 seen;
+        uint256 seen = 0;
         for (uint256 i = 0; i < count; ++i) {
             address claimed = signers[i];
             uint256 slot = validatorSlot[claimed];

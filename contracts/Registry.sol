@@ -156,7 +156,7 @@ contract Registry is AccessControlDefaultAdminRules {
         Client storage c = _clients[client];
         ClientStatus from = c.status;
         if (from == ClientStatus.None) revert NotRegistered(client);
-        bool ok;
+        bool ok = false;
         if (to == ClientStatus.Approved) {
             ok = from == ClientStatus.Pending || from == ClientStatus.Suspended;
         } else if (to == ClientStatus.Suspended) {

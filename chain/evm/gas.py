@@ -85,6 +85,14 @@ class GasReport:
     def on_target(self) -> bool:
         return all(gas <= target for _, gas, target, _ in self.target_rows())
 
+    def per_included_client(self) -> int | None:
+        """The marginal aggregate cost of one more included client, from the smallest and the
+        largest scenario's last round (None with a single scenario)."""
+        if len(self.scenarios) < 2:
+            return None
+        lo, hi = self.scenarios[min(self.scenarios)], self.scenarios[max(self.scenarios)]
+        return round((hi.aggregates[-1] - lo.aggregates[-1]) / (hi.clients - lo.clients))
+
     def round_total(self, clients: int = 3) -> int:
         """Gas of round 1 of the ``clients`` scenario: every commit, reveal and the aggregate."""
         s = self.scenarios[clients]
@@ -102,8 +110,8 @@ class GasReport:
             "",
             f"Tasks with {' and '.join(str(n) for n in sorted(self.scenarios))} participants run "
             f"{ROUNDS} rounds each; every participant commits, reveals and is included with its "
-            "own contribution score. Round 1 is each account's first reward (its storage "
-            "starts at zero).",
+            "own contribution score. The first aggregate also creates the aggregator's fee "
+            "record (its storage starts at zero); later ones only update it.",
             "",
             "| Clients | Figure | Measured | Target | |",
             "| ---: | --- | ---: | ---: | --- |",
@@ -111,6 +119,12 @@ class GasReport:
         for what, gas, target, n in self.target_rows():
             mark = "within" if gas <= target else "**over**"
             lines.append(f"| {n} | {what} | {gas:,} | {target:,} | {mark} ({gas / target:.0%}) |")
+        per_client = self.per_included_client()
+        if per_client is not None:
+            lines.append(f"| {min(self.scenarios)}→{max(self.scenarios)} | aggregate, gas per additional "
+                         f"included client (round 2) | {per_client:,} | {AGGREGATE_PER_CLIENT_TARGET:,} | "
+                         f"{'within' if per_client <= AGGREGATE_PER_CLIENT_TARGET else '**over**'} "
+                         f"({per_client / AGGREGATE_PER_CLIENT_TARGET:.0%}) |")
         lines += [
             "",
             f"One 3-client round (3 commits + 3 reveals + 1 aggregate): **{self.round_total(3):,} gas**.",

@@ -408,5 +408,8 @@ def cmd_gas_report(args: argparse.Namespace) -> int:
     if not args.no_write:
         write_report(report, args.out)
         print(f"written to {args.out}", file=sys.stderr)
+    over = [f"{n} clients: {what} {gas:,} > {target:,}" for what, gas, target, n in report.target_rows() if gas > target]
+    if over:
+        raise CommandError("gas over target: " + "; ".join(over))
     return 0
 

@@ -22,11 +22,17 @@ def _say(text: str) -> None:
 
 
 def federate(base: Path, train: dict[str, list], config: Any, strategy_name: str, rounds: int,
-             work: Path, initial: Path | None = None) -> tuple[Path, list[dict]]:
-    """Run ``rounds`` of local training + aggregation; returns the final adapter and per-round info."""
+             work: Path, initial: Path | None = None, weights: Any = None) -> tuple[Path, list[dict]]:
+    """Run ``rounds`` of local training + aggregation; returns the final adapter and per-round info.
+
+    ``weights`` is the task's ``WeightRule`` (default: sample counts, uncapped), applied exactly
+    as the aggregator daemon applies it."""
     from prismesh.aggregator.adapters import load_adapter, save_adapter
     from prismesh.aggregator.strategies import ClientUpdate, get_strategy
+    from prismesh.aggregator.weights import WeightRule
     from prismesh.node.trainer import train_lora
+
+    rule = weights if weights is not None else WeightRule("samples")
 
     strategy = get_strategy(strategy_name)
     global_dir = initial
@@ -37,7 +43,7 @@ def federate(base: Path, train: dict[str, list], config: Any, strategy_name: str
         for name, examples in train.items():
             res = train_lora(base, examples, work / f"{strategy_name}-r{r}-{name}", config,
                              init_adapter=global_dir, progress=False)
-            updates.append(ClientUpdate(name, res.num_samples, load_adapter(res.adapter_dir)))
+            updates.append(ClientUpdate(name, rule.weight(res.num_samples), load_adapter(res.adapter_dir)))
             seconds[name] = round(float(res.metrics.get("seconds", 0.0)), 2)
         glob = load_adapter(global_dir) if global_dir is not None else None
         result = strategy.aggregate(updates, glob)
