@@ -234,7 +234,19 @@ class AggregatorDaemon:
         rec["status"] = "submitted"
         self.state.save()
         log.info("task %d round %d: aggregate %s submitted", task, rnd, rec["aggregate_cid"])
+        self._claim_fees_if_done(task)
         return rec["aggregate_cid"]
+
+    def _claim_fees_if_done(self, task: int) -> None:
+        """Mint the fees this aggregator earned once a task it aggregated is complete."""
+        from prismesh.chain.evm.contracts import TaskStatus
+
+        if self.coordinator.get_task(task).status != TaskStatus.COMPLETED:
+            return
+        owed = self.coordinator.fees_owed(self.account.address)
+        if owed:
+            self.coordinator.claim_fees()
+            log.info("task %d complete: claimed %d units of aggregator fees", task, owed)
 
     def compute(self, task: int, rnd: int, params: Any, rec: dict) -> tuple[Path, dict[str, int], dict[str, str], dict] | None:
         """Fetch and verify every reveal in parallel, merge the valid ones, score each."""

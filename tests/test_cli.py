@@ -121,6 +121,29 @@ def test_fund_gives_a_fresh_key_gas(chain_env, tmp_path: Path, capsys: pytest.Ca
     assert code == 2 and "not an address" in one_error_line(err)
 
 
+def test_claim_mints_what_a_key_earned_and_status_shows_scores(chain_env, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import commit_reveal_all, open_task
+
+    env = chain_env
+    manifest = env.manifest.save(tmp_path / "m.json")
+    a, b = env.clients[:2]  # devnet accounts 2 and 3
+    task = open_task(env, [a, b], reward_per_update=50, aggregator_reward=7, reward_budget=500)
+    commit_reveal_all(env, task, 1, [a, b])
+    env.coordinator(env.aggregator).submit_aggregate(task, 1, "bafyagg", b"\x01" * 32, {a.address: 3, b.address: 1})
+    code, out, _ = run(["govern", "status", "--manifest", str(manifest), str(task)], capsys)
+    status = json.loads(out)
+    assert code == 0 and status["rounds"][0]["rewards"][a.address] == {"score": 3, "reward": 75}
+    assert status["weighting"] == "samples" and status["rewards_paid"] == 107
+    code, out, _ = run(["claim", "--manifest", str(manifest), "--account", "dev:2"], capsys)
+    assert code == 0 and f"task {task}: claimed 75" in out and env.token().balance_of(a.address) == 75
+    code, out, _ = run(["claim", "--manifest", str(manifest), "--account", "dev:2", "--task", str(task)], capsys)
+    assert code == 0 and "nothing to claim" in out
+    code, out, _ = run(["claim", "--manifest", str(manifest), "--account", "dev:1", "--fees"], capsys)
+    assert code == 0 and "aggregator fees: claimed 7" in out
+    assert env.token().total_supply() == 82
+
+
 def test_pipe_into_head_ends_quietly(tmp_path: Path) -> None:
     from prismesh.chain.storage import EmbeddedStore
 

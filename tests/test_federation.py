@@ -94,6 +94,9 @@ def test_full_task_with_finality_pays_every_client(tmp_path, bench):
         for a in addresses:
             assert t.balance_of(a) == sum(e.amount for e in earned if e.recipient == a)
             assert coord.rewards_owed(task, a) == 0
+        # The aggregator claimed its fees when the task completed.
+        agg = fed.aggregator.account.address
+        assert t.balance_of(agg) == 2 * TaskSettings().aggregator_reward and coord.fees_owed(agg) == 0
         # Each event a node acted on was final when it acted: everything up to the last
         # aggregate is certified by the committee.
         assert fed.committee.final_height >= accepted[-1].block_number

@@ -143,6 +143,20 @@ def register(subparsers: Any) -> None:
     g.add_argument("--no-write", action="store_true", help="print only")
     g.set_defaults(func=cmd_gas_report)
 
+    c = subparsers.add_parser(
+        "claim",
+        help="mint the rewards a key earned (a participant's per task, an aggregator's fees)",
+        description="Rewards accrue on chain as rounds are accepted and are minted when claimed. "
+        "Node daemons claim once a task is over and the aggregator daemon when a task completes; "
+        "this claims by hand. Without --task or --fees it claims everything the key is owed.",
+    )
+    c.add_argument("--manifest", type=Path, required=True, help="deployment manifest")
+    c.add_argument("--rpc-url", default=None, help="override the manifest's RPC URL")
+    c.add_argument("--account", required=True, help="the earning key: dev:N, 0x key or keystore path")
+    c.add_argument("--task", type=int, action="append", default=[], help="claim this task's rewards (repeatable)")
+    c.add_argument("--fees", action="store_true", help="claim aggregator fees")
+    c.set_defaults(func=cmd_claim)
+
 
 def _validators(spec: str) -> list[str]:
     from eth_utils import is_address, to_checksum_address
@@ -413,3 +427,38 @@ def cmd_gas_report(args: argparse.Namespace) -> int:
         raise CommandError("gas over target: " + "; ".join(over))
     return 0
 
+
+
+def cmd_claim(args: argparse.Namespace) -> int:
+    from prismesh.chain.evm.contracts import Coordinator, RewardToken
+    from prismesh.chain.evm.manifest import connect_with
+    from prismesh.chain.identity import IdentityError, load_daemon_account
+
+    manifest, w3 = connect_with(args.manifest, args.rpc_url)
+    try:
+        account = load_daemon_account(args.account)
+    except IdentityError as exc:
+        raise CommandError(f"--account: {exc}") from None
+    coord = Coordinator(manifest, w3, account)
+    everything = not args.task and not args.fees
+    tasks = args.task or (list(range(1, coord.task_count() + 1)) if everything else [])
+    claimed = 0
+    for task in tasks:
+        owed = coord.rewards_owed(task, account.address)
+        if owed:
+            coord.claim_rewards(task)
+            print(f"task {task}: claimed {owed} reward units")
+            claimed += owed
+        elif args.task:
+            print(f"task {task}: nothing to claim")
+    if args.fees or everything:
+        owed = coord.fees_owed(account.address)
+        if owed:
+            coord.claim_fees()
+            print(f"aggregator fees: claimed {owed} reward units")
+            claimed += owed
+        elif args.fees:
+            print("aggregator fees: nothing to claim")
+    token = RewardToken.read_only(manifest, w3)
+    print(f"{account.address}: balance {token.balance_of(account.address)} (claimed {claimed} now)")
+    return 0
