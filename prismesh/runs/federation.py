@@ -290,7 +290,8 @@ def free_rider_node(kind: str) -> type:
     """A node daemon class that joins, commits and reveals like any other but never trains:
 
     * ``copy-global``: the round's global adapter itself;
-    * ``copy-peer``: another participant's update of the previous round (the global in round 1);
+    * ``copy-peer``: the previous round's best-scored update of another participant (the global in
+      round 1);
     * ``perturb``: the global plus Gaussian noise of 1e-3 of its factors' spread;
     * ``noise``: Gaussian factors with the spread of the global's (a plausible-looking adapter).
 
@@ -326,12 +327,15 @@ def free_rider_node(kind: str) -> type:
             seed = hashlib.sha256(f"{self.address}/{task}/{rnd}/{kind}".encode()).digest()
             rng = np.random.default_rng(int.from_bytes(seed[:8], "big"))
             if kind == "copy-peer" and rnd > 1:
-                peers = [ev for ev in self.coordinator.get_events(
-                    "UpdateRevealed", self.manifest.deploy_block, taskId=task, round=rnd - 1)
-                    if ev.client != self.address]
+                # The previous round's best-scored peer update: the most valuable thing to copy.
+                start = self.manifest.deploy_block
+                peers = {ev.client: ev for ev in self.coordinator.get_events(
+                    "UpdateRevealed", start, taskId=task, round=rnd - 1) if ev.client != self.address}
+                scores = {ev.recipient: ev.score for ev in self.coordinator.get_events(
+                    "RewardEarned", start, taskId=task, round=rnd - 1) if ev.recipient in peers}
                 if peers:
-                    peer = min(peers, key=lambda ev: ev.client)
-                    return dict(load_adapter(self.fetch_global(peer.cid)).as_numpy().tensors)
+                    best = max(sorted(peers), key=lambda c: scores.get(c, -1))
+                    return dict(load_adapter(self.fetch_global(peers[best].cid)).as_numpy().tensors)
             if kind in ("copy-global", "copy-peer"):
                 return dict(glob)
             # Each kind of factor gets the spread the global's factors of that kind have (the
