@@ -387,6 +387,7 @@ class EmbeddedDevnet(Devnet):
         type(backend.chain).chain_id = chain_id
         backend.chain.chain_context = ChainContext(chain_id)
         self.tester = EthereumTester(backend)
+        _look_up_transactions_by_index()
         endpoints = {ns: dict(methods) for ns, methods in API_ENDPOINTS.items()}
         endpoints["eth"]["chainId"] = static_return(chain_id)
         endpoints["net"]["version"] = static_return(str(chain_id))
@@ -412,6 +413,33 @@ class EmbeddedDevnet(Devnet):
 
     def stop(self) -> None:
         """Nothing runs outside the process; kept for the common API."""
+
+
+def _look_up_transactions_by_index() -> None:
+    """Find a mined transaction through py-evm's hash index instead of eth-tester's scan of
+    every block from the head down: receipts, and ``eth_getLogs`` (a receipt per transaction of
+    each block in range), then cost the same on a long chain as on a short one."""
+    from eth.exceptions import TransactionNotFound
+    from eth_tester.backends.pyevm import main as pyevm_main
+
+    scan = pyevm_main._get_transaction_by_hash
+    if getattr(scan, "indexed", False):
+        return
+
+    def lookup(chain: Any, transaction_hash: bytes) -> Any:
+        try:
+            number, index = chain.chaindb.get_transaction_index(transaction_hash)
+        except TransactionNotFound:
+            return scan(chain, transaction_hash)  # pending, or not there: eth-tester's answer
+        if number >= chain.get_block().number:
+            return scan(chain, transaction_hash)
+        block = chain.get_canonical_block_by_number(number)
+        if index >= len(block.transactions) or block.transactions[index].hash != transaction_hash:
+            return scan(chain, transaction_hash)  # an index entry a revert left behind
+        return block, block.transactions[index], index
+
+    lookup.indexed = True  # type: ignore[attr-defined]
+    pyevm_main._get_transaction_by_hash = lookup
 
 
 def _raw_revert_data(endpoint: Any) -> Any:
