@@ -21,10 +21,12 @@ import json
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from prismesh.chain import telemetry
 from prismesh.chain.localstate import (
     StateFile,
     check_fields,
@@ -53,6 +55,8 @@ class AggregatorConfig:
     finality: bool = True
     poll_interval: float = 1.0
     fetch_timeout_s: float = 600.0
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     @classmethod
     def load(cls, path: Path) -> AggregatorConfig:
@@ -90,6 +94,7 @@ class AggregatorDaemon:
         self.state = StateFile(config.state_dir / "aggregator-state.json")
         self._stop = threading.Event()
         self.reports_dir = config.state_dir / "rounds"
+        telemetry.actor(account.address, "aggregator", "aggregator")
 
     # ------------------------------------------------------------------ loop
 
@@ -102,6 +107,7 @@ class AggregatorDaemon:
             if rec.get("status") == "open" and self._ready(rec):
                 self.aggregate_round(rec)
                 actions += 1
+        telemetry.observe_finality("aggregator", "aggregator", self.stream, self.w3)
         return actions
 
     def run(self) -> None:
@@ -119,7 +125,8 @@ class AggregatorDaemon:
         while not self._stop.is_set():
             try:
                 acted = self.step()
-            except Exception:  # noqa: BLE001 - the failed step is retried from the durable cursor
+            except Exception as exc:  # noqa: BLE001 - the failed step is retried from the durable cursor
+                telemetry.retry("aggregator", "aggregator", exc)
                 delay = retry.next()
                 log.exception("aggregator step failed; retrying in %.0f s from the last handled event", delay)
                 self.stream.rewind()
@@ -206,10 +213,14 @@ class AggregatorDaemon:
             return None
         params = self.coordinator.get_task_params(task)
         if not rec.get("aggregate_cid") or not self.store.has(rec["aggregate_cid"]):
+            started = time.perf_counter()
             outcome = self.compute(task, rnd, params, rec)
             if outcome is None:
+                telemetry.aggregation("aggregator", time.perf_counter() - started, "failed")
                 return None
             out_dir, scores, rejected, metrics = outcome
+            telemetry.aggregation("aggregator", time.perf_counter() - started, "aggregated")
+            telemetry.exclusions(rejected.values())
             cid = add_adapter(self.store, out_dir)
             rec.update(
                 aggregate_cid=cid,
@@ -313,6 +324,7 @@ class AggregatorDaemon:
             self.coordinator.fail_round(task, rnd, reason, rec.get("global_cid", ""))
         except ContractRevert as exc:
             log.error("task %d round %d: failRound refused: %s", task, rnd, exc)
+        telemetry.exclusions(rejected.values())
         rec.update(status="failed", rejected=rejected, failure=reason)
         self.state.save()
         self._write_report(rec)

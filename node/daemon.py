@@ -30,6 +30,7 @@ from typing import Any
 from eth_account.messages import encode_defunct
 from eth_utils import keccak
 
+from prismesh.chain import telemetry
 from prismesh.chain.localstate import (
     RetryDelay,
     StateFile,
@@ -60,6 +61,8 @@ class NodeConfig:
     finality: bool = True
     poll_interval: float = 1.0
     device: str = "auto"
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     @classmethod
     def load(cls, path: Path) -> NodeConfig:
@@ -117,6 +120,7 @@ class NodeDaemon:
         self._data: tuple[list, list] | None = None
         self._evaluator: Any = None
         self._fingerprint: str | None = None
+        telemetry.actor(self.address, "node", config.name)
 
     # ------------------------------------------------------------------ identity
 
@@ -145,6 +149,7 @@ class NodeDaemon:
             actions += self._handle(event)
             self.stream.ack(event)
         actions += self._advance_pending()
+        telemetry.observe_finality("node", self.config.name, self.stream, self.w3)
         return actions
 
     def run(self) -> None:
@@ -170,7 +175,8 @@ class NodeDaemon:
         while not self._stop.is_set():
             try:
                 acted = self.step()
-            except Exception:  # noqa: BLE001 - the failed step is retried from the durable cursor
+            except Exception as exc:  # noqa: BLE001 - the failed step is retried from the durable cursor
+                telemetry.retry("node", self.config.name, exc)
                 delay = retry.next()
                 log.exception("%s: step failed; retrying in %.0f s from the last handled event", self.config.name, delay)
                 self.stream.rewind()
@@ -326,6 +332,9 @@ class NodeDaemon:
         }
         self.state.section("rounds")[f"{task}:{rnd}"] = rec
         self.state.save()
+        telemetry.round_joined(self.config.name, rec["train_seconds"])
+        if telemetry.enabled():
+            telemetry.uploaded(self.config.name, self.store.stat(cid).cumulative_size)
         log.info("%s: task %d round %d: adapter pinned as %s", self.config.name, task, rnd, cid)
         return rec
 
@@ -451,8 +460,10 @@ NODE_EVENTS = (
 )
 
 
-def run_node(config_path: Path, *, once: bool = False, progress: bool = True) -> int:
-    """``prismesh node --config FILE``: connect, register, then follow final events until SIGTERM."""
+def run_node(config_path: Path, *, once: bool = False, progress: bool = True, metrics_port: int | None = None,
+             metrics_host: str | None = None) -> int:
+    """``prismesh node --config FILE``: connect, register, then follow final events until SIGTERM.
+    ``metrics_port`` / ``metrics_host`` override the config's."""
     from dataclasses import replace
 
     from prismesh.chain.evm.manifest import connect, load_manifest
@@ -461,6 +472,10 @@ def run_node(config_path: Path, *, once: bool = False, progress: bool = True) ->
     from prismesh.chain.storage import open_store
 
     config = NodeConfig.load(config_path)
+    if metrics_port is not None:
+        config = replace(config, metrics_port=metrics_port)
+    if metrics_host is not None:
+        config = replace(config, metrics_host=metrics_host)
     account = load_daemon_account(config.keystore)
     manifest = load_manifest(config.manifest)
     if config.rpc_url:
@@ -469,6 +484,9 @@ def run_node(config_path: Path, *, once: bool = False, progress: bool = True) ->
     store = open_store(config.store)
     stream = open_final_stream(w3, manifest, NODE_EVENTS, config.state_dir / "cursor.json", finality=config.finality)
     daemon = NodeDaemon(config, w3=w3, manifest=manifest, account=account, store=store, stream=stream, progress=progress)
+    if config.metrics_port is not None:
+        port = telemetry.serve(config.metrics_port, config.metrics_host)
+        log.info("%s: metrics on http://%s:%d/metrics", config.name, config.metrics_host, port)
     log.info("%s: node %s on chain %d (%s)", config.name, account.address, manifest.chain_id, manifest.rpc_url)
     if once:
         daemon.ensure_registered()

@@ -33,6 +33,8 @@ from web3 import Web3
 from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.types import TxReceipt
 
+from prismesh.chain import telemetry
+
 if TYPE_CHECKING:
     from prismesh.chain.evm.manifest import Manifest
 
@@ -1209,7 +1211,13 @@ class ContractClient:
         tx: dict[str, Any] = {"to": self.address, "data": data, "value": 0}
         if gas is not None:
             tx["gas"] = gas
-        return self._tx.send(tx, self.NAME, fn)
+        try:
+            receipt = self._tx.send(tx, self.NAME, fn)
+        except ContractRevert as exc:
+            telemetry.transaction(self._tx.account.address, self.NAME, fn, error=exc.error_name)
+            raise
+        telemetry.transaction(self._tx.account.address, self.NAME, fn, receipt)
+        return receipt
 
     # -- events
     def get_events(

@@ -27,7 +27,10 @@ anvil an idle leader waits ``idle_interval`` before proposing, so an idle devnet
 
 from __future__ import annotations
 
+import functools
+import logging
 import random
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ from typing import Any
 from eth_keys import keys as eth_keys
 from eth_utils import keccak, to_checksum_address
 
+from prismesh.chain import telemetry
 from prismesh.chain.finality.gadget import (
     CommitCertificate,
     FinalityGadgetClient,
@@ -705,6 +709,7 @@ class Committee:
         try:
             receipt = self.client.submit_certificate(cert, self.submitter)
         except GadgetRevert as exc:
+            telemetry.error("committee", "committee", exc.error_name)
             if exc.error_name == "UncheckableHeight":
                 # More than 256 blocks old: the gadget cannot check its hash any more. A later
                 # commit certifies a recent block, which finalizes this one too.
@@ -715,6 +720,7 @@ class Committee:
             self.final_height = self.client.finalized_height()
             return
         except Exception as exc:
+            telemetry.error("committee", "committee", type(exc).__name__)
             if not self.realtime:
                 raise
             # Beside anvil a failed send (node busy, restarting) is retried at the next commit:
@@ -724,6 +730,8 @@ class Committee:
         self.final_height = cert.height
         self.certificates.append((cert, receipt))
         self.collector.prune(self.final_height)
+        if telemetry.enabled():
+            telemetry.certificate("committee", receipt, cert.height, int(self.w3.eth.block_number))
 
     # ----------------------------------------------------------------- in-process mode
 
@@ -882,7 +890,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True, help="deployment manifest (JSON)")
     parser.add_argument("--validators", type=int, default=4, help="committee size n = 3f + 1")
     parser.add_argument("--silent", default="", help="comma-separated validator indices kept down")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="print progress as text lines, or log it as one JSON object per line")
+    telemetry.add_arguments(parser)
     args = parser.parse_args(argv)
+    say = functools.partial(print, flush=True)
+    if args.log_format == "json":
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(telemetry.JsonFormatter())
+        logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+        say = logging.getLogger("prismesh.committee").info
+    if args.metrics_port is not None:
+        host = args.metrics_host or "127.0.0.1"
+        say(f"metrics on http://{host}:{telemetry.serve(args.metrics_port, host)}/metrics")
     silent = [int(x) for x in args.silent.split(",") if x.strip()]
     devnet = SimpleNamespace(w3=http_web3(args.rpc), accounts=dev_accounts(20))
     committee = start_committee_thread(
@@ -893,7 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"committee of {args.validators} running against {args.rpc}; Ctrl-C stops it", flush=True)
+    say(f"committee of {args.validators} running against {args.rpc}; Ctrl-C stops it")
     try:
         last = -1
         while not stop.wait(1.0):
@@ -901,12 +921,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise RuntimeError("committee thread failed") from committee.errors[0]
             if committee.final_height != last:
                 last = committee.final_height
-                print(f"final height {last}", flush=True)
+                say(f"final height {last}")
     except KeyboardInterrupt:
         pass
     finally:
         committee.stop()
-        print(f"stopped at final height {committee.final_height}", flush=True)
+        say(f"stopped at final height {committee.final_height}")
     return 0
 
 

@@ -28,6 +28,7 @@ REGISTRARS = (
     "prismesh.cli.aggregator",
     "prismesh.cli.runs",
     "prismesh.cli.audit",
+    "prismesh.cli.dashboard",
 )
 DEBUG_ENV = "PRISMESH_DEBUG"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from prismesh.cli.output import add_daemon_output_arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("aggregator", help="run the Ray-backed aggregator daemon")
@@ -12,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", default=None, help="join a Ray cluster (default: a local Ray)")
     p.add_argument("--once", action="store_true", help="handle what is pending, then exit")
     p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's own warnings")
+    add_daemon_output_arguments(p)
     p.set_defaults(func=_aggregator)
 
 
@@ -20,7 +23,7 @@ def _aggregator(args: argparse.Namespace) -> int:
 
     from prismesh.cli.output import configure_output
 
-    configure_output(args.verbose, level=logging.INFO)
+    configure_output(args.verbose, level=logging.INFO, log_format=args.log_format)
     from prismesh.aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
     from prismesh.aggregator.parallel import ensure_ray
     from prismesh.chain.evm.manifest import connect_with
@@ -29,6 +32,13 @@ def _aggregator(args: argparse.Namespace) -> int:
     from prismesh.chain.storage import open_store
 
     cfg = AggregatorConfig.load(args.config)
+    port = args.metrics_port if args.metrics_port is not None else cfg.metrics_port
+    if port is not None:
+        from prismesh.chain import telemetry
+
+        host = args.metrics_host or cfg.metrics_host
+        logging.getLogger("prismesh.aggregator").info(
+            "metrics on http://%s:%d/metrics", host, telemetry.serve(port, host))
     account = load_daemon_account(cfg.keystore)
     manifest, w3 = connect_with(cfg.manifest, cfg.rpc_url)
     store = open_store(cfg.store)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prismesh.cli.errors import CommandError, UsageError
+from prismesh.cli.output import add_daemon_output_arguments
 
 DEFAULT_DEVNET_DIR = Path(".prismesh") / "devnet"
 
@@ -128,6 +129,7 @@ def register(subparsers: Any) -> None:
     c.add_argument("--manifest", type=Path, required=True, help="deployment manifest naming the gadget")
     c.add_argument("--validators", type=int, default=4, help="committee size n = 3f+1 (devnet keys)")
     c.add_argument("--silent", default="", help="comma-separated validator indices kept down (fault drills)")
+    add_daemon_output_arguments(c)
     c.set_defaults(func=cmd_committee)
 
     g = subparsers.add_parser(
@@ -383,6 +385,9 @@ def cmd_committee(args: argparse.Namespace) -> int:
     argv = ["--rpc", args.rpc_url, "--manifest", str(args.manifest), "--validators", str(args.validators)]
     if args.silent:
         argv += ["--silent", args.silent]
+    argv += ["--log-format", args.log_format]
+    if args.metrics_port is not None:
+        argv += ["--metrics-port", str(args.metrics_port), "--metrics-host", args.metrics_host or "127.0.0.1"]
     return int(committee_main(argv) or 0)
 
 

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from prismesh.cli.errors import UsageError
+from prismesh.cli.output import add_daemon_output_arguments
 
 
 def register(subparsers) -> None:
@@ -29,6 +30,7 @@ def register(subparsers) -> None:
     d.add_argument("--once", action="store_true", help="register, handle what is final now, then exit")
     d.add_argument("-q", "--quiet", action="store_true", help="no training progress bars")
     d.add_argument("-v", "--verbose", action="store_true", help="keep the libraries' own progress bars and warnings")
+    add_daemon_output_arguments(d)
     d.set_defaults(func=cmd_node)
     dsub = d.add_subparsers(dest="node_command", metavar="[check]")
     c = dsub.add_parser("check", help="verify everything the node needs before its first transaction")
@@ -240,7 +242,8 @@ def cmd_node(args) -> int:
 
     from prismesh.cli.output import configure_output
 
-    configure_output(args.verbose, level=logging.INFO)
+    configure_output(args.verbose, level=logging.INFO, log_format=args.log_format)
     from prismesh.node.daemon import run_node
 
-    return run_node(args.config, once=args.once, progress=not args.quiet)
+    return run_node(args.config, once=args.once, progress=not args.quiet, metrics_port=args.metrics_port,
+                    metrics_host=args.metrics_host)

@@ -7,6 +7,7 @@ turned off here, before the libraries are imported (both read their settings at 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -21,9 +22,24 @@ QUIET_ENV = {
 }
 
 
-def configure_output(verbose: bool = False, *, level: int | None = None) -> None:
-    """Logging to standard error (INFO for daemons, WARNING for runs unless ``level``) and, unless
-    ``verbose``, silence for third-party progress bars and start-up warnings."""
+LOG_FORMAT_ENV = "PRISMESH_LOG_FORMAT"
+
+
+def add_daemon_output_arguments(parser: argparse.ArgumentParser, *, metrics: bool = True) -> None:
+    """``--log-format text|json`` (default ``$PRISMESH_LOG_FORMAT`` or text) and, for daemons
+    that count things, ``--metrics-port`` / ``--metrics-host``."""
+    parser.add_argument("--log-format", choices=("text", "json"), default=os.environ.get(LOG_FORMAT_ENV) or "text",
+                        help=f"log lines as text or one JSON object each (default: ${LOG_FORMAT_ENV} or text)")
+    if metrics:
+        from prismesh.chain.telemetry import add_arguments
+
+        add_arguments(parser)
+
+
+def configure_output(verbose: bool = False, *, level: int | None = None, log_format: str = "text") -> None:
+    """Logging to standard error (INFO for daemons, WARNING for runs unless ``level``), as text or
+    one JSON object per line (``log_format``), and, unless ``verbose``, silence for third-party
+    progress bars and start-up warnings."""
     if not verbose:
         for key, value in QUIET_ENV.items():
             os.environ.setdefault(key, value)
@@ -36,4 +52,12 @@ def configure_output(verbose: bool = False, *, level: int | None = None) -> None
         os.environ.pop("PRISMESH_QUIET", None)
     chosen = level if level is not None else (logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=chosen, format=LOG_FORMAT, stream=sys.stderr)
-    logging.getLogger().setLevel(chosen)
+    root = logging.getLogger()
+    root.setLevel(chosen)
+    if log_format == "json":
+        from prismesh.chain.telemetry import JsonFormatter
+
+        for handler in root.handlers:
+            handler.setFormatter(JsonFormatter())
+    elif log_format != "text":
+        raise ValueError(f"log format must be 'text' or 'json', got {log_format!r}")

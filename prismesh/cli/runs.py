@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from prismesh.cli.errors import UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip base/single-client baselines")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true", help="log every daemon step; keep the libraries' own output")
+    p.add_argument("--dashboard", action="store_true",
+                   help="open the consortium dashboard on the demo's chain and store while it runs (and after, "
+                   "until Ctrl-C)")
+    p.add_argument("--dashboard-port", type=int, default=8000, help="its port on 127.0.0.1 (default 8000; 0 picks one)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("experiment", help="the paper's protocol on the synthetic benchmark (Tables 2 and 3)")
@@ -43,8 +49,15 @@ def _demo(args: argparse.Namespace) -> int:
     configure_output(args.verbose)
     from prismesh.runs.demo import run_demo
 
+    observer = None
+    if args.dashboard:
+        from prismesh.cli.dashboard import demo_observer
+
+        if args.chain != "anvil":
+            raise UsageError("--dashboard needs --chain anvil: the embedded chain can only be read from the demo's own thread")
+        observer = demo_observer(args.dashboard_port)
     run_demo(args.out, seed=args.seed, scale=args.scale, rounds=args.rounds, strategy=args.strategy,
-             baselines=not args.no_baselines, plots=not args.no_plots, chain=args.chain)
+             baselines=not args.no_baselines, plots=not args.no_plots, chain=args.chain, observer=observer)
     return 0
 
 

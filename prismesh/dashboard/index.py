@@ -328,7 +328,7 @@ class ChainIndex:
         self.finality_info = FinalityRecord(manifest.finality_gadget)
         self.version = 0
         self.refreshed = 0  # refreshes done
-        self.events_seen = 0
+        self.events_seen = 0  # Coordinator and Registry events applied
         self._gas: dict[str, int] = {}  # tx hash -> gas used (final, so it never changes)
         self._gas_owner: set[str] = set()  # transactions already counted in some round
         self._block_txs: dict[int, list[str]] = {}  # blocks whose gas/time is still to be read
@@ -379,7 +379,7 @@ class ChainIndex:
                 else:
                     self._apply_coordinator(ev)
             self._scanned = max(self._scanned, final)
-            self.events_seen += len(events)
+            self.events_seen += sum(1 for ev in events if ev.contract != "FinalityGadget")
         changed |= self._fetch_details(head, final)
         with self._lock:
             self.refreshed += 1

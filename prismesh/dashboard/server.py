@@ -33,7 +33,7 @@ def _config(dash: Any, host: str, port: int) -> Any:
     import uvicorn
 
     app = create_app(dash, allowed_hosts=allowed_hosts_for(host))
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off", ws="none",
                           timeout_graceful_shutdown=1)
 
 

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,13 @@ def build_spec(base_model: Path, seed: int, strategy: str = "fedavg") -> Any:
 
 def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, strategy: str = "fedavg",
              finality: bool = True, baselines: bool = True, plots: bool = True,
-             chain: str = "anvil") -> dict[str, Any]:
+             chain: str = "anvil", observer: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """Run the whole demo into ``out`` and return the report (also written as JSON/Markdown).
 
     With ``chain="anvil"`` (the default) the chain's state is kept under ``out/run/chain``, so
-    the finished run can be re-opened and audited (:func:`reopen_chain`)."""
+    the finished run can be re-opened and audited (:func:`reopen_chain`). ``observer(fed)`` is
+    called once the federation is set up (the command line opens the dashboard there); what it
+    returns has ``finished()`` called after the report and ``close()`` before the chain stops."""
     from prismesh.node.basemodel import ensure_base_model
     from prismesh.node.synthetic import make_benchmark
     from prismesh.node.trainer import TrainConfig, create_initial_adapter
@@ -74,10 +76,13 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
 
         shutil.rmtree(run_dir)
     fed = Federation(run_dir, finality=finality, chain=chain)
+    watching = None
     try:
         for c in clients:
             fed.add_hospital(c.name, c.train_path, c.test_path, base, device="cpu")
         fed.add_aggregator()
+        if observer is not None:
+            watching = observer(fed)
         fed.approve_all()
         spec = build_spec(base, seed, strategy)
         initial = create_initial_adapter(
@@ -109,8 +114,12 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         write_report(out, report, plots=plots, fed=fed, task_id=task_id)
         _say(render_round_table(report))
         _say(f"wrote {out / 'report.json'}, {out / 'report.md'}" + (" and plots" if plots else ""))
+        if watching is not None:
+            watching.finished()
         return report
     finally:
+        if watching is not None:
+            watching.close()
         fed.close()
         if chain == "anvil":
             _say(f"the chain is kept in {fed.state_file}; re-check it any time with\n"

@@ -1,0 +1,216 @@
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright) beside an
+in-process federation on anvil that really trains: a round seen moving from Commit to Finalized
+without a reload, each hospital's status and rewards as the chain holds them, an audit that
+passes, a screenshot; and the Prometheus metrics the daemons and the committee exposed.
+
+The dashboard is opened the way ``prismesh demo --dashboard`` opens it. One hospital publishes an
+adapter with a NaN in it, so the aggregator excludes it and the metrics count an exclusion.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prismesh.chain import telemetry
+from prismesh.chain.evm.contracts import Coordinator, RewardToken, TaskStatus
+from prismesh.chain.taskspec import LoraSpec, TaskSpec, model_fingerprint
+from prismesh.runs.federation import Federation, TaskSettings, model_config_of
+from tests.conftest import tiny_federation_inputs
+
+pytestmark = pytest.mark.timeout(900)
+
+REQUIRE_ENV = "PRISMESH_REQUIRE_BROWSER"  # set by .ci/run: a missing browser fails instead of skipping
+
+
+def chromium() -> str:
+    for candidate in (os.environ.get("PRISMESH_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    message = "no Chromium found: `apt-get install chromium` (Debian's package; .ci/run installs it)"
+    if os.environ.get(REQUIRE_ENV):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def publish_nan(node) -> None:
+    """Make ``node`` pin an adapter with a NaN after its honest training (a broken pipeline)."""
+    import hashlib
+
+    from prismesh.aggregator.adapters import load_adapter, save_adapter
+    from prismesh.chain.storage import add_adapter, fetch_adapter
+
+    daemon = node.daemon
+    honest = daemon._train_and_pin
+
+    def train_and_pin(task, rnd, global_cid, spec, rec):
+        rec = honest(task, rnd, global_cid, spec, rec)
+        work = daemon.config.state_dir / "nan" / f"{task}-{rnd}"
+        adapter = load_adapter(fetch_adapter(daemon.store, rec["cid"], work / "src"))
+        tensors = dict(adapter.tensors)
+        key = sorted(tensors)[0]
+        bad = np.array(tensors[key], dtype=np.float32)
+        bad.flat[0] = np.nan
+        tensors[key] = bad
+        out = save_adapter(type(adapter)(adapter.config, tensors), work / "out")
+        rec.update(cid=add_adapter(daemon.store, out),
+                   sha256=hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest())
+        daemon.state.save()
+        return rec
+
+    daemon._train_and_pin = train_and_pin
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(found: dict, series: str, /, **labels: str) -> float:
+    return found.get((series, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_dashboard_follows_a_federation_in_a_browser_and_metrics_count_the_round(tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from prismesh.cli.dashboard import demo_observer
+    from prismesh.node.trainer import TrainConfig, create_initial_adapter
+
+    browser_path = chromium()
+    base, clients = tiny_federation_inputs(tmp_path / "bench")
+    metrics_port = telemetry.serve(0)
+    fed = Federation(tmp_path / "fed", chain="anvil", parallel=False)
+    watching = None
+    try:
+        for c in clients:
+            fed.add_hospital(c.name, c.train_path, c.test_path, base, device="cpu")
+        fed.add_hospital("broken-pipeline", clients[0].train_path, clients[0].test_path, base, device="cpu")
+        publish_nan(fed.hospitals[-1])
+        fed.add_aggregator()
+        fed.approve_all()
+        spec = TaskSpec(
+            base_model_id="test/tiny-qwen3", base_model_sha256=model_fingerprint(base),
+            lora=LoraSpec(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=("q_proj", "v_proj")),
+            model_config=model_config_of(base), train={"lr": 1e-3, "max_length": 96, "seed": 0},
+            norm_bound=1e4, report_metrics=True,
+        )
+        initial = create_initial_adapter(base, tmp_path / "initial",
+                                         TrainConfig.from_dict({**spec.train_config(), "device": "cpu"}))
+        task = fed.create_task(spec, TaskSettings(num_rounds=2, min_participants=2), initial_adapter=initial)
+        watching = demo_observer(0)(fed)  # the dashboard exactly as `prismesh demo --dashboard` opens it
+        url = watching.server.url
+        fed.finalize()
+        for h in fed.hospitals:  # each node sees the final TaskCreated and joins
+            h.daemon.step()
+        fed.finalize()
+
+        with sync_playwright() as p:
+            args = ["--no-sandbox"] if os.geteuid() == 0 else []
+            browser = p.chromium.launch(executable_path=browser_path, args=args)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{url}/tasks/{task}")
+            page.wait_for_selector("#live-state.on", timeout=30_000)  # the live stream is open
+            page.evaluate("""() => {
+                window.__sameDocument = true;
+                window.__phases = [];
+                const read = () => {
+                    const el = document.getElementById('round-1-phase');
+                    const now = el ? el.textContent : null;
+                    if (now && window.__phases[window.__phases.length - 1] !== now) window.__phases.push(now);
+                };
+                new MutationObserver(read).observe(document.getElementById('live'), {childList: true, subtree: true});
+                read();
+            }""")
+            Coordinator(fed.manifest, fed.w3, fed.governance).start_task(task)
+            fed.finalize()
+            fed.hospitals[0].daemon.step()  # trains and commits: the round is in its Commit phase
+            fed.finalize()
+            page.wait_for_function("() => window.__phases.includes('Commit')", timeout=60_000)
+            state = fed.run_task(task)
+            assert state.status == TaskStatus.COMPLETED
+            page.wait_for_function(
+                "() => window.__phases.includes('Finalized') && "
+                "document.getElementById('task-status').textContent === 'Completed' && "
+                "document.querySelectorAll('circle').length >= 8",  # 4 accuracies x 2 rounds
+                timeout=60_000,
+            )
+            phases = page.evaluate("window.__phases")
+            assert phases.index("Commit") < phases.index("Finalized"), phases
+            assert page.evaluate("window.__sameDocument === true")  # no reload happened
+            assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
+
+            # Each hospital's status and rewards, as the chain holds them.
+            token = RewardToken(fed.manifest, fed.w3)
+            decimals = token.decimals()
+            for h in fed.hospitals:
+                row = page.locator(f'tr[data-hospital="{h.daemon.address}"]')
+                statuses = row.locator("[data-status]").all_text_contents()
+                reward = float(row.locator(".total-reward").text_content().split()[0].replace(",", ""))
+                assert reward == token.balance_of(h.daemon.address) / 10**decimals
+                if h.name == "broken-pipeline":
+                    assert statuses == ["excluded", "excluded"] and reward == 0
+                    assert row.locator(".why").first.text_content().strip()
+                else:
+                    assert statuses == ["included", "included"] and reward > 0
+            assert h.name in page.locator("#hospitals-rounds").text_content()  # named by its descriptor
+
+            page.click("#run-audit")
+            page.wait_for_selector('#audit-state[data-state="pass"], #audit-state[data-state="fail"], '
+                                   '#audit-state[data-state="error"]', timeout=180_000)
+            audit = page.locator("#audit").text_content()
+            assert page.get_attribute("#audit-state", "data-state") == "pass", audit
+            assert "checks hold" in audit
+            shot = tmp_path / "dashboard-task.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            page.goto(f"{url}/finality")
+            assert page.locator("#validators li").count() == 4
+            browser.close()
+        print(f"screenshot: {shot}")
+
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            found = samples(r.read().decode())
+        coord = Coordinator(fed.manifest, fed.w3)
+        start = fed.manifest.deploy_block
+        for h in fed.hospitals:
+            name = h.name
+            assert value(found, "prismesh_rounds_joined_total", name=name) == 2
+            assert value(found, "prismesh_training_seconds_count", name=name) == 2
+            assert value(found, "prismesh_training_seconds_sum", name=name) > 0
+            commits = coord.get_events("UpdateCommitted", start, taskId=task, client=h.daemon.address)
+            gas = sum(int(fed.w3.eth.get_transaction_receipt(ev.tx_hash)["gasUsed"]) for ev in commits)
+            assert value(found, "prismesh_transactions_total", role="node", name=name, contract="Coordinator",
+                         function="commitUpdate", outcome="mined") == 2
+            assert value(found, "prismesh_gas_used_total", role="node", name=name, contract="Coordinator",
+                         function="commitUpdate") == gas
+            assert value(found, "prismesh_final_height", role="node", name=name) > 0
+            assert value(found, "prismesh_finality_lag_blocks", role="node", name=name) >= 0
+            if name != "broken-pipeline":
+                reveals = coord.get_events("UpdateRevealed", start, taskId=task, client=h.daemon.address)
+                uploaded = sum(fed.store.stat(ev.cid).cumulative_size for ev in reveals)
+                assert value(found, "prismesh_uploaded_bytes_total", name=name) == uploaded > 0
+        assert value(found, "prismesh_aggregation_seconds_count", name="aggregator") == 2
+        assert value(found, "prismesh_aggregation_seconds_sum", name="aggregator") > 0
+        assert value(found, "prismesh_rounds_aggregated_total", name="aggregator", outcome="aggregated") == 2
+        assert value(found, "prismesh_exclusions_total", reason="non-finite") == 2
+        assert value(found, "prismesh_transactions_total", role="aggregator", name="aggregator",
+                     contract="Coordinator", function="submitAggregate", outcome="mined") == 2
+        assert value(found, "prismesh_certificates_total", name="committee") == len(fed.committee.certificates) > 0
+        assert value(found, "prismesh_final_height", role="committee", name="committee") == fed.committee.final_height
+        assert not any(n == "prismesh_retries_total" and v for (n, _), v in found.items())
+    finally:
+        telemetry.disable()
+        if watching is not None:
+            watching.close()
+        fed.close()
