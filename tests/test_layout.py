@@ -129,6 +129,16 @@ def test_data_flows_one_way() -> None:
         assert not [d for d in GRAPH[leaf] if d.startswith("prismesh.chain")], leaf
 
 
+def test_only_the_command_line_imports_the_dashboard() -> None:
+    """The dashboard reads the chain and the store; no library module depends on it."""
+    offenders = {
+        n: sorted(d for d in deps if d.startswith("prismesh.dashboard"))
+        for n, deps in GRAPH.items()
+        if not n.startswith(("prismesh.dashboard", "prismesh.cli"))
+    }
+    assert not {n: d for n, d in offenders.items() if d}
+
+
 @pytest.mark.slow
 def test_plain_wheel_installs_only_prismesh(tmp_path: Path) -> None:
     """``pip install .`` as a wheel: the module files sit under prismesh/, the console script

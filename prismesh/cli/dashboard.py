@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +52,14 @@ def load_descriptors(path: Path | None) -> list[dict[str, Any]]:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from prismesh.cli.output import configure_output
-
-    configure_output(False, level=logging.INFO, log_format=args.log_format)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
     if args.poll <= 0:
         raise UsageError(f"--poll must be positive, got {args.poll}")
     descriptors = load_descriptors(args.descriptors)
+    from prismesh.cli.output import configure_output
+
+    configure_output(False, level=logging.INFO, log_format=args.log_format)
     from prismesh.chain.evm.manifest import connect
     from prismesh.chain.storage import open_store
     from prismesh.cli.audit import chain_from_args
@@ -111,13 +110,20 @@ class _DemoDashboard:
         print(f"      dashboard: {url}/ (live while the demo runs)", flush=True)
 
     def finished(self) -> None:
+        import signal
+        import threading
+
         print(f"      the dashboard stays open on the finished run at {self.server.url}/ ; Ctrl-C stops it",
               flush=True)
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            while True:
-                time.sleep(0.5)
+            while not stop.wait(0.5):
+                pass
         except KeyboardInterrupt:
             pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def close(self) -> None:
         self.server.stop()

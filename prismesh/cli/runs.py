@@ -44,11 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from prismesh.cli.output import configure_output
-
-    configure_output(args.verbose)
-    from prismesh.runs.demo import run_demo
-
     observer = None
     if args.dashboard:
         from prismesh.cli.dashboard import demo_observer
@@ -56,6 +51,11 @@ def _demo(args: argparse.Namespace) -> int:
         if args.chain != "anvil":
             raise UsageError("--dashboard needs --chain anvil: the embedded chain can only be read from the demo's own thread")
         observer = demo_observer(args.dashboard_port)
+    from prismesh.cli.output import configure_output
+
+    configure_output(args.verbose)
+    from prismesh.runs.demo import run_demo
+
     run_demo(args.out, seed=args.seed, scale=args.scale, rounds=args.rounds, strategy=args.strategy,
              baselines=not args.no_baselines, plots=not args.no_plots, chain=args.chain, observer=observer)
     return 0
