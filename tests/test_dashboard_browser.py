@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +92,8 @@ def test_dashboard_follows_a_federation_in_a_browser_and_metrics_count_the_round
     browser_path = chromium()
     base, clients = tiny_federation_inputs(tmp_path / "bench")
     metrics_port = telemetry.serve(0)
-    fed = Federation(tmp_path / "fed", chain="anvil", parallel=False)
+    demo_dir = tmp_path / "demo"  # laid out as `prismesh demo --out` leaves it, for --out below
+    fed = Federation(demo_dir / "run", chain="anvil", parallel=False)
     watching = None
     try:
         for c in clients:
@@ -177,8 +182,6 @@ def test_dashboard_follows_a_federation_in_a_browser_and_metrics_count_the_round
             browser.close()
         print(f"screenshot: {shot}")
 
-        import urllib.request
-
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
             found = samples(r.read().decode())
         coord = Coordinator(fed.manifest, fed.w3)
@@ -214,3 +217,21 @@ def test_dashboard_follows_a_federation_in_a_browser_and_metrics_count_the_round
         if watching is not None:
             watching.close()
         fed.close()
+
+    # The finished run's saved chain, re-opened by `prismesh dashboard --out`, as after a demo.
+    proc = subprocess.Popen([sys.executable, "-m", "prismesh", "dashboard", "--out", str(demo_dir), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "dashboard of chain" in line, line + proc.stderr.read()
+        base = line.split(" on ")[1].split()[0].rstrip("/")
+        deadline = time.monotonic() + 60
+        body = ""
+        while "Completed" not in body and time.monotonic() < deadline:
+            time.sleep(0.2)
+            with urllib.request.urlopen(f"{base}/tasks/{task}", timeout=10) as r:
+                body = r.read().decode()
+        assert "Completed" in body and "broken-pipeline" not in body  # no descriptors given: addresses only
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()

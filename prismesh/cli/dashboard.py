@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prismesh.cli.errors import UsageError
+from prismesh.cli.errors import CommandError, UsageError
 from prismesh.cli.output import add_daemon_output_arguments
 
 
@@ -63,7 +63,7 @@ def _dashboard(args: argparse.Namespace) -> int:
     from prismesh.chain.evm.manifest import connect
     from prismesh.chain.storage import open_store
     from prismesh.cli.audit import chain_from_args
-    from prismesh.dashboard.server import is_loopback, serve
+    from prismesh.dashboard.server import BackgroundServer, is_loopback
     from prismesh.dashboard.service import open_dashboard
 
     with chain_from_args(args) as (manifest, w3, demo_store):
@@ -75,14 +75,36 @@ def _dashboard(args: argparse.Namespace) -> int:
             poll_interval=args.poll,
             descriptors=descriptors,
         )
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"dashboard of chain {manifest.chain_id} on http://{host}:{args.port}/ (read-only; Ctrl-C stops it)",
-              flush=True)
-        if not is_loopback(args.host):
-            print(f"note: listening on {args.host}: anyone who can reach this host can read the dashboard",
-                  file=sys.stderr)
-        serve(dash, args.host, args.port)
+        server = BackgroundServer(dash, args.host, args.port)
+        try:
+            url = server.start()
+        except RuntimeError as exc:
+            raise CommandError(str(exc)) from None
+        try:
+            print(f"dashboard of chain {manifest.chain_id} on {url}/ (read-only; Ctrl-C stops it)", flush=True)
+            if not is_loopback(args.host):
+                print(f"note: listening on {args.host}: anyone who can reach this host can read the dashboard",
+                      file=sys.stderr)
+            wait_for_interrupt()
+        finally:
+            server.stop()
     return 0
+
+
+def wait_for_interrupt() -> None:
+    """Until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _DemoDashboard:
@@ -104,26 +126,13 @@ class _DemoDashboard:
         try:
             url = self.server.start()
         except RuntimeError as exc:
-            from prismesh.cli.errors import CommandError
-
             raise CommandError(f"{exc}; pick another with --dashboard-port") from None
         print(f"      dashboard: {url}/ (live while the demo runs)", flush=True)
 
     def finished(self) -> None:
-        import signal
-        import threading
-
         print(f"      the dashboard stays open on the finished run at {self.server.url}/ ; Ctrl-C stops it",
               flush=True)
-        stop = threading.Event()
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        wait_for_interrupt()
 
     def close(self) -> None:
         self.server.stop()

@@ -334,6 +334,7 @@ class ChainIndex:
         self._block_txs: dict[int, list[str]] = {}  # blocks whose gas/time is still to be read
         self._times: OrderedDict[int, int] = OrderedDict()
         self._time_queue: deque[int] = deque()
+        self._awaiting_time: dict[int, list[RoundRecord]] = {}  # block -> rounds opened in it
         self._cert_queue: deque[Certificate] = deque()
         self._aggregator_role: str | None = None
         self.token_symbol, self.token_decimals = "", 18
@@ -456,10 +457,9 @@ class ChainIndex:
                 self._block_txs.setdefault(b, []).extend(txs)
             for b, t in times.items():
                 self._remember_time(b, t)
-            for rec in self.tasks.values():
-                for rnd in rec.rounds.values():
-                    if rnd.opened_at is None and rnd.opened_block in times:
-                        rnd.opened_at = times[rnd.opened_block]
+            for b, t in times.items():
+                for rnd in self._awaiting_time.pop(b, ()):
+                    rnd.opened_at = t
             info = self.finality_info
             info.head_time = self._times.get(info.head, info.head_time)
             info.final_time = self._times.get(info.final_height, info.final_time)
@@ -605,6 +605,10 @@ class ChainIndex:
             rnd.deadlines = {k[: -len("_deadline")]: int(v) for k, v in args.items() if k.endswith("_deadline")}
             rnd.phases.append(("Open", block))
             task.rounds[number] = rnd
+            if block in self._times:
+                rnd.opened_at = self._times[block]
+            else:
+                self._awaiting_time.setdefault(block, []).append(rnd)
             if tx not in self._gas_owner:  # the aggregate that opened it pays for it otherwise
                 self._gas_owner.add(tx)
                 rnd.txs.append(tx)

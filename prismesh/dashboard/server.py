@@ -1,5 +1,5 @@
-"""Serving the dashboard with uvicorn: in the foreground (``prismesh dashboard``) or in a thread
-beside a running federation (``prismesh demo --dashboard``, the tests, the benchmark)."""
+"""Serving the dashboard with uvicorn from a daemon thread: ``prismesh dashboard``, the dashboard
+beside ``prismesh demo --dashboard``, the tests and the benchmark all use :class:`BackgroundServer`."""
 
 from __future__ import annotations
 
@@ -35,17 +35,6 @@ def _config(dash: Any, host: str, port: int) -> Any:
     app = create_app(dash, allowed_hosts=allowed_hosts_for(host))
     return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off", ws="none",
                           timeout_graceful_shutdown=1)
-
-
-def serve(dash: Any, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM); starts and stops the dashboard's threads."""
-    import uvicorn
-
-    dash.start()
-    try:
-        uvicorn.Server(_config(dash, host, port)).run()
-    finally:
-        dash.stop()
 
 
 class BackgroundServer:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from prismesh.chain.evm.deploy import deploy_to_devnet
-from prismesh.chain.evm.devnet import start_embedded
+from prismesh.chain.evm.devnet import start_anvil, start_embedded
 from prismesh.chain.finality.committee import devnet_validator_keys, in_process_committee
 from prismesh.chain.storage import open_store
 from prismesh.dashboard.server import BackgroundServer
@@ -98,12 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-rounds", type=int, default=3, help="rounds of the task played live (step 5)")
     parser.add_argument("--poll", type=float, default=0.5, help="the dashboard's poll interval (its default)")
     parser.add_argument("--no-browser", action="store_true")
+    parser.add_argument("--chain", choices=("embedded", "anvil"), default="embedded",
+                        help="where the history is written (anvil: to compare the cold index)")
     args = parser.parse_args(argv)
-    print(f"dashboard benchmark: {args.tasks} tasks x {args.rounds} rounds, 3 hospitals, embedded chain; "
+    print(f"dashboard benchmark: {args.tasks} tasks x {args.rounds} rounds, 3 hospitals, {args.chain} chain; "
           f"{os.cpu_count()} CPUs, load {load()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
 
     root = Path(tempfile.mkdtemp(prefix="prismesh-bench-dashboard-"))
-    dev = start_embedded()
+    dev = start_embedded() if args.chain == "embedded" else start_anvil()
     keys = devnet_validator_keys(n=4)
     manifest = deploy_to_devnet(dev, validators=[k.address for k in keys], aggregators=[dev.accounts[1].address])
     committee = in_process_committee(dev, manifest.to_json(), keys=keys)
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             browser_figures(dev, manifest, store, committee, history, dash, lock, url, args)
     finally:
         server.stop()
+        dev.stop()
     print(f"load at the end: {load()}")
     return 0
 
