@@ -177,6 +177,30 @@ def test_each_final_block_is_read_once(world: World) -> None:
     assert index.task(world.markup_task).status == "Completed"
 
 
+def test_a_long_chain_is_read_a_batch_at_a_time(world: World) -> None:
+    """A cold start reads a bounded range per refresh, so pages fill in as it goes, and ends
+    with the same model as a reader that took it in one go."""
+    from prismesh.dashboard.index import ChainIndex
+
+    with world.lock:
+        final = world.committee.final_height
+        index = ChainIndex(world.dev.w3, world.manifest, chain_lock=world.lock, batch_blocks=25)
+        index.refresh()
+        assert not index.caught_up and index.indexed_to == world.manifest.deploy_block + 24
+        refreshes = 1
+        while not index.caught_up:
+            index.refresh()
+            refreshes += 1
+        assert refreshes == -(-(final - world.manifest.deploy_block + 1) // 25)
+        whole = ChainIndex(world.dev.w3, world.manifest, chain_lock=world.lock, batch_blocks=100_000)
+        whole.refresh()
+    assert whole.caught_up and index.events_seen == whole.events_seen
+    assert sorted(index.tasks) == sorted(whole.tasks)
+    for t in index.tasks:
+        assert index.task(t).rounds.keys() == whole.task(t).rounds.keys()
+        assert [r.phases for r in index.task(t).rounds.values()] == [r.phases for r in whole.task(t).rounds.values()]
+
+
 def test_pages_escape_chain_and_store_strings(world: World) -> None:
     world.wait_for("/", MARKUP_STRATEGY.replace("<", "&lt;").replace(">", "&gt;"))
     for path in ("/", f"/tasks/{world.markup_task}"):

@@ -37,7 +37,7 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from prismesh.dashboard.views import NotFound, Views
+from prismesh.dashboard.views import NotFound, Unavailable, Views
 
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]", "::1"]
 SECURITY_HEADERS = {
@@ -109,6 +109,10 @@ class Pages:
                 context = build()
             except NotFound as exc:
                 return self.error(request, 404, str(exc))
+            except Unavailable as exc:
+                response = self.error(request, 503, str(exc))
+                response.headers["Retry-After"] = "2"
+                return response
             header = self.views.header()
             body = self.env.get_template(template).render(
                 **context, header=header, fragment=fragment, title=self.dash.title, path=request.url.path
@@ -223,7 +227,8 @@ def create_app(dash: Any, *, allowed_hosts: list[str] | None = None, max_streams
                         last, quiet = key, 0.0
                         info = dash.index.finality_info
                         data = {"key": key, "head": info.head, "final": info.final_height, "lag": info.lag_blocks,
-                                "error": dash.error}
+                                "error": dash.error,
+                                "indexing": None if dash.index.caught_up else dash.index.indexed_to}
                         yield f"data: {json.dumps(data)}\n\n"
                     elif quiet >= heartbeat_s:
                         quiet = 0.0

@@ -347,8 +347,18 @@ class ChainIndex:
         """Call ``callback`` (from the refreshing thread) whenever the model changed."""
         self._listeners.append(callback)
 
+    @property
+    def caught_up(self) -> bool:
+        """Whether every final block has been read (a long chain is read a batch per refresh)."""
+        return self._scanned >= self.finality_info.final_height and self.refreshed > 0
+
+    @property
+    def indexed_to(self) -> int:
+        return max(self._scanned, 0)
+
     def refresh(self) -> bool:
-        """Read what became final since the last call; True when anything changed."""
+        """Read what became final since the last call, at most ``batch_blocks`` blocks of it (call
+        again while not :attr:`caught_up`); True when anything changed."""
         with self.chain_lock:
             self._read_constants()
             head = int(self.w3.eth.block_number)
@@ -358,9 +368,12 @@ class ChainIndex:
                 gadget_final = int(fn.finalizedHeight().call())
                 final_hash, final_view = bytes(fn.finalizedHash().call()), int(fn.finalizedView().call())
             final = gadget_final if self.finality else head
-            events = self._reader.read(self._scanned + 1, final) if final > self._scanned else []
-            # Certificates are read up to the head: they are what makes blocks final.
-            tail = self._reader.read(max(final, self._scanned) + 1, head, ("FinalityGadget",)) if self._gadget else []
+            upto = min(final, self._scanned + self._reader.batch_blocks)
+            events = self._reader.read(self._scanned + 1, upto) if upto > self._scanned else []
+            # Certificates are read up to the head once caught up: they are what makes blocks final.
+            tail = []
+            if self._gadget is not None and upto >= final:
+                tail = self._reader.read(max(final, self._scanned) + 1, head, ("FinalityGadget",))
         changed = bool(events)
         with self._lock:
             info = self.finality_info
@@ -379,7 +392,7 @@ class ChainIndex:
                     self._apply_registry(ev)
                 else:
                     self._apply_coordinator(ev)
-            self._scanned = max(self._scanned, final)
+            self._scanned = max(self._scanned, upto)
             self.events_seen += sum(1 for ev in events if ev.contract != "FinalityGadget")
         changed |= self._fetch_details(head, final)
         with self._lock:

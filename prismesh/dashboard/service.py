@@ -89,7 +89,8 @@ class Dashboard:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.refresh()
-            self._stop.wait(self.poll_interval)
+            if self.index.caught_up or self.error is not None:
+                self._stop.wait(self.poll_interval)
 
     def stop(self) -> None:
         self._stop.set()

@@ -23,6 +23,10 @@ class NotFound(LookupError):
     """The page names something the chain does not hold (shown as 404)."""
 
 
+class Unavailable(LookupError):
+    """The page may exist once the index has read further (shown as 503)."""
+
+
 def pages(total: int, per_page: int, page: int | None, *, default_last: bool = False) -> tuple[int, int]:
     """``(page, page count)``; ``page`` None means the first (or, with ``default_last``, the last)."""
     count = max(1, math.ceil(total / per_page))
@@ -85,6 +89,7 @@ class Views:
             "lag": info.lag_blocks,
             "finality": self.dash.index.finality,
             "error": self.dash.error,
+            "indexing": None if self.dash.index.caught_up else self.dash.index.indexed_to,
             "key": self.dash.key,
             "token": self.dash.index.token_symbol,
             "decimals": self.dash.index.token_decimals,
@@ -127,6 +132,9 @@ class Views:
     def task(self, task_id: int, round_page: int | None) -> dict[str, Any]:
         index, checker = self.dash.index, self.dash.checker
         task = index.task(task_id)
+        if task is None and not index.caught_up:
+            raise Unavailable(f"still reading the chain (up to block {index.indexed_to} of "
+                              f"{index.finality_snapshot().final_height}); task {task_id} may be further on")
         if task is None:
             raise NotFound(f"no task {task_id} on chain (final events up to block {index.finality_snapshot().final_height})")
         spec, spec_status = self._strategy(task)
@@ -259,6 +267,8 @@ class Views:
 
     def audit(self, task_id: int) -> dict[str, Any]:
         if self.dash.index.task(task_id) is None:
+            if not self.dash.index.caught_up:
+                raise Unavailable(f"still reading the chain (up to block {self.dash.index.indexed_to})")
             raise NotFound(f"no task {task_id} on chain")
         result = self.dash.audits.result(task_id)
         return {

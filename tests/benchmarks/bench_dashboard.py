@@ -130,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                           poll_interval=args.poll)
     t0, c0 = time.perf_counter(), cpu()
     dash.refresh()
+    while not dash.index.caught_up:  # a batch of blocks per refresh, as the server's thread does
+        dash.refresh()
     events = time.perf_counter() - t0
-    while dash.refresh() and any(dash.index.gas_of(r)[1] for t in dash.index.tasks.values() for r in t.rounds.values()):
-        pass
+    while any(dash.index.gas_of(r)[1] for t in dash.index.tasks.values() for r in t.rounds.values()):
+        dash.refresh()
     index_s, index_cpu = time.perf_counter() - t0, cpu() - c0
     print(f"2. cold index: {dash.index.events_seen} final events read in {events:.1f} s; with every round's gas "
           f"{index_s:.1f} s ({index_cpu:.1f} s CPU); afterwards a refresh with nothing new takes ", end="")

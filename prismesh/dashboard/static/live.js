@@ -42,6 +42,11 @@
     setText("hdr-head", d.head);
     setText("hdr-final", d.final);
     setText("hdr-lag", d.lag);
+    var indexing = document.getElementById("hdr-indexing");
+    if (indexing) {
+      indexing.className = d.indexing === null ? "hidden" : "";
+      setText("hdr-indexed", d.indexing === null ? "" : d.indexing);
+    }
     var banner = document.getElementById("hdr-error");
     if (banner) {
       banner.className = d.error ? "banner" : "banner hidden";
