@@ -140,12 +140,18 @@ def contribution_scores(
 ) -> np.ndarray:
     """Scores in [0, 1] of the updates ``adapters`` made from ``base`` (the round's global
     adapter; None or no tensors: the bare base model), ``known`` being every adapter the task
-    published before the round (earlier globals and reveals)."""
+    published before the round (earlier globals and reveals). A known adapter of another layout,
+    or with non-finite values (an update rejected in its round), is left out: nothing is close
+    to it, and a NaN would spoil every score."""
     glob = base if base is not None else Adapter({}, {})
     points = list(adapters) + [glob]
     p = inner_products(points, points)
     layout = {k: np.shape(v) for k, v in adapters[0].tensors.items()} if adapters else {}
-    known = [k for k in known if {n: np.shape(v) for n, v in k.tensors.items()} == layout]
+    known = [
+        k for k in known
+        if {n: np.shape(v) for n, v in k.tensors.items()} == layout
+        and all(np.isfinite(v).all() for v in k.tensors.values())
+    ]
     to_known = inner_products(list(adapters), known) if known else np.zeros((len(adapters), 0))
     known_sq = np.array([inner_products([k], [k])[0, 0] for k in known])
     return scores_from_geometry(p, to_known, known_sq)

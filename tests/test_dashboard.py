@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from prismesh.chain.evm.contracts import SCORE_SCALE
 from prismesh.chain.evm.deploy import deploy_to_devnet
 from prismesh.chain.evm.devnet import start_embedded
 from prismesh.chain.finality.committee import devnet_validator_keys, in_process_committee
@@ -135,17 +136,22 @@ def test_index_reads_what_the_chain_recorded(world: World) -> None:
     assert [p for p, _ in r1.phases] == ["Open", "Commit", "Reveal", "Aggregating", "Finalized"]
     blocks = [b for _, b in r1.phases]
     assert blocks == sorted(blocks) and r1.aggregate_block == blocks[-1]
-    assert set(r1.deadlines) == {"commit", "reveal"} and r1.deadlines["commit"] < r1.deadlines["reveal"]
+    assert list(r1.deadlines) == ["commit", "reveal", "aggregation"]
+    assert r1.deadlines["commit"] < r1.deadlines["reveal"] < r1.deadlines["aggregation"]
+    # Rewards split by contribution score: rewardPerUpdate x included x score / sum of scores.
+    scores = [SCORE_SCALE * (i + 1) // 3 for i in range(3)]
+    rewards = [10 * 10**18 * 3 * sc // sum(scores) for sc in scores]
     for i, address in enumerate(world.history.hospitals):
         c = r1.clients[address]
-        assert c.status == "included" and c.reward == 10 * 10**18 and c.num_samples == 100 + 10 * i
+        assert c.status == "included" and c.num_samples == 100 + 10 * i
+        assert (c.score, c.reward) == (scores[i], rewards[i])
         assert c.metrics["accuracy"] == pytest.approx(min(0.95, 0.2 + 0.1 + 0.03 * i))
     assert r1.aggregator_reward == 2 * 10**18
-    assert task.rewards_paid == 2 * (3 * 10 + 2) * 10**18
+    assert task.rewards_paid == 2 * (sum(rewards) + 2 * 10**18)
     hospitals = {h.address: h for h in world.dash.index.hospital_list()}
     assert all(hospitals[a].status == "Approved" for a in world.history.hospitals)
-    # Each hospital: 2 completed tasks x 2 rounds + 1 round of the markup task, 10 tokens each.
-    assert [hospitals[a].rewards for a in world.history.hospitals] == [50 * 10**18] * 3
+    # Each hospital: 2 completed tasks x 2 rounds + 1 round of the markup task.
+    assert [hospitals[a].rewards for a in world.history.hospitals] == [5 * r for r in rewards]
     info = world.dash.index.finality_snapshot()
     assert len(info.validators) == 4 and info.quorum == 3
     assert info.final_height == world.committee.final_height and info.certificates

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from prismesh.chain.evm.contracts import SCORE_SCALE
 from prismesh.dashboard.charts import bar_chart, line_chart
 from prismesh.dashboard.index import ClientRound, RoundRecord, TaskRecord
 
@@ -51,7 +52,7 @@ class Cell:
 
     status: str
     reward: int = 0
-    score: int | None = None
+    score: float | None = None  # the contribution score as a fraction of the contract's scale
     exclusion: str | None = None
     accuracy: float | None = None
     cid: str | None = None
@@ -255,7 +256,7 @@ class Views:
         return Cell(
             status=c.status,
             reward=c.reward,
-            score=c.score,
+            score=c.score / SCORE_SCALE if c.score is not None else None,
             exclusion=c.exclusion,
             accuracy=c.metrics.get("accuracy"),
             cid=c.cid,

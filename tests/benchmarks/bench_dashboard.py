@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 def browser_figures(dev, manifest, store, committee, history, dash, lock, url, args) -> None:  # noqa: ANN001
     from playwright.sync_api import sync_playwright
 
-    from prismesh.chain.evm.contracts import Coordinator, make_commitment
+    from prismesh.chain.evm.contracts import Coordinator
 
     chromium = os.environ.get("PRISMESH_CHROMIUM") or "/usr/bin/chromium"
     with sync_playwright() as p:
@@ -245,7 +245,7 @@ def browser_figures(dev, manifest, store, committee, history, dash, lock, url, a
 
             def commit(c):  # noqa: ANN001, ANN202
                 cid, sha, n, salt = ups[c.address]
-                coord[c.address].commit_update(task, rnd, make_commitment(cid, sha, n, salt, c.address))
+                coord[c.address].commit_update(task, rnd, coord[c.address].commitment_for(task, rnd, cid, sha, n, salt))
 
             def reveal(c):  # noqa: ANN001, ANN202
                 coord[c.address].reveal_update(task, rnd, *ups[c.address])

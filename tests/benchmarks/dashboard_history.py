@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prismesh.chain.evm.contracts import (
+    SCORE_SCALE,
     Coordinator,
     Registry,
     TaskParams,
     TransactionFailed,
     TxSender,
-    make_commitment,
 )
 from prismesh.chain.identity import descriptor_hash
 from prismesh.chain.taskspec import LoraSpec, TaskSpec
@@ -102,10 +102,11 @@ def create_task(dev: Any, manifest: Any, store: Any, history: History, *, rounds
     task_no = len(history.tasks) + 1
     spec = spec or spec_for(task_no)
     spec_cid = store.add_bytes(spec.to_bytes())
-    initial, _ = stand_in_adapter(store, f"initial-{task_no}")
+    initial, initial_sha = stand_in_adapter(store, f"initial-{task_no}")
     params = TaskParams.for_spec(
-        spec, spec_cid, initial, num_rounds=rounds, min_participants=2, max_participants=n, max_failed_rounds=1,
-        commit_duration=3600, reveal_duration=3600, reward_per_update=10 * 10**18, aggregator_reward=2 * 10**18,
+        spec, spec_cid, initial, initial_sha, num_rounds=rounds, min_participants=2, max_participants=n,
+        max_failed_rounds=1, commit_duration=3600, reveal_duration=3600, aggregation_duration=3600,
+        reward_per_update=10 * 10**18, aggregator_reward=2 * 10**18, sample_cap=4096,
     )
     task = gov.task_id_from(gov.create_task(params))
     for i in range(n):
@@ -120,7 +121,8 @@ def create_task(dev: Any, manifest: Any, store: Any, history: History, *, rounds
 def play_round(dev: Any, manifest: Any, store: Any, history: History, task: int, rnd: int, *,
                accuracy: Callable[[int, int], float] | None = None,
                on_phase: Callable[[str], None] | None = None) -> None:
-    """Every hospital commits, reveals and reports; the aggregator includes them all."""
+    """Every hospital commits, reveals and reports; the aggregator includes them all, scoring
+    hospital i at (i + 1) / n of the scale (so their rewards differ)."""
     clients = [dev.accounts[FIRST_CLIENT + i] for i in range(len(history.hospitals))]
     coord = {c.address: fast(Coordinator(manifest, dev.w3, c)) for c in clients}
     updates = {}
@@ -129,16 +131,15 @@ def play_round(dev: Any, manifest: Any, store: Any, history: History, task: int,
         salt = hashlib.sha256(f"salt-{task}-{rnd}-{i}".encode()).digest()
         samples = 100 + 10 * i
         updates[c.address] = (cid, sha, samples, salt)
-        coord[c.address].commit_update(task, rnd, make_commitment(cid, sha, samples, salt, c.address))
+        coord[c.address].commit_update(task, rnd, coord[c.address].commitment_for(task, rnd, cid, sha, samples, salt))
         if on_phase is not None and i == 0:
             on_phase("committed")
     for c in clients:
         cid, sha, samples, salt = updates[c.address]
         coord[c.address].reveal_update(task, rnd, cid, sha, samples, salt)
     aggregate, agg_sha = stand_in_adapter(store, f"aggregate-{task}-{rnd}")
-    fast(Coordinator(manifest, dev.w3, dev.accounts[AGGREGATOR])).submit_aggregate(
-        task, rnd, aggregate, agg_sha, sorted(updates)
-    )
+    scores = {c.address: SCORE_SCALE * (i + 1) // len(clients) for i, c in enumerate(clients)}
+    fast(Coordinator(manifest, dev.w3, dev.accounts[AGGREGATOR])).submit_aggregate(task, rnd, aggregate, agg_sha, scores)
     acc = accuracy or (lambda i, r: min(0.95, 0.2 + 0.1 * r + 0.03 * i))
     for i, c in enumerate(clients):
         coord[c.address].report_metric(task, rnd, "accuracy", acc(i, rnd))
