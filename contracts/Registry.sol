@@ -6,8 +6,12 @@ import {AccessControlDefaultAdminRules} from
 
 /// @title PrisMesh participant registry
 /// @notice A client is its key pair: its address registers with the hash of an institution
-///         descriptor, and governance approves, suspends or revokes it. Governance and
-///         aggregator roles live here too, so every contract asks one place who may do what.
+///         descriptor, and governance approves, suspends or revokes it. Governance, aggregator
+///         and auditor roles live here too, so every contract asks one place who may do what.
+///
+///         Beside each identity (a client, an aggregator or an auditor) sits the X25519 public
+///         key that updates and aggregates are encrypted to: one 32-byte word, set and rotated
+///         by its holder, every change an event.
 ///
 ///         Administration follows OpenZeppelin's default-admin rules: exactly one account holds
 ///         DEFAULT_ADMIN_ROLE (it grants and revokes the other roles), and it moves only in two
@@ -19,6 +23,8 @@ contract Registry is AccessControlDefaultAdminRules {
     bytes32 public constant GOVERNANCE_ROLE = keccak256("GOVERNANCE_ROLE");
     /// @notice Role that may submit aggregates and fail rounds on the Coordinator.
     bytes32 public constant AGGREGATOR_ROLE = keccak256("AGGREGATOR_ROLE");
+    /// @notice Role of the auditors the consortium appoints (recipients of encrypted updates).
+    bytes32 public constant AUDITOR_ROLE = keccak256("AUDITOR_ROLE");
 
     /// @notice Lifecycle of a client. Revoked is final: the address can never take part again.
     enum ClientStatus {
@@ -39,6 +45,7 @@ contract Registry is AccessControlDefaultAdminRules {
 
     mapping(address => Client) private _clients;
     uint256 private _clientCount;
+    mapping(address => bytes32) private _encryptionKeys;
 
     /// @notice A descriptor hash of zero was given.
     error EmptyDescriptor();
@@ -48,6 +55,10 @@ contract Registry is AccessControlDefaultAdminRules {
     error NotRegistered(address client);
     /// @notice The requested transition is not allowed from the client's current status.
     error InvalidStatusTransition(address client, ClientStatus current, ClientStatus requested);
+    /// @notice An encryption key of zero was given.
+    error EmptyEncryptionKey();
+    /// @notice The caller is neither a registered, unrevoked client nor an aggregator or auditor.
+    error NotAnIdentity(address account);
 
     /// @notice A new client registered and awaits approval.
     event ClientRegistered(address indexed client, bytes32 descriptorHash);
@@ -57,6 +68,9 @@ contract Registry is AccessControlDefaultAdminRules {
     event ClientStatusChanged(
         address indexed client, ClientStatus previous, ClientStatus current, address indexed by
     );
+
+    /// @notice An identity set (or rotated) the X25519 public key it receives encrypted data on.
+    event EncryptionKeySet(address indexed account, bytes32 key);
 
     /// @param adminDelay Seconds between beginning and accepting an admin transfer.
     /// @param governance Account (an EOA or a multisig contract) that receives the admin and
@@ -99,6 +113,21 @@ contract Registry is AccessControlDefaultAdminRules {
         emit DescriptorUpdated(msg.sender, descriptorHash);
     }
 
+    /// @notice Set or rotate the caller's X25519 public key (RFC 7748 encoding, 32 bytes).
+    /// @dev Open to registered clients that are not revoked and to aggregator and auditor role
+    ///      holders; the key is used only where a task names its holder as a recipient.
+    /// @param key The raw X25519 public key (non-zero).
+    function setEncryptionKey(bytes32 key) external {
+        if (key == bytes32(0)) revert EmptyEncryptionKey();
+        ClientStatus status = _clients[msg.sender].status;
+        bool client = status != ClientStatus.None && status != ClientStatus.Revoked;
+        if (!client && !hasRole(AGGREGATOR_ROLE, msg.sender) && !hasRole(AUDITOR_ROLE, msg.sender)) {
+            revert NotAnIdentity(msg.sender);
+        }
+        _encryptionKeys[msg.sender] = key;
+        emit EncryptionKeySet(msg.sender, key);
+    }
+
     /// @notice Approve a pending client, or reinstate a suspended one.
     /// @param client The client's address.
     function approve(address client) external onlyRole(GOVERNANCE_ROLE) {
@@ -139,6 +168,18 @@ contract Registry is AccessControlDefaultAdminRules {
     /// @param account The account to check.
     function isAggregator(address account) external view returns (bool) {
         return hasRole(AGGREGATOR_ROLE, account);
+    }
+
+    /// @notice Whether `account` holds the auditor role.
+    /// @param account The account to check.
+    function isAuditor(address account) external view returns (bool) {
+        return hasRole(AUDITOR_ROLE, account);
+    }
+
+    /// @notice The X25519 public key `account` receives encrypted data on (zero: none set).
+    /// @param account The account.
+    function encryptionKeyOf(address account) external view returns (bytes32) {
+        return _encryptionKeys[account];
     }
 
     /// @notice Whether `account` holds the governance role.

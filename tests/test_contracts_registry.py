@@ -252,3 +252,44 @@ def test_error_decoder_builtin_errors() -> None:
     assert (
         isinstance(clone, ContractRevert) and clone.args == panic.args and str(clone) == str(panic)
     )
+
+
+def test_encryption_keys_beside_identities(chain_env: ChainEnv) -> None:
+    """Registered clients, aggregators and auditors publish and rotate their X25519 keys; an
+    outsider or a revoked client cannot, and a zero key is refused."""
+    from prismesh.chain.evm.contracts import (
+        AUDITOR_ROLE,
+        EmptyEncryptionKey,
+        EncryptionKeySet,
+        NotAnIdentity,
+    )
+
+    gov = chain_env.registry()
+    client, outsider, auditor = chain_env.clients[0], chain_env.outsiders[0], chain_env.outsiders[1]
+    key1, key2 = bytes(range(32)), bytes(range(1, 33))
+    with pytest.raises(NotAnIdentity) as exc:
+        chain_env.registry(client).set_encryption_key(key1)
+    assert exc.value.args["account"] == client.address
+    chain_env.registry(client).register(DESCRIPTOR)
+    receipt = chain_env.registry(client).set_encryption_key(key1)
+    (ev,) = gov.events_in(receipt, "EncryptionKeySet")
+    assert isinstance(ev, EncryptionKeySet) and ev.account == client.address and ev.key == key1
+    chain_env.registry(client).set_encryption_key(key2)
+    assert gov.encryption_key_of(client.address) == key2
+    with pytest.raises(EmptyEncryptionKey):
+        chain_env.registry(client).set_encryption_key(b"\x00" * 32)
+    # The aggregator holds its role from deployment; an auditor once governance appoints it.
+    chain_env.registry(chain_env.aggregator).set_encryption_key(key1)
+    assert gov.encryption_key_of(chain_env.aggregator.address) == key1
+    with pytest.raises(NotAnIdentity):
+        chain_env.registry(auditor).set_encryption_key(key1)
+    assert not gov.is_auditor(auditor.address)
+    gov.add_auditor(auditor.address)
+    assert gov.is_auditor(auditor.address) and gov.has_role(AUDITOR_ROLE, auditor.address)
+    chain_env.registry(auditor).set_encryption_key(key2)
+    assert gov.encryption_key_of(auditor.address) == key2
+    assert gov.encryption_key_of(outsider.address) == b"\x00" * 32
+    # Revocation is final: the key stays readable, but can no longer change.
+    gov.revoke(client.address)
+    with pytest.raises(NotAnIdentity):
+        chain_env.registry(client).set_encryption_key(key1)

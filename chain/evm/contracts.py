@@ -195,6 +195,12 @@ class NotRegistered(ContractRevert): ...
 class InvalidStatusTransition(ContractRevert): ...
 
 
+class EmptyEncryptionKey(ContractRevert): ...
+
+
+class NotAnIdentity(ContractRevert): ...
+
+
 # Coordinator
 class NotGovernance(ContractRevert): ...
 
@@ -802,6 +808,12 @@ class DescriptorUpdated(Event):
 
 
 @dataclass(frozen=True)
+class EncryptionKeySet(Event):
+    account: str
+    key: bytes
+
+
+@dataclass(frozen=True)
 class ClientStatusChanged(Event):
     client: str
     previous: ClientStatus
@@ -1260,10 +1272,12 @@ _DISCARD = _discard_marker()
 
 GOVERNANCE_ROLE = keccak(text="GOVERNANCE_ROLE")
 AGGREGATOR_ROLE = keccak(text="AGGREGATOR_ROLE")
+AUDITOR_ROLE = keccak(text="AUDITOR_ROLE")
 DEFAULT_ADMIN_ROLE = b"\x00" * 32
 ROLE_NAMES = {
     GOVERNANCE_ROLE: "GOVERNANCE_ROLE",
     AGGREGATOR_ROLE: "AGGREGATOR_ROLE",
+    AUDITOR_ROLE: "AUDITOR_ROLE",
     DEFAULT_ADMIN_ROLE: "DEFAULT_ADMIN_ROLE",
 }
 
@@ -1307,6 +1321,21 @@ class Registry(ContractClient):
 
     def is_governance(self, account: str) -> bool:
         return bool(self._call("isGovernance", to_checksum_address(account)))
+
+    def is_auditor(self, account: str) -> bool:
+        return bool(self._call("isAuditor", to_checksum_address(account)))
+
+    def set_encryption_key(self, key: bytes) -> TxReceipt:
+        """Publish (or rotate) the sender's X25519 public key (32 raw bytes)."""
+        return self._transact("setEncryptionKey", _bytes32(key, "key"))
+
+    def encryption_key_of(self, account: str) -> bytes:
+        """The X25519 public key ``account`` published (32 zero bytes: none)."""
+        return bytes(self._call("encryptionKeyOf", to_checksum_address(account)))
+
+    def add_auditor(self, account: str) -> TxReceipt:
+        """grantRole(AUDITOR_ROLE, account) (admin)."""
+        return self.grant_role(AUDITOR_ROLE, account)
 
     def client_count(self) -> int:
         return int(self._call("clientCount"))
