@@ -8,6 +8,14 @@ that every reward is the contract's split of the round's pool by those scores (a
 one else earned anything), that the task never paid beyond its budget, and that every finality
 certificate carries a quorum of valid validator signatures over the chain's own block hash.
 Nothing is taken from the daemons' local state.
+
+Sealed tasks (updates encrypted to the aggregator and the auditors): with an auditor's key
+(``key``) every check above runs on the decrypted adapters, each decryption is checked against
+the revealed plaintext hash, and a central-DP aggregate's noise is regenerated from the seed
+sealed beside it. Without a key the audit checks everything that needs no plaintext (the
+ciphertexts against their CIDs, that each is sealed for its task, round and client to the
+task's recipients with the keys they published, the reward arithmetic from the on-chain scores,
+the budget, finality) and lists what it could not check.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ class Finding:
 class AuditReport:
     task_id: int
     findings: list[Finding] = field(default_factory=list)
+    unchecked: list[Finding] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -44,12 +53,19 @@ class AuditReport:
     def failures(self) -> list[Finding]:
         return [f for f in self.findings if not f.ok]
 
+    def skip(self, check: str, subject: str, why: str) -> None:
+        """A check that could not run (e.g. it needs plaintext and no key was given)."""
+        self.unchecked.append(Finding(check, subject, False, why))
+
     def render(self) -> str:
+        partial = f"; {len(self.unchecked)} not checked" if self.unchecked else ""
         lines = [f"audit of task {self.task_id}: {'PASS' if self.ok else 'FAIL'} "
-                 f"({len(self.findings) - len(self.failures())}/{len(self.findings)} checks hold)"]
+                 f"({len(self.findings) - len(self.failures())}/{len(self.findings)} checks hold{partial})"]
         for f in self.findings:
             mark = "ok  " if f.ok else "FAIL"
             lines.append(f"  {mark} {f.check:<22} {f.subject}" + (f" — {f.detail}" if f.detail else ""))
+        for f in self.unchecked:
+            lines.append(f"  --   {f.check:<22} {f.subject} — not checked: {f.detail}")
         return "\n".join(lines)
 
 
@@ -57,14 +73,23 @@ def _sha256(path: Path) -> bytes:
     return hashlib.sha256(path.read_bytes()).digest()
 
 
-def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finality: bool = True) -> AuditReport:
-    """Run every check for ``task_id``; never raises on a failed check, only records it."""
+def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finality: bool = True,
+               key: Any = None) -> AuditReport:
+    """Run every check for ``task_id``; never raises on a failed check, only records it.
+    ``key`` is an auditor's X25519 private key, for tasks whose updates are sealed."""
     from prismesh.aggregator.adapters import load_adapter, save_adapter
     from prismesh.aggregator.contribution import published_before, score_updates
     from prismesh.aggregator.daemon import aggregation_base
     from prismesh.aggregator.strategies import ClientUpdate, get_strategy
     from prismesh.aggregator.weights import WeightRule
-    from prismesh.chain.evm.contracts import Coordinator
+    from prismesh.chain.evm.contracts import Coordinator, Registry
+    from prismesh.chain.sealing import (
+        SealContext,
+        SealError,
+        fetch_any_adapter,
+        read_header,
+        stored_kind,
+    )
     from prismesh.chain.storage import StorageError, cid_of_path, fetch_adapter
     from prismesh.chain.taskspec import TaskSpec
 
@@ -96,6 +121,9 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
     for ev in coord.get_events("RewardEarned", start, taskId=task_id):
         earned.setdefault(ev.round, []).append(ev)
     scored: dict[int, dict[str, int]] = {}
+    privacy = spec.privacy_spec
+    keys_at = _published_keys(Registry.read_only(manifest, w3), start) if privacy.sealed else {}
+    coord_address = coord.address
 
     with tempfile.TemporaryDirectory(prefix="prismesh-audit-") as tmp:
         work = Path(tmp)
@@ -103,12 +131,39 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
         for r, by_client in sorted(reveals.items()):
             for client, ev in sorted(by_client.items()):
                 subject = f"round {r} {client} {ev.cid}"
-                try:
-                    d = fetch_adapter(store, ev.cid, work / "updates" / ev.cid)
-                except StorageError as exc:
-                    report.add("adapter vs CID", subject, False, str(exc))
-                    continue
-                report.add("adapter vs CID", subject, True)
+                if privacy.sealed:
+                    try:
+                        kind = stored_kind(store, ev.cid)
+                    except StorageError as exc:
+                        report.add("adapter vs CID", subject, False, str(exc))
+                        continue
+                    if kind != "sealed":
+                        report.add("sealed as required", subject, False, f"stored as a {kind}, not a sealed object")
+                        continue
+                    try:
+                        header = read_header(store.cat(ev.cid))
+                    except (StorageError, SealError) as exc:
+                        report.add("adapter vs CID", subject, False, str(exc))
+                        continue
+                    report.add("adapter vs CID", subject, True, "ciphertext intact")
+                    expected = SealContext(int(w3.eth.chain_id), coord_address, task_id, r, client, "update")
+                    _check_sealing(report, subject, header, expected, privacy.recipients, keys_at, ev.block_number)
+                    if key is None:
+                        report.skip("adapter vs sha256", subject, "the plaintext needs a recipient's key")
+                        continue
+                    try:
+                        d = fetch_any_adapter(store, ev.cid, work / "updates" / ev.cid, key, expected)
+                    except (StorageError, SealError) as exc:
+                        report.add("opened with key", subject, False, str(exc))
+                        continue
+                    report.add("opened with key", subject, True)
+                else:
+                    try:
+                        d = fetch_adapter(store, ev.cid, work / "updates" / ev.cid)
+                    except StorageError as exc:
+                        report.add("adapter vs CID", subject, False, str(exc))
+                        continue
+                    report.add("adapter vs CID", subject, True)
                 digest = _sha256(d / "adapter_model.safetensors")
                 report.add("adapter vs sha256", subject, digest == bytes(ev.sha256),
                            "" if digest == bytes(ev.sha256) else f"stored {digest.hex()} != revealed {bytes(ev.sha256).hex()}")
@@ -123,38 +178,120 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
                 report.add("included revealed", subject, False, f"included without a reveal: {missing}")
                 continue
             refs = [reveals[r][c] for c in acc.included]
+            try:
+                store.verify(acc.aggregate_cid)
+                report.add("aggregate stored", subject, True)
+            except StorageError as exc:
+                report.add("aggregate stored", subject, False, str(exc))
+            if privacy.sealed and key is None:
+                for check in ("aggregate recomputed", "scores recomputed"):
+                    report.skip(check, subject, "needs the included updates' plaintext (a recipient's key)")
+                continue
             if any(ref.cid not in adapters for ref in refs):
                 report.add("aggregate recomputed", subject, False, "an included adapter could not be fetched intact")
                 continue
             try:
                 global_cid = opened[r].global_adapter_cid if r in opened else ""
                 glob = aggregation_base(
-                    spec, load_adapter(fetch_adapter(store, global_cid, work / "global" / global_cid)) if global_cid else None
+                    spec, load_adapter(fetch_any_adapter(store, global_cid, work / "global" / global_cid, key))
+                    if global_cid else None
                 )
                 updates = [ClientUpdate(ref.client, rule.weight(int(ref.num_samples)), load_adapter(adapters[ref.cid]))
                            for ref in refs]
-                result = strategy.aggregate(updates, glob)
-                out = save_adapter(result.adapter, work / "recomputed" / f"round{r}")
-                cid = cid_of_path(out)
-                known = published_before(coord, store, task_id, r, work / "published")
+                published = fetch_any_adapter(store, acc.aggregate_cid, work / "published-aggregate" / f"round{r}", key)
+                if privacy.central_dp:
+                    out = _recompute_dp(report, subject, coord, spec, updates, glob, published, key,
+                                        (int(w3.eth.chain_id), coord_address, task_id, r, acc.aggregator),
+                                        work / "recomputed" / f"round{r}")
+                    if out is None:
+                        continue
+                else:
+                    result = strategy.aggregate(updates, glob)
+                    out = save_adapter(result.adapter, work / "recomputed" / f"round{r}")
+                known = published_before(coord, store, task_id, r, work / "published", private_key=key)
                 scored[r] = score_updates(updates, glob, known)
             except Exception as exc:  # noqa: BLE001 - recorded as a failed check
                 report.add("aggregate recomputed", subject, False, f"{type(exc).__name__}: {exc}")
                 continue
-            same = cid == acc.aggregate_cid
-            report.add("aggregate recomputed", subject, same, "" if same else f"recomputed CID {cid}")
+            if stored_kind(store, acc.aggregate_cid) == "directory":
+                cid = cid_of_path(out)
+                same = cid == acc.aggregate_cid
+                report.add("aggregate recomputed", subject, same, "" if same else f"recomputed CID {cid}")
+            else:  # sealed to the members: the ciphertext is fresh randomness, compare the plaintext
+                same = all((out / n).read_bytes() == (published / n).read_bytes()
+                           for n in ("adapter_config.json", "adapter_model.safetensors"))
+                report.add("aggregate recomputed", subject, same,
+                           "opened and compared file by file" if same else "opened aggregate differs from the recomputed one")
             digest = _sha256(out / "adapter_model.safetensors")
             report.add("aggregate sha256", subject, digest == bytes(acc.aggregate_sha256))
-            try:
-                store.verify(acc.aggregate_cid)
-                report.add("aggregate stored", subject, True)
-            except StorageError as exc:
-                report.add("aggregate stored", subject, False, str(exc))
 
     _audit_rewards(report, params, accepted, earned, scored)
     if check_finality:
         _audit_finality(w3, manifest, report, [a.block_number for a in accepted])
     return report
+
+
+def _published_keys(registry: Any, start: int) -> dict[str, list[tuple[int, bytes]]]:
+    """Every EncryptionKeySet event: address (lower case) -> [(block, key)] in chain order."""
+    out: dict[str, list[tuple[int, bytes]]] = {}
+    for ev in registry.get_events("EncryptionKeySet", 0):
+        out.setdefault(ev.account.lower(), []).append((ev.block_number, bytes(ev.key)))
+    return out
+
+
+def _check_sealing(report: AuditReport, subject: str, header: Any, expected: Any, recipients: tuple[str, ...],
+                   keys_at: dict[str, list[tuple[int, bytes]]], block: int) -> None:
+    """A sealed update names its own task, round and client, and is sealed to exactly the task's
+    recipients under the keys they had published when it was revealed."""
+    ok = header.context.to_dict() == expected.to_dict()
+    report.add("sealed for its round", subject, ok,
+               "" if ok else f"sealed for {header.context.describe()}, revealed as {expected.describe()}")
+    want = {a.lower() for a in recipients}
+    got = {r.address.lower(): r.public_key for r in header.recipients}
+    problems = []
+    if set(got) != want:
+        problems.append(f"recipients {sorted(got)} differ from the task's {sorted(want)}")
+    for address, public in sorted(got.items()):
+        history = [k for b, k in keys_at.get(address, []) if b <= block]
+        if not history or history[-1] != public:
+            problems.append(f"{address}: key {public.hex()[:12]}… is not the one it published")
+    report.add("sealed to recipients", subject, not problems, "; ".join(problems))
+
+
+def _recompute_dp(report: AuditReport, subject: str, coord: Any, spec: Any, updates: list, glob: Any,
+                  published: Path, key: Any, context: tuple, out_dir: Path) -> Path | None:
+    """Regenerate a central-DP aggregate: open the seed sealed beside it, check it against its
+    commitment, recompute the clipped mean plus the same noise. None (with a finding) when the
+    seed cannot be had."""
+    import json
+
+    from prismesh.aggregator.adapters import save_adapter
+    from prismesh.aggregator.daemon import DP_RECORD_NAME
+    from prismesh.aggregator.dp import dp_aggregate
+    from prismesh.chain.sealing import SealContext, SealError, open_sealed
+
+    chain_id, coordinator, task, rnd, aggregator = context
+    try:
+        record = json.loads((published / DP_RECORD_NAME).read_text())
+        seed = open_sealed(bytes.fromhex(record["sealed_seed"]), key,
+                           SealContext(chain_id, coordinator, task, rnd, aggregator, "dp-seed"))
+    except (OSError, KeyError, ValueError, SealError) as exc:
+        report.add("dp noise reproduced", subject, False, f"no usable noise seed: {exc}")
+        return None
+    committed = hashlib.sha256(b"prismesh dp seed\n" + seed).hexdigest() == record.get("seed_sha256")
+    cdp = spec.privacy_spec.client_dp
+    participants = int(coord.get_task(task).participant_count)
+    settings_ok = (record.get("clip") == cdp.clip and record.get("noise_multiplier") == cdp.noise_multiplier
+                   and record.get("denominator") == max(participants, len(updates)))
+    report.add("dp noise reproduced", subject, committed and settings_ok,
+               ("seed matches its commitment" if committed else "seed differs from its commitment")
+               + ("" if settings_ok else f"; mechanism {record} differs from the task's"))
+    ordered = sorted(updates, key=lambda u: u.client)
+    adapter, _ = dp_aggregate([u.adapter for u in ordered], glob, dict(glob.config), cdp.clip, cdp.noise_multiplier,
+                              int(record.get("denominator", participants)), seed)
+    out = save_adapter(adapter, out_dir)
+    (out / DP_RECORD_NAME).write_bytes((published / DP_RECORD_NAME).read_bytes())
+    return out
 
 
 def _audit_rewards(report: AuditReport, params: Any, accepted: list[Any], earned: dict[int, list[Any]],

@@ -185,15 +185,17 @@ def split_pool(scores: Mapping[str, int], reward_per_update: int, remaining: int
     return {c: (pool * s) // total if total else 0 for c, s in scores.items()}
 
 
-def published_before(coordinator: object, store: object, task_id: int, round: int, workdir: object) -> list[Adapter]:
+def published_before(coordinator: object, store: object, task_id: int, round: int, workdir: object,
+                     private_key: object = None) -> list[Adapter]:
     """The adapters ``known`` to round ``round`` of a task: every round's global adapter up to
     this one and every update revealed in an earlier round (failed rounds included), in chain
-    order. Adapters that cannot be fetched intact and loaded are left out, by the aggregator
+    order. Sealed ones are opened with ``private_key`` (the aggregator's or an auditor's).
+    Adapters that cannot be fetched intact, opened and loaded are left out, by the aggregator
     and the audit alike. Fetches are cached under ``workdir``."""
     from pathlib import Path
 
     from prismesh.aggregator.adapters import load_adapter
-    from prismesh.chain.storage import fetch_adapter
+    from prismesh.chain.sealing import fetch_any_adapter
 
     start = coordinator.manifest.deploy_block  # type: ignore[attr-defined]
     cids: list[str] = []
@@ -211,7 +213,8 @@ def published_before(coordinator: object, store: object, task_id: int, round: in
         seen.add(cid)
         dest = Path(workdir) / cid  # type: ignore[arg-type]
         try:
-            path = dest if (dest / "adapter_model.safetensors").is_file() else fetch_adapter(store, cid, dest)
+            path = dest if (dest / "adapter_model.safetensors").is_file() else fetch_any_adapter(
+                store, cid, dest, private_key)
             out.append(load_adapter(path).as_numpy())
         except Exception:  # noqa: BLE001 - an unavailable or malformed adapter is simply not known
             continue

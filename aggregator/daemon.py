@@ -57,6 +57,7 @@ class AggregatorConfig:
     fetch_timeout_s: float = 600.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    encryption_key: str | None = None  # X25519 key file; default: beside the keystore
 
     @classmethod
     def load(cls, path: Path) -> AggregatorConfig:
@@ -69,6 +70,8 @@ class AggregatorConfig:
         for key in ("manifest", "state_dir"):
             values[key] = resolve_path(values[key], base)
         values["keystore"] = resolve_account_spec(str(values["keystore"]), base)
+        if values.get("encryption_key"):
+            values["encryption_key"] = str(resolve_path(values["encryption_key"], base))
         return cls(**values)
 
 
@@ -95,6 +98,32 @@ class AggregatorDaemon:
         self._stop = threading.Event()
         self.reports_dir = config.state_dir / "rounds"
         telemetry.actor(account.address, "aggregator", "aggregator")
+        self._box_key: Any = None
+
+    # ------------------------------------------------------------------ encryption key
+
+    def box_key(self) -> Any:
+        """This aggregator's X25519 key (loaded once; see ``prismesh.chain.sealing``)."""
+        if self._box_key is None:
+            from prismesh.chain.sealing import load_daemon_box_key
+
+            self._box_key = load_daemon_box_key(self.config.keystore, self.account, self.config.encryption_key)
+        return self._box_key
+
+    def publish_encryption_key(self) -> bool:
+        """Put this aggregator's public key on chain when it is not there yet; False when no
+        key is available (it then cannot open sealed updates)."""
+        from prismesh.chain.sealing import fingerprint, public_key_bytes
+
+        try:
+            public = public_key_bytes(self.box_key())
+        except ValueError as exc:
+            log.warning("no encryption key (%s); sealed updates cannot be opened", exc)
+            return False
+        if self.registry.encryption_key_of(self.account.address) != public:
+            self.registry.set_encryption_key(public)
+            log.info("published encryption key %s on chain", fingerprint(public))
+        return True
 
     # ------------------------------------------------------------------ loop
 
@@ -120,6 +149,7 @@ class AggregatorDaemon:
             log.warning("%s does not hold the aggregator role yet; its submissions will revert", self.account.address)
         from prismesh.chain.localstate import RetryDelay
 
+        self.publish_encryption_key()
         log.info("aggregator %s following final events", self.account.address)
         retry = RetryDelay(self.config.poll_interval)
         while not self._stop.is_set():
@@ -202,7 +232,6 @@ class AggregatorDaemon:
     def aggregate_round(self, rec: dict) -> str | None:
         """Verify, merge, pin and submit one round; returns the aggregate CID (None if failed)."""
         from prismesh.chain.evm.contracts import ContractRevert, Phase
-        from prismesh.chain.storage import add_adapter
 
         task, rnd = rec["task"], rec["round"]
         onchain = self.coordinator.get_round(task, rnd)
@@ -221,7 +250,7 @@ class AggregatorDaemon:
             out_dir, scores, rejected, metrics = outcome
             telemetry.aggregation("aggregator", time.perf_counter() - started, "aggregated")
             telemetry.exclusions(rejected.values())
-            cid = add_adapter(self.store, out_dir)
+            cid = self._pin_aggregate(task, rnd, out_dir)
             rec.update(
                 aggregate_cid=cid,
                 aggregate_sha256=sha256_file(out_dir / "adapter_model.safetensors").hex(),
@@ -248,6 +277,41 @@ class AggregatorDaemon:
         self._claim_fees_if_done(task)
         return rec["aggregate_cid"]
 
+    def _pin_aggregate(self, task: int, rnd: int, out_dir: Path) -> str:
+        """Pin the aggregate in the clear, or sealed to every participant and recipient when the
+        task's spec says ``privacy.aggregate = "members"``."""
+        from prismesh.chain.sealing import (
+            Recipient,
+            SealContext,
+            add_sealed,
+            seal_dir,
+            task_recipients,
+        )
+        from prismesh.chain.storage import add_adapter
+
+        privacy = self._spec(task).privacy_spec
+        if privacy.aggregate != "members":
+            return add_adapter(self.store, out_dir)
+        recipients = task_recipients(self.registry, privacy.recipients)
+        named = {r.address.lower() for r in recipients}
+        for client in self.coordinator.get_participants(task):
+            key = self.registry.encryption_key_of(client)
+            if client.lower() in named:
+                continue
+            if key == b"\x00" * 32:
+                log.warning("task %d round %d: participant %s has no encryption key; it cannot open the aggregate",
+                            task, rnd, client)
+                continue
+            recipients.append(Recipient(client, key))
+        ctx = SealContext(self.manifest.chain_id, self.coordinator.address, task, rnd, self.account.address, "aggregate")
+        return add_sealed(self.store, seal_dir(out_dir, recipients, ctx))
+
+    def _spec(self, task: int) -> Any:
+        from prismesh.chain.taskspec import TaskSpec
+
+        cid = self.coordinator.get_task_params(task).hyper_params_cid
+        return TaskSpec.from_bytes(self.store.cat(cid), where=f"hyper-parameter file {cid}")
+
     def _claim_fees_if_done(self, task: int) -> None:
         """Mint the fees this aggregator earned once a task it aggregated is complete."""
         from prismesh.chain.evm.contracts import TaskStatus
@@ -264,14 +328,33 @@ class AggregatorDaemon:
         log.info("aggregating task %d round %d: fetching and verifying %d updates", task, rnd, len(rec["reveals"]))
         from prismesh.aggregator.adapters import load_adapter, save_adapter
         from prismesh.aggregator.contribution import published_before, score_updates
-        from prismesh.aggregator.parallel import Rejected, StoreFetch, UpdateRef, fetch_and_verify
+        from prismesh.aggregator.parallel import (
+            Rejected,
+            SealedStoreFetch,
+            StoreFetch,
+            UpdateRef,
+            fetch_and_verify,
+        )
         from prismesh.aggregator.strategies import get_strategy
         from prismesh.aggregator.verify import expected_lora_shapes
         from prismesh.aggregator.weights import WeightRule
-        from prismesh.chain.storage import fetch_adapter
+        from prismesh.chain.privacy import BudgetExceeded, check_budget, client_epsilon
+        from prismesh.chain.sealing import fetch_any_adapter
         from prismesh.chain.taskspec import TaskSpec
 
         spec = TaskSpec.from_bytes(self.store.cat(params.hyper_params_cid), where=f"hyper-parameter file {params.hyper_params_cid}")
+        privacy = spec.privacy_spec
+        key = self.box_key() if (privacy.sealed or privacy.central_dp) else None
+        if privacy.central_dp:
+            # The aggregate this round would release, counted before anything is computed.
+            spent = client_epsilon(privacy, self.coordinator.get_task(task).completed_rounds + 1)
+            try:
+                warning = check_budget(privacy, spent, f"task {task} round {rnd}")
+            except BudgetExceeded as exc:
+                self._fail(task, rnd, f"privacy budget: {exc}"[:1000], rec, {})
+                return None
+            if warning:
+                log.warning("%s; releasing anyway (on_budget = warn)", warning)
         lora_cfg = spec.lora.to_dict()
         expected = expected_lora_shapes(spec.model_config, lora_cfg)
         refs = [
@@ -279,9 +362,15 @@ class AggregatorDaemon:
             for client, r in sorted(rec["reveals"].items())
         ]
         work = self.config.state_dir / "work" / f"task{task}-round{rnd}"
+        fetch: Any = StoreFetch(self.store_spec)
+        if privacy.sealed:
+            from prismesh.chain.sealing import private_key_raw
+
+            fetch = SealedStoreFetch(self.store_spec, private_key_raw(key), self.manifest.chain_id,
+                                     self.coordinator.address, task, rnd)
         results = fetch_and_verify(
             refs,
-            StoreFetch(self.store_spec),
+            fetch,
             expected,
             lora_cfg,
             spec.norm_bound,
@@ -305,16 +394,53 @@ class AggregatorDaemon:
             self._fail(task, rnd, reason[:1000], rec, rejected)
             return None
         global_adapter = aggregation_base(
-            spec, load_adapter(fetch_adapter(self.store, rec["global_cid"], work / "global")) if rec.get("global_cid") else None
+            spec,
+            load_adapter(fetch_any_adapter(self.store, rec["global_cid"], work / "global", key))
+            if rec.get("global_cid") else None,
         )
         rule = WeightRule.of_task(params)
         updates = [replace(v.to_update(), num_samples=rule.weight(v.num_samples)) for v in verified]
-        strategy = get_strategy(spec.strategy, **spec.strategy_options)
-        result = strategy.aggregate(updates, global_adapter)
-        out = save_adapter(result.adapter, self.config.state_dir / "aggregates" / f"task{task}-round{rnd}")
-        known = published_before(self.coordinator, self.store, task, rnd, self.config.state_dir / "work" / "published")
+        target = self.config.state_dir / "aggregates" / f"task{task}-round{rnd}"
+        if privacy.central_dp:
+            out, metrics = self._dp_aggregate(task, rnd, spec, updates, global_adapter, target, key)
+        else:
+            strategy = get_strategy(spec.strategy, **spec.strategy_options)
+            result = strategy.aggregate(updates, global_adapter)
+            out, metrics = save_adapter(result.adapter, target), result.metrics
+        known = published_before(self.coordinator, self.store, task, rnd, self.config.state_dir / "work" / "published",
+                                 private_key=key)
         scores = score_updates(updates, global_adapter, known)
-        return out, scores, rejected, _jsonable(result.metrics)
+        metrics = dict(metrics)
+        if privacy.sealed or privacy.client_dp is not None or spec.train.get("dp_noise_multiplier"):
+            from prismesh.chain.privacy import privacy_report
+
+            done = self.coordinator.get_task(task).completed_rounds + 1
+            samples = {v.client: int(v.num_samples) for v in verified}
+            metrics["privacy"] = privacy_report(privacy, spec.train, done, samples)
+        return out, scores, rejected, _jsonable(metrics)
+
+    def _dp_aggregate(self, task: int, rnd: int, spec: Any, updates: list, global_adapter: Any, target: Path,
+                      key: Any) -> tuple[Path, dict]:
+        """Client-level DP at the aggregator: the mean of the clipped updates plus Gaussian noise
+        from a seed only this aggregator (and, sealed beside the aggregate, the task's
+        recipients) can know; see ``prismesh.aggregator.dp`` and docs/privacy.md."""
+        from prismesh.aggregator.adapters import save_adapter
+        from prismesh.aggregator.dp import dp_aggregate
+        from prismesh.chain.sealing import derive_secret
+
+        privacy = spec.privacy_spec
+        cdp = privacy.client_dp
+        ordered = sorted(updates, key=lambda u: u.client)
+        seed = derive_secret(key, "dp-noise-seed", self.manifest.chain_id, self.coordinator.address, task, rnd)
+        denominator = max(int(self.coordinator.get_task(task).participant_count), len(ordered))
+        adapter, metrics = dp_aggregate([u.adapter for u in ordered], global_adapter, dict(global_adapter.config),
+                                        cdp.clip, cdp.noise_multiplier, denominator, seed)
+        metrics["clients"] = [u.client for u in ordered]
+        out = save_adapter(adapter, target)
+        record = dp_record(self.registry, privacy, seed, metrics["dp"],
+                           (self.manifest.chain_id, self.coordinator.address, task, rnd, self.account.address))
+        (out / DP_RECORD_NAME).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        return out, metrics
 
     def _fail(self, task: int, rnd: int, reason: str, rec: dict, rejected: dict[str, str]) -> None:
         from prismesh.chain.evm.contracts import ContractRevert
@@ -335,6 +461,28 @@ class AggregatorDaemon:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, indent=1, sort_keys=True))
         tmp.replace(path)
+
+
+DP_RECORD_NAME = "prismesh-dp.json"
+
+
+def dp_record(registry: Any, privacy: Any, seed: bytes, mechanism: dict, context: tuple) -> dict:
+    """What a central-DP aggregate carries beside its weights (``prismesh-dp.json``): the
+    mechanism, a hash commitment to the noise seed, and the seed sealed to the task's recipients,
+    so a key-holding auditor regenerates the noise and nobody else can subtract it."""
+    import hashlib
+
+    from prismesh.chain.sealing import SealContext, seal, task_recipients
+
+    chain_id, coordinator, task, rnd, aggregator = context
+    ctx = SealContext(chain_id, coordinator, task, rnd, aggregator, "dp-seed")
+    sealed = seal(seed, task_recipients(registry, privacy.recipients), ctx)
+    return {
+        "format": "prismesh-dp/1",
+        **mechanism,
+        "seed_sha256": hashlib.sha256(b"prismesh dp seed\n" + seed).hexdigest(),
+        "sealed_seed": sealed.hex(),
+    }
 
 
 def aggregation_base(spec: Any, global_adapter: Any | None) -> Any:

@@ -94,6 +94,42 @@ class StoreFetch:
         return f"StoreFetch({self.spec!r})"
 
 
+class SealedStoreFetch(StoreFetch):
+    """A fetch for a task whose updates are sealed: fetches the ciphertext by CID (verified by
+    the store), opens it with this aggregator's X25519 key, checks that it was sealed for this
+    chain, coordinator, task, round and client, and writes the adapter to ``dest``. A clear
+    directory in a sealed task is refused. The key travels to Ray workers as raw bytes, so keep
+    such a cluster on hosts trusted with it."""
+
+    needs_client = True
+
+    def __init__(self, spec: str, private_key_raw: bytes, chain_id: int, coordinator: str, task: int,
+                 round_: int) -> None:
+        super().__init__(spec)
+        self.private_key_raw = bytes(private_key_raw)
+        self.context = (int(chain_id), str(coordinator), int(task), int(round_))
+
+    def __call__(self, cid: str, dest: Path, client: str = "") -> Path:  # type: ignore[override]
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        from prismesh.chain.sealing import SealContext, SealError, fetch_sealed_adapter, stored_kind
+        from prismesh.chain.storage import open_store
+
+        store = StoreFetch._stores.get(self.spec)
+        if store is None:
+            store = StoreFetch._stores[self.spec] = open_store(self.spec)
+        chain_id, coordinator, task, rnd = self.context
+        if stored_kind(store, cid) != "sealed":
+            raise SealError(f"task {task} round {rnd} update of client {client}: the task requires sealed updates, "
+                            f"but {cid} is not a sealed object")
+        expected = SealContext(chain_id, coordinator, task, rnd, client, "update")
+        key = X25519PrivateKey.from_private_bytes(self.private_key_raw)
+        return Path(fetch_sealed_adapter(store, cid, dest, key, expected))
+
+    def __repr__(self) -> str:
+        return f"SealedStoreFetch({self.spec!r}, task/round {self.context[2]}/{self.context[3]})"
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start (or join) Ray once per process: a quiet local instance by default, no dashboard.
 
@@ -141,7 +177,10 @@ def fetch_and_verify_one(
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            path = Path(fetch(item.cid, dest))
+            if getattr(fetch, "needs_client", False):
+                path = Path(fetch(item.cid, dest, item.client))  # type: ignore[call-arg]
+            else:
+                path = Path(fetch(item.cid, dest))
         except Exception as exc:
             return Rejected(
                 item.client, item.cid, _clip(f"fetch failed ({type(exc).__name__}): {exc}")

@@ -51,6 +51,10 @@ TRAIN_FIELDS: dict[str, tuple[str, Any]] = {
     "weight_decay": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
     "warmup_steps": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
     "max_grad_norm": ("a number >= 0 (0 disables clipping)", lambda v: _is_num(v) and v >= 0),
+    # Sample-level DP (DP-SGD): per-example clipping to dp_clip and Gaussian noise of
+    # dp_noise_multiplier * dp_clip on each Poisson-sampled batch; 0 turns it off.
+    "dp_noise_multiplier": ("a number >= 0 (0: no DP-SGD)", lambda v: _is_num(v) and v >= 0),
+    "dp_clip": ("a number > 0 (per-example gradient norm bound)", lambda v: _is_num(v) and v > 0),
 }
 
 
@@ -100,6 +104,7 @@ class TaskSpec:
     report_metrics: bool = True
     test_fraction: float = 0.2
     split_seed: int = 0
+    privacy: dict[str, Any] = field(default_factory=dict)
     format: str = SPEC_FORMAT
 
     def __post_init__(self) -> None:
@@ -132,7 +137,24 @@ class TaskSpec:
             "a finite number > 0",
         )
         _require(0.0 < float(self.test_fraction) < 1.0, "test_fraction", "in (0, 1)")
+        from prismesh.chain.privacy import PrivacySpec, PrivacySpecError
+
+        try:
+            privacy = PrivacySpec.from_dict(self.privacy)
+        except PrivacySpecError as exc:
+            raise TaskSpecError(str(exc)) from None
+        if privacy.central_dp and self.strategy != "fedavg-exact":
+            raise TaskSpecError(
+                "field 'strategy' must be 'fedavg-exact' with client-level DP at the aggregator: the aggregate is "
+                f"the mean of the clipped updates in ΔW space plus noise, got {self.strategy!r}")
         _require(self.format == SPEC_FORMAT, "format", f"{SPEC_FORMAT!r}")
+
+    @property
+    def privacy_spec(self) -> Any:
+        """The validated privacy settings (``prismesh.chain.privacy.PrivacySpec``)."""
+        from prismesh.chain.privacy import PrivacySpec
+
+        return PrivacySpec.from_dict(self.privacy)
 
     @property
     def base_model_hash(self) -> bytes:
@@ -153,6 +175,8 @@ class TaskSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lora"] = self.lora.to_dict()
+        if not self.privacy:
+            del d["privacy"]  # a spec without privacy settings keeps its bytes (and its CID)
         return d
 
     def to_bytes(self) -> bytes:

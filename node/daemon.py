@@ -63,6 +63,7 @@ class NodeConfig:
     device: str = "auto"
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    encryption_key: str | None = None  # X25519 key file; default: beside the keystore
 
     @classmethod
     def load(cls, path: Path) -> NodeConfig:
@@ -77,6 +78,8 @@ class NodeConfig:
             if values.get(key):
                 values[key] = resolve_path(values[key], base)
         values["keystore"] = resolve_account_spec(str(values["keystore"]), base)
+        if values.get("encryption_key"):
+            values["encryption_key"] = str(resolve_path(values["encryption_key"], base))
         return cls(**values)
 
 
@@ -121,6 +124,7 @@ class NodeDaemon:
         self._evaluator: Any = None
         self._fingerprint: str | None = None
         telemetry.actor(self.address, "node", config.name)
+        self._box_key: Any = None
 
     # ------------------------------------------------------------------ identity
 
@@ -136,7 +140,34 @@ class NodeDaemon:
             log.info("%s: registered %s; waiting for governance approval", self.config.name, self.address)
         elif status in (ClientStatus.SUSPENDED, ClientStatus.REVOKED):
             log.warning("%s: this node is %s by governance", self.config.name, status.name.lower())
+        if status != ClientStatus.REVOKED:
+            self.publish_encryption_key()
         return bool(self.registry.is_approved(self.address))
+
+    def box_key(self) -> Any:
+        """This node's X25519 key, or None when it has none (it then cannot open aggregates
+        sealed to the task's members; sealing its own updates needs only the recipients' keys)."""
+        if self._box_key is None:
+            from prismesh.chain.sealing import load_daemon_box_key
+
+            try:
+                self._box_key = load_daemon_box_key(self.config.keystore, self.account, self.config.encryption_key)
+            except ValueError as exc:
+                log.info("%s: no encryption key: %s", self.config.name, exc)
+                self._box_key = False
+        return self._box_key or None
+
+    def publish_encryption_key(self) -> None:
+        """Put this node's public key on chain beside its identity when it is not there yet."""
+        from prismesh.chain.sealing import fingerprint, public_key_bytes
+
+        key = self.box_key()
+        if key is None:
+            return
+        public = public_key_bytes(key)
+        if self.registry.encryption_key_of(self.address) != public:
+            self.registry.set_encryption_key(public)
+            log.info("%s: published encryption key %s", self.config.name, fingerprint(public))
 
     # ------------------------------------------------------------------ loop
 
@@ -267,6 +298,8 @@ class NodeDaemon:
         spec = self.task_spec(task, params.hyper_params_cid)
         log.info("%s: task %d round %d opened (global %s)", self.config.name, task, rnd, ev.global_adapter_cid or "fresh")
         rec = self._train_and_pin(task, rnd, ev.global_adapter_cid, spec, rec)
+        if rec.get("stage") == "missed":
+            return 0
         self._commit(task, rnd, rec)
         return 1
 
@@ -300,7 +333,8 @@ class NodeDaemon:
     # ------------------------------------------------------------------ round work
 
     def _train_and_pin(self, task: int, rnd: int, global_cid: str, spec: Any, rec: dict) -> dict:
-        from prismesh.chain.storage import add_adapter
+        from prismesh.chain.privacy import BudgetExceeded
+        from prismesh.chain.sealing import SealError
         from prismesh.node.trainer import TrainConfig, train_lora
 
         cid = rec.get("cid")
@@ -309,6 +343,11 @@ class NodeDaemon:
             return rec
         init = self.fetch_global(global_cid) if global_cid else None
         train, _ = self.local_data(spec)
+        privacy = spec.privacy_spec
+        try:
+            privacy_note = self._privacy_budget(task, rnd, spec, len(train))
+        except BudgetExceeded as exc:
+            return self._miss(task, rnd, f"privacy budget: {exc}")
         cfg = TrainConfig.from_dict({**spec.train_config(), "device": self.config.device})
         out = self.config.state_dir / "adapters" / f"task{task}-round{rnd}"
         if out.exists():
@@ -317,12 +356,20 @@ class NodeDaemon:
         result = train_lora(
             self.config.base_model, train, out, cfg, init_adapter=init, progress=self.progress,
             base_model_name=spec.base_model_id,
+            noise_seed=int.from_bytes(self.secret("dp-sgd-seed", task, rnd)[:8], "big"),
         )
-        cid = add_adapter(self.store, result.adapter_dir)
+        if privacy.local_dp:
+            self._privatize(task, rnd, result.adapter_dir, init, privacy.client_dp)
+        try:
+            cid = self._pin_update(task, rnd, result.adapter_dir, privacy)
+        except SealError as exc:
+            return self._miss(task, rnd, f"cannot seal the update: {exc}")
         cap = self.coordinator.get_task_params(task).sample_cap
         rec = {
             "stage": "pinned",
             "cid": cid,
+            "sealed": privacy.sealed,
+            **({"privacy": privacy_note} if privacy_note else {}),
             "sha256": file_sha256(result.adapter_dir / "adapter_model.safetensors").hex(),
             # The claim the task allows: the local count, up to the task's cap.
             "num_samples": min(int(result.num_samples), int(cap)),
@@ -337,6 +384,66 @@ class NodeDaemon:
             telemetry.uploaded(self.config.name, self.store.stat(cid).cumulative_size)
         log.info("%s: task %d round %d: adapter pinned as %s", self.config.name, task, rnd, cid)
         return rec
+
+    # ------------------------------------------------------------------ privacy
+
+    def _miss(self, task: int, rnd: int, reason: str) -> dict:
+        rec = {"stage": "missed", "reason": reason}
+        self.state.section("rounds")[f"{task}:{rnd}"] = rec
+        self.state.save()
+        log.error("%s: task %d round %d: not taking part: %s", self.config.name, task, rnd, reason)
+        return rec
+
+    def _privacy_budget(self, task: int, rnd: int, spec: Any, num_samples: int) -> dict | None:
+        """The ε this node will have spent after this round (client level when it adds the noise
+        itself, sample level with DP-SGD), checked against the task's budget before training."""
+        from prismesh.chain.privacy import check_budget, client_epsilon, sample_epsilon
+
+        privacy = spec.privacy_spec
+        sample_dp = float(spec.train.get("dp_noise_multiplier", 0.0) or 0.0) > 0
+        if not (privacy.local_dp or sample_dp):
+            return None
+        done = sum(1 for ev in self.coordinator.get_events("UpdateRevealed", self.manifest.deploy_block, taskId=task,
+                                                              client=self.address) if ev.round < rnd)
+        note: dict[str, Any] = {"rounds": done + 1, "delta": privacy.delta}
+        if privacy.local_dp:
+            note["client_epsilon"] = client_epsilon(privacy, done + 1)
+        if sample_dp:
+            note["sample_epsilon"] = sample_epsilon(privacy, spec.train, num_samples, done + 1)
+        spent = min(v for k, v in note.items() if k.endswith("epsilon"))
+        warning = check_budget(privacy, spent, f"task {task} round {rnd}")
+        if warning:
+            log.warning("%s: %s; training anyway (on_budget = warn)", self.config.name, warning)
+        return note
+
+    def _privatize(self, task: int, rnd: int, adapter_dir: Path, init: Path | None, cdp: Any) -> None:
+        """Local client-level DP: clip this update in ΔW space and add noise only this node knows."""
+        from prismesh.aggregator.adapters import load_adapter, save_adapter
+        from prismesh.aggregator.dp import privatize_update
+
+        base = load_adapter(init) if init is not None else None
+        noisy, metrics = privatize_update(load_adapter(adapter_dir), base, cdp.clip, cdp.noise_multiplier,
+                                          self.secret("client-dp-seed", task, rnd))
+        save_adapter(noisy, adapter_dir)
+        log.info("%s: task %d round %d: update clipped (factor %.3g) and noised (σ = %g) before it leaves",
+                 self.config.name, task, rnd, metrics["clip_factor"], cdp.noise_multiplier)
+
+    def _pin_update(self, task: int, rnd: int, adapter_dir: Path, privacy: Any) -> str:
+        """Pin the adapter: in the clear, or sealed to the task's recipients (never the clear
+        when the task asks for sealing: a missing key is an error)."""
+        from prismesh.chain.sealing import SealContext, add_sealed, seal_dir, task_recipients
+        from prismesh.chain.storage import add_adapter
+
+        if not privacy.sealed:
+            return add_adapter(self.store, adapter_dir)
+        recipients = task_recipients(self.registry, privacy.recipients)
+        ctx = SealContext(self.manifest.chain_id, self.coordinator.address, task, rnd, self.address, "update")
+        return add_sealed(self.store, seal_dir(adapter_dir, recipients, ctx))
+
+    def secret(self, label: str, task: int, rnd: int) -> bytes:
+        """A secret, reproducible value for one round: a hash of this key's signature over it."""
+        text = f"prismesh-{label}/{self.manifest.chain_id}/{self.coordinator.address}/{task}/{rnd}"
+        return keccak(bytes(self.account.sign_message(encode_defunct(text=text)).signature))
 
     def salt(self, task: int, rnd: int) -> bytes:
         """A secret, reproducible salt: a hash of this key's signature over the round's identity."""
@@ -420,11 +527,12 @@ class NodeDaemon:
         return self._specs[task_id]
 
     def fetch_global(self, cid: str) -> Path:
-        from prismesh.chain.storage import fetch_adapter
+        """A round's global adapter: in the clear, or sealed to the task's members."""
+        from prismesh.chain.sealing import fetch_any_adapter
 
         dest = self.config.state_dir / "global" / cid
         if not dest.exists():
-            fetch_adapter(self.store, cid, dest)
+            fetch_any_adapter(self.store, cid, dest, self.box_key())
         return dest
 
     def fingerprint(self) -> str:

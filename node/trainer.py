@@ -55,6 +55,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    dp_noise_multiplier: float = 0.0  # > 0: DP-SGD (Opacus) with Poisson-sampled batches
+    dp_clip: float = 1.0  # DP-SGD's bound on each example's gradient norm
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -71,6 +73,8 @@ class TrainConfig:
             (self.bf16 in ("auto", True, False), "bf16 must be 'auto', true or false"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0 disables clipping)"),
+            (self.dp_noise_multiplier >= 0, "dp_noise_multiplier must be >= 0 (0: no DP-SGD)"),
+            (self.dp_clip > 0, "dp_clip must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -299,6 +303,7 @@ def train_lora(
     init_adapter: Path | None = None,
     progress: bool = True,
     base_model_name: str | None = None,
+    noise_seed: int | None = None,
 ) -> TrainResult:
     """Train LoRA on ``examples`` for ``config.epochs`` and write the adapter to ``out_dir``.
 
@@ -306,6 +311,10 @@ def train_lora(
     LoRA seeded by ``config.seed`` (so clients sharing a seed share the initial A matrices).
     AdamW with linear decay over all optimizer steps; loss on the answer tokens only. The
     adapter records ``base_model_name`` (default: the model directory's name) as its base model.
+
+    With ``config.dp_noise_multiplier > 0`` the loop is DP-SGD (see ``_dp_sgd``); its noise
+    comes from ``noise_seed``, which must then be given and kept secret by the caller: noise
+    anyone can recompute is no noise.
     """
     import torch
     from tqdm.auto import tqdm
@@ -318,6 +327,12 @@ def train_lora(
     tokenizer, model = load_base(base_model, device, bf16)
     encoded = [encode_example(tokenizer, m, config.max_length) for m in examples]
     pad_id = tokenizer.pad_token_id
+
+    if config.dp_noise_multiplier > 0:
+        if noise_seed is None:
+            raise TrainConfigError("DP-SGD needs a secret noise_seed from the caller")
+        return _dp_sgd(model, tokenizer, encoded, out_dir, config, init_adapter, progress,
+                       base_model_name or Path(base_model).name, noise_seed, device, bf16, t_load)
 
     with deterministic():
         peft_model = attach_lora(model, config, init_adapter)
@@ -394,6 +409,96 @@ def train_lora(
         "started_from": str(init_adapter) if init_adapter is not None else None,
     }
     return TrainResult(adapter_dir=adapter_dir, num_samples=len(examples), metrics=metrics)
+
+
+def _dp_sgd(model, tokenizer, encoded: list, out_dir: Path, config: TrainConfig, init_adapter: Path | None,
+            progress: bool, base_model_name: str, noise_seed: int, device: str, bf16: bool,
+            t_load: float) -> TrainResult:
+    """DP-SGD on the LoRA parameters with Opacus (Abadi et al. 2016).
+
+    Each step draws a Poisson sample of the examples at rate q = L / N (L = batch_size ·
+    grad_accum, the logical batch), runs it in micro-batches of ``batch_size``, takes each
+    example's gradient (Opacus' per-sample hooks on PEFT's LoRA ``Linear`` layers), clips it to
+    ``dp_clip`` and adds Gaussian noise of std ``dp_noise_multiplier · dp_clip`` to the sum,
+    divided by L; AdamW then steps on that (post-processing). ``epochs · ⌈N / L⌉`` steps, which
+    is what ``prismesh.chain.privacy.dp_sgd_steps`` accounts for. Each example's loss is the
+    mean over its own answer tokens, so no example's gradient depends on another's length.
+    """
+    import torch
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    n = len(encoded)
+    logical = config.batch_size * config.grad_accum
+    rate = min(1.0, logical / n)
+    steps_per_epoch = math.ceil(n / logical)
+    total_steps = steps_per_epoch * config.epochs
+    pad_id = tokenizer.pad_token_id
+    with deterministic():
+        peft_model = attach_lora(model, config, init_adapter)
+        peft_model.train()
+        gsm = GradSampleModule(peft_model, batch_first=True, loss_reduction="sum")
+        params = [p for p in gsm.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in params)
+        inner = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        noise_gen = torch.Generator(device=device).manual_seed(int(noise_seed) % (2**63))
+        opt = DPOptimizer(inner, noise_multiplier=config.dp_noise_multiplier, max_grad_norm=config.dp_clip,
+                          expected_batch_size=logical, loss_reduction="mean", generator=noise_gen)
+        sched = torch.optim.lr_scheduler.LambdaLR(inner, _schedule(total_steps, config.warmup_steps))
+        sample_gen = torch.Generator().manual_seed(int(noise_seed) % (2**63) ^ 0x5DEECE66D)
+        step_losses: list[float] = []
+        sizes: list[int] = []
+        tokens = 0
+        load_seconds = time.perf_counter() - t_load
+        t0 = time.perf_counter()
+        for _ in range(total_steps):
+            chosen = torch.nonzero(torch.rand(n, generator=sample_gen) < rate).flatten().tolist()
+            sizes.append(len(chosen))
+            total = 0.0
+            if not chosen:
+                for p in params:  # an empty sample still takes its noisy step
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            for start in range(0, len(chosen), config.batch_size):
+                batch = [encoded[i] for i in chosen[start : start + config.batch_size]]
+                ids, mask, labels = _collate(batch, pad_id, device)
+                tokens += ids.numel() if mask is None else int(mask.sum())
+                logits = gsm(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                target = labels[:, 1:]
+                per_token = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none"
+                ).view(target.shape)
+                counted = (target != -100).sum(dim=1).clamp(min=1)
+                per_example = per_token.sum(dim=1) / counted
+                with warnings.catch_warnings():
+                    # The frozen embeddings need no gradient; Opacus' hooks say so on every pass.
+                    warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+                    per_example.sum().backward()
+                total += float(per_example.detach().sum())
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step_losses.append(total / max(1, len(chosen)))
+        seconds = time.perf_counter() - t0
+        peft_model.eval()
+        gsm.remove_hooks()
+        adapter_dir = save_adapter(peft_model, out_dir, base_model_name)
+    k = min(5, len(step_losses))
+    metrics = {
+        "first_loss": round(sum(step_losses[:k]) / k, 4),
+        "final_loss": round(sum(step_losses[-k:]) / k, 4),
+        "loss_curve": _downsample([round(x, 4) for x in step_losses], 50),
+        "optimizer_steps": len(step_losses),
+        "train_tokens": tokens,
+        "seconds": round(seconds, 3),
+        "load_seconds": round(load_seconds, 3),
+        "trainable_parameters": n_trainable,
+        "device": device,
+        "bf16": bf16,
+        "started_from": str(init_adapter) if init_adapter is not None else None,
+        "dp_sgd": {"noise_multiplier": config.dp_noise_multiplier, "clip": config.dp_clip, "sample_rate": rate,
+                   "steps": total_steps, "mean_batch": round(sum(sizes) / len(sizes), 3)},
+    }
+    return TrainResult(adapter_dir=adapter_dir, num_samples=n, metrics=metrics)
 
 
 def _collate(batch: list[tuple[list[int], int]], pad_id: int, device: str):

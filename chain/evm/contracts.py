@@ -649,8 +649,13 @@ class TaskParams:
         ``initial_adapter_sha256`` is the sha256 of the initial adapter's weights file (empty
         when the task starts from the bare base model). The reward budget covers every round
         with all participants and the aggregator paid in full (failed rounds pay nothing), so
-        a task never runs short.
+        a task never runs short. A spec with client-level DP and an ε budget must fit its
+        rounds into it (``prismesh.chain.privacy.plan_budget``: refused with ``BudgetExceeded``
+        when the spec says ``on_budget = "stop"``, logged otherwise).
         """
+        from prismesh.chain.privacy import plan_budget
+
+        plan_budget(spec.privacy_spec, num_rounds, max_failed_rounds)
         per_round = reward_per_update * max_participants + aggregator_reward
         return cls(
             base_model_id=spec.base_model_id,

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rpc-url", default=None, help="override the manifest's RPC URL")
     p.add_argument("--store", default=None, help="storage spec (embedded[:DIR] or kubo[:ADDR]; default embedded)")
     p.add_argument("--no-finality", action="store_true", help="skip the certificate checks")
+    p.add_argument("--key", default=None, metavar="KEY",
+                   help="an auditor's X25519 key for tasks with sealed updates: a key file (PEM, password from "
+                   "$PRISMESH_KEYSTORE_PASSWORD or a prompt) or dev:N; without it, checks that need plaintext are listed as not checked")
     p.set_defaults(func=_audit)
 
 
@@ -50,8 +53,22 @@ def _audit(args: argparse.Namespace) -> int:
     from prismesh.aggregator.audit import audit_task
     from prismesh.chain.storage import open_store
 
+    key = _audit_key(args.key) if args.key else None
     with chain_from_args(args) as (manifest, w3, demo_store):
         store = open_store(args.store or demo_store or "embedded")
-        report = audit_task(w3, manifest, store, args.task, check_finality=not args.no_finality)
+        report = audit_task(w3, manifest, store, args.task, check_finality=not args.no_finality, key=key)
     print(report.render())
     return 0 if report.ok else 1
+
+
+def _audit_key(spec: str) -> Any:
+    """An X25519 key from ``--key``: ``dev:N`` (derived from devnet account N) or a PEM file."""
+    from prismesh.chain.identity import load_account, read_password
+    from prismesh.chain.sealing import box_key_from_signing_key, load_box_key
+
+    if spec.startswith("dev:"):
+        return box_key_from_signing_key(bytes(load_account(spec).key))
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"--key {spec}: not dev:N and no such key file")
+    return load_box_key(path, read_password(f"encryption key {path}"))

@@ -90,6 +90,13 @@ _EXPECTED = {
     "AdapterFormatError": "",
     "CursorError": "",
     "GadgetRevert": "the finality gadget refused: ",
+    "PrivacySpecError": "",
+    "BudgetExceeded": "privacy budget: ",
+    "SealError": "sealed object: ",
+    "NotSealed": "sealed object: ",
+    "NotARecipient": "sealed object: ",
+    "WrongContext": "sealed object: ",
+    "Tampered": "sealed object: ",
 }
 
 

@@ -57,6 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("address")
     p.set_defaults(func=_add_aggregator)
 
+    p = gs.add_parser("add-auditor", help="appoint an auditor (grant the auditor role; it may then publish "
+                      "an encryption key and be named among a task's privacy.recipients)")
+    common(p)
+    p.add_argument("address")
+    p.set_defaults(func=_add_auditor)
+
     p = gs.add_parser("make-spec", help="write a task spec (hyper-parameter file) for a base model directory")
     p.add_argument("--base-model", type=Path, required=True, help="Hugging Face model directory")
     p.add_argument("--base-model-id", default=None, help="name recorded on chain (default: the directory name)")
@@ -70,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", default="fedavg")
     p.add_argument("--norm-bound", type=float, default=1.0e4)
     p.add_argument("--train", default="{}", help="training settings as JSON (lr, max_length, seed, ...)")
+    p.add_argument("--privacy", default="{}",
+                   help="privacy settings as JSON: recipients, aggregate, client_dp, delta, epsilon_budget, ... "
+                   "(see docs/privacy.md)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_make_spec)
 
@@ -176,6 +185,15 @@ def _add_aggregator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_auditor(args: argparse.Namespace) -> int:
+    from prismesh.chain.evm.contracts import Registry
+
+    manifest, w3, acct = _open(args)
+    Registry(manifest, w3, acct).add_auditor(args.address)
+    print(f"auditor role granted to {args.address}")
+    return 0
+
+
 def _make_spec(args: argparse.Namespace) -> int:
     from prismesh.chain.taskspec import LoraSpec, TaskSpec, TaskSpecError, model_fingerprint
 
@@ -189,6 +207,10 @@ def _make_spec(args: argparse.Namespace) -> int:
     if not isinstance(train, dict):
         raise UsageError("--train must be a JSON object, e.g. '{\"lr\": 1e-3}'")
     try:
+        privacy = json.loads(args.privacy)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--privacy is not JSON: {exc}") from None
+    try:
         lora = {"r": args.rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout}
         if args.target_modules is not None:
             lora["target_modules"] = tuple(m.strip() for m in args.target_modules.split(",") if m.strip())
@@ -201,6 +223,7 @@ def _make_spec(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             norm_bound=args.norm_bound,
             report_metrics=not args.no_report_metrics,
+            privacy=privacy,
         )
     except TaskSpecError as exc:
         raise UsageError(str(exc).replace("train:", "--train:", 1)) from None

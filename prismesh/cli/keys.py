@@ -32,6 +32,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("keystore", type=Path)
     p.set_defaults(func=_address)
 
+    p = ks.add_parser(
+        "box",
+        help="X25519 encryption keys: create one beside a keystore, show it, publish it on chain",
+        description="An encryption key (X25519) receives sealed updates and aggregates. It lives beside its "
+        "keystore as <keystore>.x25519.pem, encrypted with the same password; its public half is published on "
+        "chain beside the identity (Registry.setEncryptionKey), where clients look it up before sealing.",
+    )
+    p.add_argument("action", choices=("new", "show", "publish"),
+                   help="new: write a key file; show: print its public key; publish: set it on chain")
+    p.add_argument("--keystore", required=True,
+                   help="the identity's keystore (the key file goes beside it), or dev:N for a devnet account")
+    p.add_argument("--key-file", type=Path, default=None, help="another place for the key file")
+    p.add_argument("--manifest", type=Path, default=None, help="deployment manifest (publish)")
+    p.add_argument("--rpc-url", default=None, help="override the manifest's RPC URL (publish)")
+    p.add_argument("--force", action="store_true", help="new: overwrite an existing key file")
+    p.set_defaults(func=_box)
+
 
 def _new(args: argparse.Namespace) -> int:
     from prismesh.chain.identity import (
@@ -59,4 +76,52 @@ def _address(args: argparse.Namespace) -> int:
     from prismesh.chain.identity import load_daemon_account
 
     print(load_daemon_account(str(args.keystore)).address)
+    return 0
+
+
+def _box(args: argparse.Namespace) -> int:
+    from prismesh.chain.identity import PASSWORD_ENV, load_daemon_account, read_password
+    from prismesh.chain.sealing import (
+        box_key_path_for,
+        fingerprint,
+        load_daemon_box_key,
+        new_box_key,
+        public_key_bytes,
+        save_box_key,
+    )
+
+    dev = args.keystore.startswith(("dev:", "0x"))
+    if args.action == "new":
+        if dev:
+            raise UsageError("devnet accounts derive their encryption key from the signing key; nothing to create")
+        path = args.key_file or box_key_path_for(args.keystore)
+        if path.exists() and not args.force:
+            raise CommandError(f"{path} exists; use --force to replace it (a new key cannot open what the old one could)")
+        pw = read_password(str(path), confirm=True)
+        if not pw:
+            raise CommandError(f"no password: set {PASSWORD_ENV} or run on a terminal")
+        key = new_box_key()
+        save_box_key(key, path, pw)
+        public = public_key_bytes(key)
+        print(json.dumps({"key_file": str(path), "public_key": "0x" + public.hex(), "fingerprint": fingerprint(public)}))
+        return 0
+    account = load_daemon_account(args.keystore)
+    try:
+        key = load_daemon_box_key(args.keystore, account, args.key_file)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    public = public_key_bytes(key)
+    if args.action == "show":
+        print(json.dumps({"address": account.address, "public_key": "0x" + public.hex(), "fingerprint": fingerprint(public)}))
+        return 0
+    if args.manifest is None:
+        raise UsageError("publish needs --manifest")
+    from prismesh.chain.evm.contracts import Registry
+    from prismesh.chain.evm.manifest import connect_with
+
+    manifest, w3 = connect_with(args.manifest, args.rpc_url)
+    registry = Registry(manifest, w3, account)
+    if registry.encryption_key_of(account.address) != public:
+        registry.set_encryption_key(public)
+    print(json.dumps({"address": account.address, "public_key": "0x" + public.hex(), "published": True}))
     return 0

@@ -23,7 +23,8 @@ from typing import Any
 log = logging.getLogger("prismesh.federation")
 
 
-# Devnet account roles (the committee's certificate submitter is the last account).
+# Devnet account roles (the committee's certificate submitter is the last account, an auditor
+# the one before it).
 GOVERNANCE, AGGREGATOR, FIRST_CLIENT = 0, 1, 2
 
 
@@ -100,6 +101,7 @@ class Federation:
         self.store = open_store(self.store_spec)
         self.hospitals: list[Hospital] = []
         self.aggregator: Any = None
+        self.auditor: Any = None
 
     @property
     def state_file(self) -> Path:
@@ -127,13 +129,14 @@ class Federation:
         return Registry(self.manifest, self.w3, account or self.governance)
 
     def add_hospital(self, name: str, train_path: Path, test_path: Path, base_model: Path, *, device: str = "cpu",
-                     progress: bool = False, free_rider: str | None = None) -> Hospital:
+                     progress: bool = False, free_rider: str | None = None, node_class: type | None = None) -> Hospital:
         """A hospital's node; with ``free_rider`` (one of ``FREE_RIDER_KINDS``) a participant
-        that does no training and submits that kind of copy or junk instead."""
+        that does no training and submits that kind of copy or junk instead; ``node_class``
+        replaces the node daemon's class (a misbehaving node in a test)."""
         from prismesh.node.daemon import NODE_EVENTS, NodeConfig, NodeDaemon
 
         index = FIRST_CLIENT + len(self.hospitals)
-        if index >= len(self.accounts) - 1:
+        if index >= len(self.accounts) - 2:
             raise ValueError(f"no devnet account left for hospital {name!r}")
         account = self.accounts[index]
         state_dir = self.root / "nodes" / name
@@ -152,7 +155,9 @@ class Federation:
         )
         stream = make_stream(self.devnet, self.manifest, NODE_EVENTS, state_dir / "cursor.json", self.finality)
         kwargs = dict(w3=self.w3, manifest=self.manifest, account=account, store=self.store, stream=stream, progress=progress)
-        if free_rider is None:
+        if node_class is not None:
+            daemon = node_class(cfg, **kwargs)
+        elif free_rider is None:
             daemon = NodeDaemon(cfg, **kwargs)
         else:
             daemon = free_rider_node(free_rider)(cfg, **kwargs)
@@ -177,7 +182,22 @@ class Federation:
             cfg, w3=self.w3, manifest=self.manifest, account=self.accounts[AGGREGATOR],
             store=self.store, store_spec=self.store_spec, stream=stream,
         )
+        self.aggregator.publish_encryption_key()
         return self.aggregator
+
+    def add_auditor(self) -> tuple[Any, Any]:
+        """An auditor the consortium appoints: governance grants it the auditor role and it
+        publishes its X25519 key (derived from its devnet key). Returns (account, private key);
+        name ``account.address`` among a task's ``privacy.recipients`` to let it read updates."""
+        from prismesh.chain.evm.contracts import Registry
+        from prismesh.chain.sealing import box_key_from_signing_key, public_key_bytes
+
+        account = self.accounts[len(self.accounts) - 2]
+        self.registry().add_auditor(account.address)
+        key = box_key_from_signing_key(bytes(account.key))
+        Registry(self.manifest, self.w3, account).set_encryption_key(public_key_bytes(key))
+        self.auditor = (account, key)
+        return self.auditor
 
     def approve_all(self) -> None:
         """Each node registers itself; governance approves it (the institution vetting step)."""
