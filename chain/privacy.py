@@ -188,7 +188,17 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     else:
         raise ValueError(f"unknown accountant {accountant!r}; known: {ACCOUNTANTS}")
     acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    return float(acc.get_epsilon(delta=float(delta)))
+    return float(acc.get_epsilon(delta=float(delta), **_orders(accountant)))
+
+
+def _orders(accountant: str) -> dict[str, Any]:
+    """Rényi orders for the RDP accountant: Opacus' defaults (1.1 .. 63) and larger ones, which a
+    large noise multiplier over few steps (client-level DP) needs for a tight bound."""
+    if accountant != "rdp":
+        return {}
+    from opacus.accountants import RDPAccountant
+
+    return {"alphas": list(RDPAccountant.DEFAULT_ALPHAS) + [80, 96, 128, 192, 256, 384, 512, 1024]}
 
 
 def noise_for_epsilon(target_epsilon: float, sample_rate: float, steps: int, delta: float,
@@ -198,7 +208,8 @@ def noise_for_epsilon(target_epsilon: float, sample_rate: float, steps: int, del
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant, epsilon_tolerance=0.005))
+                                      steps=steps, accountant=accountant, epsilon_tolerance=0.005,
+                                      **_orders(accountant)))
 
 
 def dp_sgd_steps(num_samples: int, train: dict[str, Any]) -> tuple[float, int]:

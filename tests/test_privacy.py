@@ -14,7 +14,6 @@ import pytest
 from prismesh.chain.privacy import (
     BudgetExceeded,
     PrivacySpec,
-    PrivacySpecError,
     check_budget,
     client_epsilon,
     epsilon,

@@ -144,7 +144,9 @@ class GasReport:
             "(written at join, so the credit never creates a storage slot) and opens the next "
             "round; the tokens are minted once per task by `claimRewards` (and `claimFees` for "
             "aggregators). `joinTask` pays for the participant's storage up front. CIDs travel "
-            "only in events; storage keeps their hashes.",
+            "only in events; storage keeps their hashes. Sealed updates (docs/privacy.md) cost "
+            "nothing more per round: the reveal carries the ciphertext's CID and the plaintext "
+            "weights' hash in the same fields; each identity pays `setEncryptionKey` once.",
             "",
         ]
         return "\n".join(lines)
@@ -172,6 +174,9 @@ def _scenario(report: GasReport, dev: Any, manifest: Any, gov: Any, agg: Any, cl
     for i, c in enumerate(clients):
         rec("Registry", "register", reg.with_sender(c).register(hashlib.sha3_256(f"hospital-{n}-{i}".encode()).digest()))
         rec("Registry", "approve", reg.approve(c.address))
+        # Each identity publishes the X25519 key it receives sealed aggregates on, once.
+        rec("Registry", "setEncryptionKey",
+            reg.with_sender(c).set_encryption_key(hashlib.sha256(f"x25519-{n}-{i}".encode()).digest()))
     params = TaskParams(
         base_model_id="Qwen/Qwen3-0.6B",
         base_model_hash=hashlib.sha256(b"base-model").digest(),

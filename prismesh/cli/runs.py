@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="benchmark size multiplier")
     p.add_argument("--rounds", type=int, default=3, help="rounds of one local epoch (default 3)")
     p.add_argument("--strategies", default="fedavg,fedavg-exact", help="comma-separated strategies to compare")
+    p.add_argument("--dp-epsilon", default=None, metavar="EPS,...",
+                   help="instead: the accuracy cost of DP at these ε (δ = 1e-5) against no DP, e.g. 1,4,8 (docs/privacy.md)")
+    p.add_argument("--dp-level", choices=("sample", "client"), default="sample",
+                   help="with --dp-epsilon: DP-SGD per patient record (sample) or per hospital at the aggregator (client)")
+    p.add_argument("--seeds", default=None, help="with --dp-epsilon: comma-separated seeds (default: --seed)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_experiment)
 
@@ -65,8 +70,26 @@ def _experiment(args: argparse.Namespace) -> int:
     from prismesh.cli.output import configure_output
 
     configure_output(args.verbose)
+    if args.dp_epsilon is not None:
+        return _dp_experiment(args)
     from prismesh.runs.experiment import run_experiment
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     run_experiment(args.out, seed=args.seed, scale=args.scale, rounds=args.rounds, strategies=strategies)
+    return 0
+
+
+def _dp_experiment(args: argparse.Namespace) -> int:
+    from prismesh.cli.errors import UsageError
+    from prismesh.runs.privacy_experiment import run_privacy_experiment
+
+    try:
+        epsilons = [float(x) for x in args.dp_epsilon.split(",") if x.strip()]
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
+    except ValueError as exc:
+        raise UsageError(f"--dp-epsilon takes numbers and --seeds integers, comma-separated: {exc}") from None
+    if not epsilons or any(e <= 0 for e in epsilons):
+        raise UsageError("--dp-epsilon needs at least one ε > 0")
+    run_privacy_experiment(args.out, seeds=seeds, epsilons=epsilons, level=args.dp_level, scale=args.scale,
+                           rounds=args.rounds)
     return 0
