@@ -289,3 +289,27 @@ def plan_budget(privacy: PrivacySpec, num_rounds: int, max_failed_rounds: int) -
     if warning:
         logging.getLogger("prismesh.privacy").warning("%s; creating the task anyway (on_budget = warn)", warning)
     return spent
+
+
+def describe(privacy: PrivacySpec, train: dict[str, Any], rounds: int) -> str | None:
+    """One line for a page or a report: who can read the updates, which DP, and the client-level
+    ε spent after ``rounds`` accepted rounds (None for a task with no privacy settings)."""
+    parts = []
+    if privacy.sealed:
+        parts.append(f"updates sealed to {len(privacy.recipients)} recipient(s)"
+                     + ("; aggregates sealed to the members" if privacy.aggregate == "members" else ""))
+    cdp = privacy.client_dp
+    if cdp is not None:
+        where = "at the aggregator" if cdp.where == "aggregator" else "at each hospital"
+        text = f"client-level DP {where} (clip {cdp.clip:g}, σ {cdp.noise_multiplier:g})"
+        try:
+            text += f": ε = {client_epsilon(privacy, rounds):.3g} after {rounds} round(s) at δ = {privacy.delta:g}"
+        except ImportError:
+            text += " (ε needs the accountant: pip install opacus)"
+        parts.append(text)
+    sigma = float(train.get("dp_noise_multiplier", 0.0) or 0.0)
+    if sigma > 0:
+        parts.append(f"DP-SGD (σ {sigma:g}, clip {float(train.get('dp_clip', 1.0)):g}; ε per hospital by its data size)")
+    if privacy.epsilon_budget is not None:
+        parts.append(f"budget ε = {privacy.epsilon_budget:g} ({privacy.on_budget})")
+    return "; ".join(parts) or None

@@ -237,3 +237,53 @@ def test_dp_noise_is_seeded_reproducible_and_bounded() -> None:
     quiet, m2 = privatize_update(updates[0], None, 0.05, 1e-9, seed)
     assert np.linalg.norm(_delta_w(quiet)) == pytest.approx(0.05, rel=1e-6)
     assert m2["clip_factor"] < 1
+
+
+def test_dp_sgd_trains_lora_with_secret_reproducible_noise(tmp_path: Path) -> None:
+    """DP-SGD (Opacus) on PEFT's LoRA layers: the steps the accountant counts, the same adapter
+    from the same secret seed, another from another seed, and no run without a seed."""
+    from prismesh.chain.privacy import dp_sgd_steps
+    from prismesh.node.data import load_jsonl
+    from prismesh.node.trainer import TrainConfig, TrainConfigError, train_lora
+    from tests.conftest import tiny_federation_inputs
+
+    base, clients = tiny_federation_inputs(tmp_path / "bench")
+    examples = load_jsonl(clients[0].train_path)[:12]
+    cfg = TrainConfig(rank=4, alpha=8, dropout=0.0, max_length=96, lr=1e-2, target_modules=("q_proj", "v_proj"),
+                      batch_size=2, grad_accum=2, dp_noise_multiplier=1.0, dp_clip=0.5)
+    with pytest.raises(TrainConfigError, match="noise_seed"):
+        train_lora(base, examples, tmp_path / "none", cfg, progress=False)
+    a = train_lora(base, examples, tmp_path / "a", cfg, progress=False, noise_seed=11)
+    b = train_lora(base, examples, tmp_path / "b", cfg, progress=False, noise_seed=11)
+    c = train_lora(base, examples, tmp_path / "c", cfg, progress=False, noise_seed=12)
+    weights = lambda r: (r.adapter_dir / "adapter_model.safetensors").read_bytes()  # noqa: E731
+    assert weights(a) == weights(b) != weights(c)
+    rate, steps = dp_sgd_steps(len(examples), cfg.to_dict())
+    assert a.metrics["dp_sgd"]["steps"] == steps == a.metrics["optimizer_steps"] == math.ceil(len(examples) / 4)
+    assert a.metrics["dp_sgd"]["sample_rate"] == pytest.approx(rate) == pytest.approx(4 / len(examples))
+
+
+def test_keys_box_commands(tmp_path: Path, capsys, monkeypatch) -> None:
+    """``prismesh keys box new / show``: a key file beside the keystore, encrypted with its
+    password; one-line errors for an existing file, a devnet account and a wrong password."""
+    import json
+
+    from tests.test_cli import one_error_line, run
+
+    monkeypatch.setenv("PRISMESH_KEYSTORE_PASSWORD", "pw")
+    keystore = tmp_path / "node.json"
+    assert run(["keys", "new", "--out", str(keystore), "--pbkdf2-iterations", "2"], capsys)[0] == 0
+    code, out, _ = run(["keys", "box", "new", "--keystore", str(keystore)], capsys)
+    made = json.loads(out)
+    assert code == 0 and made["key_file"] == str(tmp_path / "node.json.x25519.pem")
+    code, out, _ = run(["keys", "box", "show", "--keystore", str(keystore)], capsys)
+    assert code == 0 and json.loads(out)["public_key"] == made["public_key"]
+    code, _, err = run(["keys", "box", "new", "--keystore", str(keystore)], capsys)
+    assert code == 1 and "exists; use --force" in one_error_line(err)
+    code, _, err = run(["keys", "box", "new", "--keystore", "dev:3"], capsys)
+    assert code == 2 and "derive their encryption key" in one_error_line(err)
+    code, _, err = run(["keys", "box", "publish", "--keystore", str(keystore)], capsys)
+    assert code == 2 and "--manifest" in one_error_line(err)
+    monkeypatch.setenv("PRISMESH_KEYSTORE_PASSWORD", "wrong")
+    code, _, err = run(["audit", "--manifest", "m.json", "--task", "1", "--key", str(tmp_path / "node.json.x25519.pem")], capsys)
+    assert code == 1 and one_error_line(err).startswith("error: cannot open encryption key")

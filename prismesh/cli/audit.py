@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prismesh.cli.errors import UsageError
+from prismesh.cli.errors import CommandError, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,4 +71,7 @@ def _audit_key(spec: str) -> Any:
     path = Path(spec)
     if not path.is_file():
         raise UsageError(f"--key {spec}: not dev:N and no such key file")
-    return load_box_key(path, read_password(f"encryption key {path}"))
+    try:
+        return load_box_key(path, read_password(f"encryption key {path}"))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None

@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", default="fedavg", help="aggregation strategy (`prismesh strategies` lists them)")
     p.add_argument("--chain", choices=("anvil", "embedded"), default="anvil",
                    help="anvil (default; its state is kept in OUT) or the in-process py-evm chain (gone at exit)")
+    p.add_argument("--sealed", action="store_true",
+                   help="seal updates to the aggregator and an appointed auditor, aggregates to the members (docs/privacy.md)")
+    p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
+                   help="client-level DP at the aggregator with this noise multiplier (implies --sealed, fedavg-exact)")
+    p.add_argument("--dp-clip", type=float, default=1.0, help="with --dp-noise: the ΔW norm bound (default 1)")
     p.add_argument("--no-baselines", action="store_true", help="skip base/single-client baselines")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true", help="log every daemon step; keep the libraries' own output")
@@ -44,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dp-level", choices=("sample", "client"), default="sample",
                    help="with --dp-epsilon: DP-SGD per patient record (sample) or per hospital at the aggregator (client)")
     p.add_argument("--seeds", default=None, help="with --dp-epsilon: comma-separated seeds (default: --seed)")
+    p.add_argument("--dp-batch", type=int, default=None,
+                   help="with --dp-level sample: DP-SGD's logical batch (default: the benchmark's batch x accumulation)")
+    p.add_argument("--dp-lr", type=float, default=None, help="with --dp-level sample: DP-SGD's learning rate")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_experiment)
 
@@ -62,7 +70,8 @@ def _demo(args: argparse.Namespace) -> int:
     from prismesh.runs.demo import run_demo
 
     run_demo(args.out, seed=args.seed, scale=args.scale, rounds=args.rounds, strategy=args.strategy,
-             baselines=not args.no_baselines, plots=not args.no_plots, chain=args.chain, observer=observer)
+             baselines=not args.no_baselines, plots=not args.no_plots, chain=args.chain,
+             sealed=args.sealed, dp_noise=args.dp_noise, dp_clip=args.dp_clip, observer=observer)
     return 0
 
 
@@ -90,6 +99,8 @@ def _dp_experiment(args: argparse.Namespace) -> int:
         raise UsageError(f"--dp-epsilon takes numbers and --seeds integers, comma-separated: {exc}") from None
     if not epsilons or any(e <= 0 for e in epsilons):
         raise UsageError("--dp-epsilon needs at least one ε > 0")
+    if args.dp_batch is not None and args.dp_batch < 1:
+        raise UsageError("--dp-batch must be >= 1")
     run_privacy_experiment(args.out, seeds=seeds, epsilons=epsilons, level=args.dp_level, scale=args.scale,
-                           rounds=args.rounds)
+                           rounds=args.rounds, dp_batch=args.dp_batch, dp_lr=args.dp_lr)
     return 0

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("prismesh.dashboard")
@@ -39,6 +39,8 @@ class SpecInfo:
     base_model_id: str
     lora: str
     report_metrics: bool
+    privacy: Any = None  # prismesh.chain.privacy.PrivacySpec
+    train: dict = field(default_factory=dict)
 
 
 NONE = ObjectStatus("none")
@@ -180,6 +182,8 @@ class ObjectChecker:
             base_model_id=str(spec.base_model_id),
             lora=f"r={lora.r}, alpha={lora.lora_alpha}, {', '.join(lora.target_modules)}",
             report_metrics=bool(spec.report_metrics),
+            privacy=spec.privacy_spec,
+            train=dict(spec.train),
         )
         return ObjectStatus("verified", len(raw)), info
 

@@ -193,9 +193,15 @@ class Views:
             "initial": checker.status(task.params.get("initial_adapter_cid")),
             "final": checker.status(task.final_adapter),
         }
+        privacy = None
+        if spec is not None and spec.privacy is not None:
+            from prismesh.chain.privacy import describe
+
+            privacy = describe(spec.privacy, spec.train, task.completed_rounds)
         return {
             "task": task,
             "spec": spec,
+            "privacy": privacy,
             "objects": objects,
             "timeline": timeline,
             "table": table,

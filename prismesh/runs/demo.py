@@ -21,8 +21,9 @@ log = logging.getLogger("prismesh.demo")
 HOSPITAL_ORDER = ("hospital-a", "hospital-b", "hospital-c")
 
 
-def build_spec(base_model: Path, seed: int, strategy: str = "fedavg") -> Any:
-    """The demo task's hyper-parameter file: the benchmark's tuned LoRA and training settings."""
+def build_spec(base_model: Path, seed: int, strategy: str = "fedavg", privacy: dict | None = None) -> Any:
+    """The demo task's hyper-parameter file: the benchmark's tuned LoRA and training settings
+    (and its privacy settings, see docs/privacy.md)."""
     from prismesh.chain.taskspec import LoraSpec, TaskSpec, model_fingerprint
     from prismesh.node.synthetic import BENCHMARK_TRAIN_CONFIG
     from prismesh.runs.federation import model_config_of
@@ -38,13 +39,20 @@ def build_spec(base_model: Path, seed: int, strategy: str = "fedavg") -> Any:
         train={**train, "seed": seed},
         strategy=strategy,
         report_metrics=True,
+        privacy=privacy or {},
     )
 
 
 def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, strategy: str = "fedavg",
              finality: bool = True, baselines: bool = True, plots: bool = True,
-             chain: str = "anvil", observer: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+             chain: str = "anvil", observer: Callable[[Any], Any] | None = None, sealed: bool = False,
+             dp_noise: float | None = None, dp_clip: float = 1.0) -> dict[str, Any]:
     """Run the whole demo into ``out`` and return the report (also written as JSON/Markdown).
+
+    ``sealed`` seals every update to the aggregator and an appointed auditor and every aggregate
+    to the members; ``dp_noise`` adds client-level DP at the aggregator with that noise
+    multiplier and ``dp_clip`` (sealed, ``fedavg-exact``; docs/privacy.md). The report then
+    shows ε per round, and the audit runs with the auditor's key.
 
     With ``chain="anvil"`` (the default) the chain's state is kept under ``out/run/chain``, so
     the finished run can be re-opened and audited (:func:`reopen_chain`). ``observer(fed)`` is
@@ -83,8 +91,16 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         fed.add_aggregator()
         if observer is not None:
             watching = observer(fed)
+        privacy: dict[str, Any] = {}
+        auditor_key = None
+        if sealed or dp_noise is not None:
+            auditor, auditor_key = fed.add_auditor()
+            privacy = {"recipients": [fed.aggregator.account.address, auditor.address], "aggregate": "members"}
+            if dp_noise is not None:
+                privacy["client_dp"] = {"clip": dp_clip, "noise_multiplier": dp_noise, "where": "aggregator"}
+                strategy = "fedavg-exact"
         fed.approve_all()
-        spec = build_spec(base, seed, strategy)
+        spec = build_spec(base, seed, strategy, privacy)
         initial = create_initial_adapter(
             base, run_dir / "initial-adapter", TrainConfig.from_dict({**spec.train_config(), "device": "cpu"}),
             base_model_name=spec.base_model_id,
@@ -100,10 +116,12 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         report = collect_report(fed, task_id, clients, spec)
         _add_round_timing(report, printer.accepted_at)
         report["timing"] = {"federated_seconds": round(fed_seconds, 2)}
-        report["run"] = _run_info(seed=seed, scale=scale, rounds=rounds, strategy=strategy, chain=chain)
+        report["run"] = _run_info(seed=seed, scale=scale, rounds=rounds, strategy=strategy, chain=chain,
+                                  **({"sealed": True} if privacy else {}),
+                                  **({"dp_noise": dp_noise, "dp_clip": dp_clip} if dp_noise is not None else {}))
         from prismesh.aggregator.audit import audit_task
 
-        audit = audit_task(fed.w3, fed.manifest, fed.store, task_id, check_finality=finality)
+        audit = audit_task(fed.w3, fed.manifest, fed.store, task_id, check_finality=finality, key=auditor_key)
         report["audit"] = {"ok": audit.ok, "checks": len(audit.findings), "failures": [f.__dict__ for f in audit.failures()]}
         _say(f"      audit from chain + store: {'PASS' if audit.ok else 'FAIL'} ({len(audit.findings)} checks)")
         if baselines:
@@ -267,6 +285,7 @@ def collect_report(fed: Any, task_id: int, clients: list, spec: Any) -> dict[str
             "validators": [k.address for k in fed.validator_keys],
         },
         "task": {"id": task_id, "spec": spec.to_dict()},
+        "privacy": _privacy_section(spec, rounds),
         "clients": [
             {
                 "name": c.name,
@@ -282,6 +301,17 @@ def collect_report(fed: Any, task_id: int, clients: list, spec: Any) -> dict[str
         "adapter_bytes": _adapter_tensor_bytes(fed, rounds),
         "base_model_bytes": _dir_bytes(Path(fed.hospitals[0].daemon.config.base_model)),
     }
+
+
+def _privacy_section(spec: Any, rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """ε as the accountant gives it after each accepted round, and who can read the updates."""
+    from prismesh.chain.privacy import describe, privacy_report
+
+    privacy = spec.privacy_spec
+    text = describe(privacy, spec.train, len(rounds))
+    if text is None:
+        return None
+    return {"summary": text, **privacy_report(privacy, spec.train, len(rounds))}
 
 
 def _add_round_timing(report: dict[str, Any], accepted_at: dict[int, float]) -> None:
@@ -320,9 +350,10 @@ def _adapter_tensor_bytes(fed: Any, rounds: list) -> int | None:
     if not rounds:
         return None
     from prismesh.aggregator.adapters import load_adapter
-    from prismesh.chain.storage import fetch_adapter
+    from prismesh.chain.sealing import fetch_any_adapter
 
-    d = fetch_adapter(fed.store, rounds[0]["aggregate_cid"], fed.root / "report-tmp" / "agg")
+    key = fed.auditor[1] if fed.auditor else None
+    d = fetch_any_adapter(fed.store, rounds[0]["aggregate_cid"], fed.root / "report-tmp" / "agg", key)
     adapter = load_adapter(d)
     import numpy as np
 
@@ -407,6 +438,12 @@ def write_report(out: Path, report: dict[str, Any], *, plots: bool, fed: Any, ta
     ]
     for c in report["clients"]:
         md.append(f"| {c['name']} | `{c['address']}` | {c['language']} | {c['format']} | {c['train_samples']} | {c['test_samples']} |")
+    if report.get("privacy"):
+        p = report["privacy"]
+        md += ["", "## Privacy", "", p["summary"] + ".", ""]
+        if p.get("client_epsilon_per_round"):
+            md += ["| after round | client-level ε (δ = " + f"{p['delta']:g}" + ") |", "|---:|---:|"]
+            md += [f"| {k} | {e:.3f} |" for k, e in enumerate(p["client_epsilon_per_round"], start=1)]
     md += ["", "## Rounds", ""]
     for row in report["rounds"]:
         md.append(f"- round {row['round']}: aggregate `{row['aggregate_cid']}`, accepted in block "

@@ -49,8 +49,9 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
 def update_vectors(fed: Any, task_id: int) -> list[tuple[int, str, np.ndarray]]:
     """(round, client name, flattened update = client adapter − round's global adapter)."""
     from prismesh.aggregator.adapters import load_adapter
-    from prismesh.chain.storage import fetch_adapter
+    from prismesh.chain.sealing import fetch_any_adapter
 
+    key = fed.auditor[1] if getattr(fed, "auditor", None) else None  # sealed tasks: the auditor reads
     coord = fed.coordinator()
     start = fed.manifest.deploy_block
     by_addr = {h.daemon.address: h.name for h in fed.hospitals}
@@ -61,7 +62,7 @@ def update_vectors(fed: Any, task_id: int) -> list[tuple[int, str, np.ndarray]]:
 
     def tensors(cid: str) -> dict[str, np.ndarray]:
         if cid not in cache:
-            cache[cid] = load_adapter(fetch_adapter(fed.store, cid, tmp / cid)).tensors
+            cache[cid] = load_adapter(fetch_any_adapter(fed.store, cid, tmp / cid, key)).tensors
         return cache[cid]
 
     for ev in coord.get_events("UpdateRevealed", start, taskId=task_id):
