@@ -286,6 +286,7 @@ def test_encryption_keys_beside_identities(chain_env: ChainEnv) -> None:
     assert not gov.is_auditor(auditor.address)
     gov.add_auditor(auditor.address)
     assert gov.is_auditor(auditor.address) and gov.has_role(AUDITOR_ROLE, auditor.address)
+    assert gov.auditor_role() == AUDITOR_ROLE
     chain_env.registry(auditor).set_encryption_key(key2)
     assert gov.encryption_key_of(auditor.address) == key2
     assert gov.encryption_key_of(outsider.address) == b"\x00" * 32

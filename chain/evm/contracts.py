@@ -1351,6 +1351,9 @@ class Registry(ContractClient):
     def aggregator_role(self) -> bytes:
         return bytes(self._call("AGGREGATOR_ROLE"))
 
+    def auditor_role(self) -> bytes:
+        return bytes(self._call("AUDITOR_ROLE"))
+
     def add_aggregator(self, account: str) -> TxReceipt:
         """grantRole(AGGREGATOR_ROLE, account) (admin)."""
         return self.grant_role(AGGREGATOR_ROLE, account)
