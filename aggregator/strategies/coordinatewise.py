@@ -1,4 +1,13 @@
-"""Coordinate-wise robust statistics over the clients' tensors: ``median`` and ``trimmed-mean``."""
+"""Coordinate-wise robust statistics of the updates in ΔW space: ``median`` and ``trimmed-mean``.
+
+Each coordinate of every module's update Δ_i = s·B_i·A_i − s_g·B_g·A_g takes its weighted median
+or weighted trimmed mean over the clients (bounded sample weights, as in the ΔW-space rules of
+:mod:`~prismesh.aggregator.strategies.robust`), and the new global s_g·B_g·A_g + stat(Δ) is
+truncated back to rank r. A and B are never combined separately (their product is what the model
+uses, and they are defined only up to an r×r factor). The statistic is dense: each module's
+updates are formed row block by row block, so memory stays bounded, but the cost grows with
+out×in×n; the truncation of a large module uses a seeded randomized range finder.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from prismesh.aggregator.adapters import Adapter
+from prismesh.aggregator.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, Adapter, to_numpy
+from prismesh.aggregator.lowrank import _fix_signs, single_threaded_blas
 from prismesh.aggregator.strategies.base import (
     AggregateResult,
     ClientUpdate,
@@ -18,52 +28,197 @@ from prismesh.aggregator.strategies.base import (
     prepare_updates,
     register_strategy,
 )
+from prismesh.aggregator.strategies.fedavg import truncation_metrics
+from prismesh.aggregator.strategies.robust import bounded_weights
+
+BLOCK_BYTES = 1 << 27  # one row block of n clients' ΔW rows (float64) at most, 128 MiB
+EXACT_SVD_MAX = 1024  # dense SVD up to this min(out, in); a randomized range finder above it
+OVERSAMPLE, POWER_ITERATIONS = 10, 4
+
+
+def truncated_svd(
+    m: np.ndarray, rank: int, exact_max: int = EXACT_SVD_MAX
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Leading ``rank`` singular triplets of a dense ``m`` and the squared norm of the rest.
+
+    Exact (LAPACK) when min(out, in) <= ``exact_max``; above it a randomized range finder with a
+    fixed seed, ``OVERSAMPLE`` extra columns and ``POWER_ITERATIONS`` re-orthonormalised power
+    iterations (Halko et al. 2011), so the result is deterministic. Signs are pinned.
+    """
+    total = float(np.sum(m * m))
+    if min(m.shape) <= exact_max:
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+    else:
+        rng = np.random.default_rng(0)
+        q = np.linalg.qr(m @ rng.standard_normal((m.shape[1], min(rank + OVERSAMPLE, min(m.shape)))))[0]
+        for _ in range(POWER_ITERATIONS):
+            q = np.linalg.qr(m.T @ q)[0]
+            q = np.linalg.qr(m @ q)[0]
+        u_small, s, vt = np.linalg.svd(q.T @ m, full_matrices=False)
+        u = q @ u_small
+    k = min(rank, s.size)
+    u, s_k, v = u[:, :k].copy(), s[:k], vt[:k].T.copy()
+    _fix_signs(u, v)
+    return u, s_k, v, max(total - float(np.sum(s_k**2)), 0.0)
 
 
 class _Coordinatewise(Strategy):
-    """Unweighted coordinate-wise statistic over clients, one tensor at a time."""
+    """A weighted statistic over clients of each coordinate of the updates, in ΔW space."""
 
-    def _stat(self, stack: np.ndarray) -> np.ndarray:
+    def __init__(self, max_weight: float | None = 1.0, split: str = "balanced") -> None:
+        if max_weight is not None and not (isinstance(max_weight, (int, float)) and math.isfinite(max_weight) and max_weight > 0):
+            raise ValueError(f"max_weight must be a positive number, got {max_weight!r}")
+        if split not in ("balanced", "B"):
+            raise ValueError(f"split must be 'balanced' or 'B', got {split!r}")
+        self.max_weight = None if max_weight is None else float(max_weight)
+        self.split = split
+
+    def options(self) -> dict[str, Any]:
+        return {"max_weight": self.max_weight, "split": self.split}
+
+    def _stat(self, stack: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """The statistic over axis 0 of ``stack`` (clients × coordinates) with weights ``w``."""
         raise NotImplementedError
+
+    def _details(self, n: int) -> dict[str, Any]:
+        return {}
 
     def aggregate(
         self, updates: Sequence[ClientUpdate], global_adapter: Adapter | None = None
     ) -> AggregateResult:
-        ordered, w = prepare_updates(updates)
+        ordered, _ = prepare_updates(updates)
+        w, capped = bounded_weights(ordered, self.max_weight)
+        base = global_adapter if global_adapter is not None and global_adapter.tensors else None
+        config = _output_config(ordered, global_adapter)
+        spec = Adapter(config, {})
+        modules = ordered[0].adapter.lora_modules()
+        pairs = {m + s for m in modules for s in (LORA_A_SUFFIX, LORA_B_SUFFIX)}
         out: dict[str, np.ndarray] = {}
-        for key in sorted(ordered[0].adapter.tensors):
-            stack = np.stack([np.asarray(u.adapter.tensors[key], np.float64) for u in ordered])
-            out[key] = self._stat(stack).astype(ordered[0].adapter.tensors[key].dtype)
-        metrics = _weights_metrics(self, ordered, np.full(len(ordered), 1.0 / len(ordered)))
-        metrics["sample_weights"] = {u.client: float(x) for u, x in zip(ordered, w, strict=True)}
-        return AggregateResult(Adapter(_output_config(ordered, global_adapter), out), metrics)
+        errors: dict[str, tuple[float, float]] = {}
+        with single_threaded_blas():
+            for key in sorted(set(ordered[0].adapter.tensors) - pairs):
+                g = _global(base, key)
+                stack = np.stack([np.asarray(u.adapter.tensors[key], np.float64).ravel() for u in ordered])
+                if g is not None:
+                    stack -= g.ravel()
+                value = self._stat(stack, w).reshape(ordered[0].adapter.tensors[key].shape)
+                out[key] = (value + g if g is not None else value).astype(ordered[0].adapter.tensors[key].dtype)
+            for m in modules:
+                self._module(m, ordered, w, base, spec, out, errors)
+        metrics = _weights_metrics(self, ordered, w)
+        metrics.update({"capped_samples": capped, "excluded": {}, "clip_factors": {}, **self._details(len(ordered))})
+        metrics.update(truncation_metrics(errors))
+        return AggregateResult(Adapter(config, dict(sorted(out.items()))), metrics)
+
+    def _module(
+        self,
+        m: str,
+        ordered: list[ClientUpdate],
+        w: np.ndarray,
+        base: Adapter | None,
+        spec: Adapter,
+        out: dict[str, np.ndarray],
+        errors: dict[str, tuple[float, float]],
+    ) -> None:
+        factors = [
+            (u.adapter.scaling(m) * np.asarray(u.adapter.tensors[m + LORA_B_SUFFIX], np.float64),
+             np.asarray(u.adapter.tensors[m + LORA_A_SUFFIX], np.float64))
+            for u in ordered
+        ]
+        g_b = g_a = None
+        if base is not None:
+            g_b, g_a = _global(base, m + LORA_B_SUFFIX), _global(base, m + LORA_A_SUFFIX)
+            if g_b is None or g_a is None:
+                raise ValueError(f"global adapter lacks module {m}")
+            g_b = base.scaling(m) * g_b
+        n_out, n_in = factors[0][0].shape[0], factors[0][1].shape[1]
+        rows = max(1, BLOCK_BYTES // (8 * len(ordered) * n_in))
+        dense = np.empty((n_out, n_in))
+        for lo in range(0, n_out, rows):
+            hi = min(n_out, lo + rows)
+            glob = g_b[lo:hi] @ g_a if g_b is not None else None
+            stack = np.stack([b[lo:hi] @ a for b, a in factors])
+            if glob is not None:
+                stack -= glob
+            block = self._stat(stack.reshape(len(ordered), -1), w).reshape(hi - lo, n_in)
+            dense[lo:hi] = block + glob if glob is not None else block
+        r, _ = spec.rank_alpha(m)
+        scale = spec.scaling(m)
+        u_, head, v_, tail_sq = truncated_svd(dense, r)
+        k = head.size
+        if self.split == "balanced":
+            root = np.sqrt(head / scale)
+            b_new, a_new = u_ * root, root[:, None] * v_.T
+        else:
+            b_new, a_new = u_ * (head / scale), v_.T.copy()
+        if k < r:
+            b_new = np.pad(b_new, ((0, 0), (0, r - k)))
+            a_new = np.pad(a_new, ((0, r - k), (0, 0)))
+        errors[m] = (tail_sq, tail_sq + float(np.sum(head**2)))
+        out[m + LORA_B_SUFFIX] = b_new.astype(ordered[0].adapter.tensors[m + LORA_B_SUFFIX].dtype)
+        out[m + LORA_A_SUFFIX] = a_new.astype(ordered[0].adapter.tensors[m + LORA_A_SUFFIX].dtype)
+
+
+def _global(base: Adapter | None, key: str) -> np.ndarray | None:
+    if base is None or key not in base.tensors:
+        return None
+    return np.asarray(to_numpy(base.tensors[key], key), dtype=np.float64)
+
+
+def _sorted_with_weights(stack: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(stack, axis=0, kind="stable")
+    return np.take_along_axis(stack, order, axis=0), w[order]
 
 
 @register_strategy
 class Median(_Coordinatewise):
-    """Coordinate-wise median of every tensor (robust to < half outlying clients; unweighted)."""
+    """Coordinate-wise weighted median of the updates in ΔW (the lower weighted median, averaged
+    with the next value where the cumulative weight sits exactly at one half, so equal weights
+    give the ordinary median). Robust to fewer than half of the weight, but it keeps only what
+    most clients agree on: a hospital's own knowledge is a minority view by definition."""
 
     name = "median"
 
-    def _stat(self, stack: np.ndarray) -> np.ndarray:
-        return np.median(stack, axis=0)
+    def _stat(self, stack: np.ndarray, w: np.ndarray) -> np.ndarray:
+        values, weights = _sorted_with_weights(stack, w)
+        cum = np.cumsum(weights, axis=0)
+        half = 0.5 * float(w.sum())
+        eps = 1e-12 * float(w.sum())
+        pos = np.argmax(cum >= half - eps, axis=0)
+        cols = np.arange(stack.shape[1])
+        lower = values[pos, cols]
+        tie = np.abs(cum[pos, cols] - half) <= eps
+        upper = values[np.minimum(pos + 1, stack.shape[0] - 1), cols]
+        return np.where(tie, 0.5 * (lower + upper), lower)
 
 
 @register_strategy
 class TrimmedMean(_Coordinatewise):
-    """Coordinate-wise mean after dropping the ``trim`` fraction of lowest and highest values."""
+    """Coordinate-wise trimmed mean of the updates in ΔW: per coordinate, the k lowest and k
+    highest client values are dropped and the rest averaged with their bounded sample weights,
+    k = ceil(``trim``·n) capped at (n − 1) // 2, so it trims one value on each side from n = 3
+    (n = 4: the mean of the middle two) and ``trim=0`` is the weighted mean."""
 
     name = "trimmed-mean"
 
-    def __init__(self, trim: float = 0.1) -> None:
-        if not 0.0 <= trim < 0.5:
-            raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    def __init__(self, trim: float = 0.1, max_weight: float | None = 1.0, split: str = "balanced") -> None:
+        super().__init__(max_weight, split)
+        if not (isinstance(trim, (int, float)) and 0.0 <= trim < 0.5):
+            raise ValueError(f"trim must be in [0, 0.5), got {trim!r}")
         self.trim = float(trim)
 
     def options(self) -> dict[str, Any]:
-        return {"trim": self.trim}
+        return {"trim": self.trim, **super().options()}
 
-    def _stat(self, stack: np.ndarray) -> np.ndarray:
-        k = int(math.floor(self.trim * stack.shape[0]))
-        ordered = np.sort(stack, axis=0)
-        return ordered[k : stack.shape[0] - k].mean(axis=0)
+    def trimmed(self, n: int) -> int:
+        """Values dropped at each end of a coordinate with ``n`` clients."""
+        return min(math.ceil(self.trim * n), (n - 1) // 2)
+
+    def _details(self, n: int) -> dict[str, Any]:
+        return {"trimmed_per_side": self.trimmed(n)}
+
+    def _stat(self, stack: np.ndarray, w: np.ndarray) -> np.ndarray:
+        k = self.trimmed(stack.shape[0])
+        values, weights = _sorted_with_weights(stack, w)
+        values, weights = values[k : stack.shape[0] - k], weights[k : stack.shape[0] - k]
+        return np.sum(values * weights, axis=0) / np.sum(weights, axis=0)
