@@ -1,13 +1,16 @@
 """``prismesh audit``: re-derive a task's whole history from the chain and the store alone.
 
 For every round it checks that each revealed adapter's bytes match its CID and its revealed
-sha256, that the aggregate is exactly what the task's strategy computes from the included
-adapters with the task's bounded weights (same bytes, so the same CID), that every included
-client's contribution score is what ``aggregator.contribution`` computes from those adapters,
+sha256; re-runs the aggregator's checks on every revealed update (against the round's global
+adapter) and the task's strategy on those that pass, with the task's bounded weights, so who was
+included and why each other update was rejected or excluded is re-derived, not taken on trust;
+that the aggregate is exactly what the strategy computes (same bytes, so the same CID), that
+every included client's contribution score is what ``aggregator.contribution`` computes,
 that every reward is the contract's split of the round's pool by those scores (and that no
 one else earned anything), that the task never paid beyond its budget, and that every finality
 certificate carries a quorum of valid validator signatures over the chain's own block hash.
-Nothing is taken from the daemons' local state.
+Nothing is taken from the daemons' local state, so an update the aggregator could not fetch in
+time but the audit can is reported as wrongly left out.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
     from prismesh.aggregator.adapters import load_adapter, save_adapter
     from prismesh.aggregator.contribution import published_before, score_updates
     from prismesh.aggregator.daemon import aggregation_base
-    from prismesh.aggregator.strategies import ClientUpdate, get_strategy
+    from prismesh.aggregator.strategies import get_strategy
+    from prismesh.aggregator.verify import expected_lora_shapes
     from prismesh.aggregator.weights import WeightRule
     from prismesh.chain.evm.contracts import Coordinator
     from prismesh.chain.storage import StorageError, cid_of_path, fetch_adapter
@@ -115,6 +119,12 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
                 adapters[ev.cid] = d
 
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
+        lora_cfg = spec.lora.to_dict()
+        try:
+            expected = expected_lora_shapes(spec.model_config, lora_cfg)
+        except ValueError as exc:
+            report.add("task spec", params.hyper_params_cid, False, f"no adapter shapes: {exc}")
+            expected = None
         for acc in accepted:
             r = acc.round
             subject = f"round {r} aggregate {acc.aggregate_cid}"
@@ -122,22 +132,27 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
             if missing:
                 report.add("included revealed", subject, False, f"included without a reveal: {missing}")
                 continue
-            refs = [reveals[r][c] for c in acc.included]
-            if any(ref.cid not in adapters for ref in refs):
-                report.add("aggregate recomputed", subject, False, "an included adapter could not be fetched intact")
+            if expected is None:
                 continue
             try:
                 global_cid = opened[r].global_adapter_cid if r in opened else ""
-                glob = aggregation_base(
-                    spec, load_adapter(fetch_adapter(store, global_cid, work / "global" / global_cid)) if global_cid else None
+                raw = load_adapter(fetch_adapter(store, global_cid, work / "global" / global_cid)) if global_cid else None
+                glob = aggregation_base(spec, raw)
+                candidates, rejected = _verified_reveals(
+                    reveals.get(r, {}), adapters, expected, lora_cfg, spec.norm_bound, raw, rule.weight
                 )
-                updates = [ClientUpdate(ref.client, rule.weight(int(ref.num_samples)), load_adapter(adapters[ref.cid]))
-                           for ref in refs]
-                result = strategy.aggregate(updates, glob)
+                result = strategy.aggregate(candidates, glob) if candidates else None
+                excluded = dict(result.metrics.get("excluded", {})) if result is not None else {}
+                kept = [u for u in candidates if u.client not in excluded]
+                _audit_inclusion(report, r, sorted(acc.included), sorted(u.client for u in kept),
+                                 {**rejected, **excluded}, reveals.get(r, {}))
+                if result is None:
+                    report.add("aggregate recomputed", subject, False, "no revealed update passes the checks")
+                    continue
                 out = save_adapter(result.adapter, work / "recomputed" / f"round{r}")
                 cid = cid_of_path(out)
                 known = published_before(coord, store, task_id, r, work / "published")
-                scored[r] = score_updates(updates, glob, known)
+                scored[r] = score_updates(kept, glob, known)
             except Exception as exc:  # noqa: BLE001 - recorded as a failed check
                 report.add("aggregate recomputed", subject, False, f"{type(exc).__name__}: {exc}")
                 continue
@@ -195,6 +210,62 @@ def _audit_rewards(report: AuditReport, params: Any, accepted: list[Any], earned
         paid += sum(int(ev.amount) for ev in events)
     report.add("within budget", "task rewards", paid <= params.reward_budget,
                f"{paid} earned of a budget of {params.reward_budget}")
+
+
+def _verified_reveals(
+    by_client: dict[str, Any],
+    adapters: dict[str, Path],
+    expected: dict[str, Any],
+    lora_cfg: dict[str, Any],
+    norm_bound: float,
+    global_adapter: Any,
+    weight: Any,
+) -> tuple[list[Any], dict[str, str]]:
+    """The round's revealed updates that pass the aggregator's checks, and why the others fail:
+    the same ``verify_adapter`` against the same global adapter and norm bound; each update
+    carries its claim as the task's rule ``weight`` bounds it."""
+    from prismesh.aggregator.adapters import load_adapter
+    from prismesh.aggregator.strategies import ClientUpdate
+    from prismesh.aggregator.verify import verify_adapter
+
+    candidates, rejected = [], {}
+    for client, ev in sorted(by_client.items()):
+        path = adapters.get(ev.cid)
+        if path is None:
+            rejected[client] = "the adapter could not be fetched intact by the audit"
+            continue
+        if _sha256(path / "adapter_model.safetensors") != bytes(ev.sha256):
+            rejected[client] = "adapter weights sha256 differs from the revealed one"
+            continue
+        try:
+            adapter = load_adapter(path)
+        except Exception as exc:  # noqa: BLE001 - an unreadable adapter is a reason, not a crash
+            rejected[client] = f"unreadable adapter: {exc}"
+            continue
+        reasons = verify_adapter(adapter, expected, lora_cfg, norm_bound, global_adapter)
+        if reasons:
+            rejected[client] = "; ".join(reasons)
+        else:
+            candidates.append(ClientUpdate(client, weight(int(ev.num_samples)), adapter))
+    return candidates, rejected
+
+
+def _audit_inclusion(
+    report: AuditReport, r: int, included: list[str], kept: list[str], reasons: dict[str, str], revealed: dict[str, Any]
+) -> None:
+    """Who was paid is re-derived: the chain's included list must be exactly the reveals that pass
+    the checks and the strategy keeps; each one left out gets a finding with its reason."""
+    extra = [c for c in included if c not in kept]
+    dropped = [c for c in kept if c not in included]
+    detail = "; ".join(
+        [f"{c} included, but: {reasons.get(c, 'not kept')}" for c in extra]
+        + [f"{c} left out, but it passes every check and the strategy keeps it" for c in dropped]
+    )
+    report.add("inclusion re-derived", f"round {r}", not extra and not dropped,
+               detail or f"{len(included)} included, as the checks and the strategy decide")
+    for client in sorted(set(revealed) - set(included)):
+        if client in reasons:
+            report.add("exclusion re-derived", f"round {r} {client}", True, reasons[client])
 
 
 def _audit_finality(w3: Any, manifest: Any, report: AuditReport, accepted_blocks: list[int]) -> None:

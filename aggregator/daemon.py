@@ -3,10 +3,12 @@
 It learns of rounds and reveals only from the finality-aware event stream. A round is ready
 when the chain says it is Aggregating (every committer revealed, or the reveal deadline
 passed) *and* every block up to that moment is final, so no reveal can still be missing.
-Then every revealed adapter is fetched and verified in parallel Ray tasks, the task's strategy
-merges the valid ones with the task's bounded weights (``aggregator.weights``), each included
-update gets its contribution score (``aggregator.contribution``), the result is pinned and its
-CID submitted with the included clients and their scores, which set their rewards.
+Then every revealed adapter is fetched and verified in parallel Ray tasks (as an update of the
+round's global adapter), the task's strategy merges the valid ones with the task's bounded
+weights (``aggregator.weights``; a robust strategy may exclude or clip some, with reasons), each
+kept update gets its contribution score (``aggregator.contribution``), the result is pinned and
+its CID submitted with the kept clients and their scores, which set their rewards. Rejections,
+exclusions and clip factors are recorded in the round's state and report.
 
 Restart safety: reveals are persisted as they arrive, the aggregate's CID is recorded once it
 is pinned, and the on-chain round is read before submitting, so a crash at any point neither
@@ -228,6 +230,8 @@ class AggregatorDaemon:
                 included=sorted(scores),
                 scores=scores,
                 rejected=rejected,
+                excluded=metrics.get("excluded", {}),
+                clipped=metrics.get("clip_factors", {}),
                 metrics=metrics,
             )
             self.state.save()
@@ -260,7 +264,10 @@ class AggregatorDaemon:
             log.info("task %d complete: claimed %d units of aggregator fees", task, owed)
 
     def compute(self, task: int, rnd: int, params: Any, rec: dict) -> tuple[Path, dict[str, int], dict[str, str], dict] | None:
-        """Fetch and verify every reveal in parallel, merge the valid ones, score each."""
+        """Fetch and verify every reveal in parallel as an update of the round's global adapter,
+        merge the valid ones and score those the strategy keeps. Verification failures are
+        ``rejected``; updates the strategy excludes (``metrics["excluded"]``, with reasons) get
+        no score, so neither is included nor paid."""
         log.info("aggregating task %d round %d: fetching and verifying %d updates", task, rnd, len(rec["reveals"]))
         from prismesh.aggregator.adapters import load_adapter, save_adapter
         from prismesh.aggregator.contribution import published_before, score_updates
@@ -279,6 +286,7 @@ class AggregatorDaemon:
             for client, r in sorted(rec["reveals"].items())
         ]
         work = self.config.state_dir / "work" / f"task{task}-round{rnd}"
+        global_raw = load_adapter(fetch_adapter(self.store, rec["global_cid"], work / "global")) if rec.get("global_cid") else None
         results = fetch_and_verify(
             refs,
             StoreFetch(self.store_spec),
@@ -288,6 +296,7 @@ class AggregatorDaemon:
             work,
             parallel=self.config.parallel,
             timeout_s=self.config.fetch_timeout_s,
+            global_adapter=global_raw,
         )
         verified, rejected = [], {}
         for res in results:
@@ -304,16 +313,25 @@ class AggregatorDaemon:
             )
             self._fail(task, rnd, reason[:1000], rec, rejected)
             return None
-        global_adapter = aggregation_base(
-            spec, load_adapter(fetch_adapter(self.store, rec["global_cid"], work / "global")) if rec.get("global_cid") else None
-        )
         rule = WeightRule.of_task(params)
         updates = [replace(v.to_update(), num_samples=rule.weight(v.num_samples)) for v in verified]
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
+        global_adapter = aggregation_base(spec, global_raw)
         result = strategy.aggregate(updates, global_adapter)
+        excluded = dict(result.metrics.get("excluded", {}))
+        for client, reason in sorted(excluded.items()):
+            log.warning("task %d round %d: strategy %s excludes %s: %s", task, rnd, spec.strategy, client, reason)
+        kept = [u for u in updates if u.client not in excluded]
+        if len(kept) < params.min_participants:
+            reason = (
+                f"{len(kept)} update(s) kept by {spec.strategy}, fewer than the minimum "
+                f"{params.min_participants}; excluded: {json.dumps(excluded, sort_keys=True)}"
+            )
+            self._fail(task, rnd, reason[:1000], rec, {**rejected, **excluded})
+            return None
         out = save_adapter(result.adapter, self.config.state_dir / "aggregates" / f"task{task}-round{rnd}")
         known = published_before(self.coordinator, self.store, task, rnd, self.config.state_dir / "work" / "published")
-        scores = score_updates(updates, global_adapter, known)
+        scores = score_updates(kept, global_adapter, known)
         return out, scores, rejected, _jsonable(result.metrics)
 
     def _fail(self, task: int, rnd: int, reason: str, rec: dict, rejected: dict[str, str]) -> None:
