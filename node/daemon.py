@@ -301,23 +301,16 @@ class NodeDaemon:
 
     def _train_and_pin(self, task: int, rnd: int, global_cid: str, spec: Any, rec: dict) -> dict:
         from prismesh.chain.storage import add_adapter
-        from prismesh.node.trainer import TrainConfig, train_lora
 
         cid = rec.get("cid")
         if cid and self.store.has(cid):
             log.info("%s: task %d round %d: re-using pinned adapter %s", self.config.name, task, rnd, cid)
             return rec
         init = self.fetch_global(global_cid) if global_cid else None
-        train, _ = self.local_data(spec)
-        cfg = TrainConfig.from_dict({**spec.train_config(), "device": self.config.device})
         out = self.config.state_dir / "adapters" / f"task{task}-round{rnd}"
         if out.exists():
             shutil.rmtree(out)
-        log.info("%s: task %d round %d: training on %d local samples", self.config.name, task, rnd, len(train))
-        result = train_lora(
-            self.config.base_model, train, out, cfg, init_adapter=init, progress=self.progress,
-            base_model_name=spec.base_model_id,
-        )
+        result = self.train_round(task, rnd, spec, init, out)
         cid = add_adapter(self.store, result.adapter_dir)
         cap = self.coordinator.get_task_params(task).sample_cap
         rec = {
@@ -337,6 +330,21 @@ class NodeDaemon:
             telemetry.uploaded(self.config.name, self.store.stat(cid).cumulative_size)
         log.info("%s: task %d round %d: adapter pinned as %s", self.config.name, task, rnd, cid)
         return rec
+
+    def train_round(self, task: int, rnd: int, spec: Any, init: Path | None, out: Path) -> Any:
+        """Train this round's adapter from ``init`` (the global adapter's directory, ``None`` for
+        the bare model) into ``out``; returns the trainer's ``TrainResult``. Everything around it
+        (pinning, commit, reveal) is the same for every node, so this is the step the attack
+        harness (``prismesh.runs.attacks``) replaces."""
+        from prismesh.node.trainer import TrainConfig, train_lora
+
+        train, _ = self.local_data(spec)
+        cfg = TrainConfig.from_dict({**spec.train_config(), "device": self.config.device})
+        log.info("%s: task %d round %d: training on %d local samples", self.config.name, task, rnd, len(train))
+        return train_lora(
+            self.config.base_model, train, out, cfg, init_adapter=init, progress=self.progress,
+            base_model_name=spec.base_model_id,
+        )
 
     def salt(self, task: int, rnd: int) -> bytes:
         """A secret, reproducible salt: a hash of this key's signature over the round's identity."""

@@ -127,9 +127,12 @@ class Federation:
         return Registry(self.manifest, self.w3, account or self.governance)
 
     def add_hospital(self, name: str, train_path: Path, test_path: Path, base_model: Path, *, device: str = "cpu",
-                     progress: bool = False, free_rider: str | None = None) -> Hospital:
+                     progress: bool = False, free_rider: str | None = None, attack: Any = None) -> Hospital:
         """A hospital's node; with ``free_rider`` (one of ``FREE_RIDER_KINDS``) a participant
-        that does no training and submits that kind of copy or junk instead."""
+        that does no training and submits that kind of copy or junk instead. With ``attack`` (a
+        ``prismesh.runs.attacks.Attack``) the node is malicious: it trains on ``train_path`` (the
+        attacker's data) and publishes the attack's adapter; the rest of its protocol is the
+        honest node's."""
         from prismesh.node.daemon import NODE_EVENTS, NodeConfig, NodeDaemon
 
         index = FIRST_CLIENT + len(self.hospitals)
@@ -152,10 +155,14 @@ class Federation:
         )
         stream = make_stream(self.devnet, self.manifest, NODE_EVENTS, state_dir / "cursor.json", self.finality)
         kwargs = dict(w3=self.w3, manifest=self.manifest, account=account, store=self.store, stream=stream, progress=progress)
-        if free_rider is None:
-            daemon = NodeDaemon(cfg, **kwargs)
-        else:
+        if free_rider is not None:
             daemon = free_rider_node(free_rider)(cfg, **kwargs)
+        elif attack is not None:
+            from prismesh.runs.attacks import MaliciousNode
+
+            daemon = MaliciousNode(cfg, attack=attack, **kwargs)
+        else:
+            daemon = NodeDaemon(cfg, **kwargs)
         hospital = Hospital(name, train_path, test_path, daemon, free_rider)
         self.hospitals.append(hospital)
         return hospital
