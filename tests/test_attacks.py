@@ -140,7 +140,7 @@ def test_malicious_hospitals_through_the_daemons_are_excluded_and_earn_nothing(t
         r1 = fed.aggregator.state.section("rounds")[f"{task}:1"]
         r2 = fed.aggregator.state.section("rounds")[f"{task}:2"]
         assert "empty update" in r1["rejected"][free]
-        assert "above 4x" in r1["excluded"][flip]
+        assert "above 2x" in r1["excluded"][flip]
         assert "unchanged" in r2["excluded"][free] and flip in r2["excluded"]
         report = json.loads((fed.aggregator.reports_dir / f"task{task}-round2.json").read_text())
         assert set(report["excluded"]) == {flip, free}
@@ -203,3 +203,34 @@ def test_free_rider_in_round_one_is_the_global_itself(round_two):
     assert verify_adapter(adapter, expected, spec.lora.to_dict(), None, initial_like) == [
         "empty update: the adapter makes no change to the round's global adapter"
     ]
+
+
+@pytest.mark.slow
+def test_each_attack_against_the_default_in_process(tmp_path):
+    """Every attack of the harness against the default strategy on the (small, seeded) synthetic
+    benchmark with the offline stand-in base model, through the same per-update checks as the
+    daemon, two rounds. Every attack but the honest-size wrong-answer poisoning is excluded in
+    every round, so the final global is byte for byte the honest run's (the same Min-Acc, on any
+    test set); the wrong-answer adapter looks like a hospital with other data and is kept, at no
+    more than an honest hospital's share (docs/robustness.md: what the default cannot see)."""
+    from prismesh.runs.robustness import make_setup, run_cell
+
+    setup = make_setup(tmp_path, seed=0, scale=0.2)
+    honest = run_cell(setup, "clipped-fedavg", None, 0, rounds=2)
+    weights = (Path(honest["final"]) / "adapter_model.safetensors").read_bytes()
+    for kind in ATTACKS:
+        attack = Attack(kind)
+        cell = run_cell(setup, "clipped-fedavg", attack, attack.clients, rounds=2, evaluate=kind == "wrong-answers")
+        for h in cell["rounds"]:
+            assert all(c.startswith("malicious-") for c in h["rejected"]), h["rejected"]
+            assert [c for c in h["included"] if not c.startswith("malicious-")] == sorted(setup.train)
+            if kind != "wrong-answers":
+                assert not any(c.startswith("malicious-") for c in h["included"]), (kind, h)
+                assert {c for c in h["coefficients"] if c.startswith("malicious-")} <= set(h["excluded"])
+            else:
+                share = h["coefficients"]["malicious-1"]
+                assert 0 < share <= max(v for c, v in h["coefficients"].items() if c != "malicious-1") + 1e-9
+        if kind != "wrong-answers":
+            assert (Path(cell["final"]) / "adapter_model.safetensors").read_bytes() == weights, kind
+    base = {c: setup.evaluator.accuracy(None, setup.tests[c]) for c in setup.tests}
+    assert honest["macro_acc"] > sum(base.values()) / len(base) + 0.05  # it learns: the check has teeth

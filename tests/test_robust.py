@@ -78,22 +78,25 @@ def test_clipped_fedavg_without_outliers_is_fedavg_exact_byte_for_byte(honest, g
 
 
 def test_clipped_fedavg_clips_to_the_median_and_excludes_with_reasons(honest, glob):
-    big = ClientUpdate("0xbig", 100, moved(glob, 7, 0.25))
+    big = ClientUpdate("0xbig", 100, moved(glob, 7, 0.14))
     free = ClientUpdate("0xfree", 100, moved(glob, 8, 1e-4))
     huge = ClientUpdate("0xhuge", 100, moved(glob, 9, 30.0))
     ups = [*honest, big, free, huge]
     nu = {u.client: np.linalg.norm(flat_delta(u.adapter, glob)) for u in ups}
     med = float(np.median(list(nu.values())))
-    result = get_strategy("clipped-fedavg").aggregate(ups, glob)
+    result = get_strategy("clipped-fedavg", clip=1.0, max_weight=1.0).aggregate(ups, glob)
     m = result.metrics
     assert m["median_norm"] == pytest.approx(med, rel=1e-6)
     assert set(m["excluded"]) == {"0xfree", "0xhuge"}
     assert "below 0.1x" in m["excluded"]["0xfree"] and "unchanged" in m["excluded"]["0xfree"]
-    assert "above 4x" in m["excluded"]["0xhuge"]
-    clipped = {c for c, v in nu.items() if v > med and c not in m["excluded"]}
+    assert "above 2x" in m["excluded"]["0xhuge"]
+    trained = float(np.median([v for c, v in nu.items() if c != "0xfree"]))  # free riders out first
+    assert m["trained_median_norm"] == pytest.approx(trained, rel=1e-6)
+    assert 1.0 < nu["0xbig"] / trained < 2.0
+    clipped = {c for c, v in nu.items() if v > trained and c not in m["excluded"]}
     assert set(m["clip_factors"]) == clipped and "0xbig" in clipped
     for c in clipped:
-        assert m["clip_factors"][c] == pytest.approx(med / nu[c], rel=1e-6)
+        assert m["clip_factors"][c] == pytest.approx(trained / nu[c], rel=1e-6)
     kept = [u for u in ups if u.client not in m["excluded"]]
     w, _ = bounded_weights(kept, 1.0)
     # the weights are re-derived over all six (the cap uses the round's median count)
@@ -105,6 +108,30 @@ def test_clipped_fedavg_clips_to_the_median_and_excludes_with_reasons(honest, gl
     assert m["coefficients"] == pytest.approx(alpha)
     expect_combination(result, ups, glob, alpha)
     assert len(w) == len(kept)
+
+
+def test_the_default_screens_and_clip(honest, glob, tmp_path):
+    strategy = get_strategy("clipped-fedavg")
+    assert strategy.options() == {
+        "clip": 1.5, "min_norm": 0.1, "max_norm": 2.0, "max_cos": 0.99, "max_weight": 2.0, "split": "balanced"
+    }
+    # honest updates of similar size and counts within twice the median: nothing fires, and the
+    # aggregate is fedavg-exact's, byte for byte
+    result = strategy.aggregate(honest[:2], glob)
+    assert result.metrics["excluded"] == {} and result.metrics["clip_factors"] == {}
+    a = save_adapter(result.adapter, tmp_path / "a") / "adapter_model.safetensors"
+    b = save_adapter(get_strategy("fedavg-exact").aggregate(honest[:2], glob).adapter, tmp_path / "b")
+    assert a.read_bytes() == (b / "adapter_model.safetensors").read_bytes()
+
+
+def test_the_same_update_from_two_clients_excludes_both(honest, glob):
+    twin = moved(glob, 3, 0.1)
+    ups = [*honest, ClientUpdate("0xa", 10, twin), ClientUpdate("0xb", 99, twin)]
+    m = get_strategy("clipped-fedavg").aggregate(ups, glob).metrics
+    assert set(m["excluded"]) == {"0xa", "0xb"}
+    assert "cosine 1.0000 >= 0.99 with 0xb" in m["excluded"]["0xa"]
+    assert m["coefficients"]["0xa"] == m["coefficients"]["0xb"] == 0.0
+    assert get_strategy("clipped-fedavg", max_cos=None).aggregate(ups, glob).metrics["excluded"] == {}
 
 
 def test_counts_are_capped_at_the_median(honest, glob):
@@ -171,12 +198,29 @@ def test_trimmed_mean_trims_at_four_clients(honest, glob):
         np.testing.assert_allclose(dense(result.adapter, m), rank_r(dense(glob, m) + trimmed), atol=2e-5)
 
 
-def test_median_with_equal_weights_is_the_ordinary_median(glob):
-    ups = [ClientUpdate(f"0x{i}", 50, moved(glob, 20 + i, 0.1)) for i in range(4)]
+def test_median_is_one_client_one_vote(glob):
+    ups = [ClientUpdate(f"0x{i}", n, moved(glob, 20 + i, 0.1)) for i, n in enumerate((1, 50, 70, 10**9))]
     result = get_strategy("median").aggregate(ups, glob)
     for m in MODULES:
         deltas = np.stack([dense(u.adapter, m) - dense(glob, m) for u in ups])
         np.testing.assert_allclose(dense(result.adapter, m), rank_r(dense(glob, m) + np.median(deltas, axis=0)), atol=2e-5)
+
+
+def test_trimmed_mean_breaks_ties_by_client_order():
+    from prismesh.aggregator.strategies.coordinatewise import TrimmedMean
+
+    stack = np.array([[5.0, 1.0], [5.0, 2.0], [5.0, 2.0], [5.0, 9.0]])
+    w = np.array([0.1, 0.2, 0.3, 0.4])
+    got = TrimmedMean(trim=0.25)._stat(stack, w)
+    # column 0: all equal, client 0 trimmed at the bottom and client 3 at the top
+    # column 1: 1 and 9 trimmed; the tied 2s are kept
+    np.testing.assert_allclose(got, [5.0, 2.0])
+    stack[:, 0] = [7.0, 3.0, 3.0, 3.0]  # ties at the bottom: client 1 trimmed, 2 and 3 kept
+    assert TrimmedMean(trim=0.25)._stat(stack, w)[0] == pytest.approx(3.0)
+    stack[:, 0] = [3.0, 4.0, 3.0, 1.0]  # 1 and 4 trimmed; 3 and 3 averaged with weights .1, .3
+    assert TrimmedMean(trim=0.25)._stat(stack, w)[0] == pytest.approx(3.0)
+    stack[:, 0] = [2.0, 4.0, 3.0, 1.0]
+    assert TrimmedMean(trim=0.25)._stat(stack, w)[0] == pytest.approx((0.1 * 2 + 0.3 * 3) / 0.4)
 
 
 def test_randomized_truncation_matches_the_exact_one():

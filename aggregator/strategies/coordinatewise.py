@@ -1,8 +1,8 @@
 """Coordinate-wise robust statistics of the updates in ΔW space: ``median`` and ``trimmed-mean``.
 
-Each coordinate of every module's update Δ_i = s·B_i·A_i − s_g·B_g·A_g takes its weighted median
-or weighted trimmed mean over the clients (bounded sample weights, as in the ΔW-space rules of
-:mod:`~prismesh.aggregator.strategies.robust`), and the new global s_g·B_g·A_g + stat(Δ) is
+Each coordinate of every module's update Δ_i = s·B_i·A_i − s_g·B_g·A_g takes its median or its
+trimmed mean over the clients (the kept values averaged with bounded sample weights, as in the
+ΔW-space rules of :mod:`~prismesh.aggregator.strategies.robust`), and the new global s_g·B_g·A_g + stat(Δ) is
 truncated back to rank r. A and B are never combined separately (their product is what the model
 uses, and they are defined only up to an r×r factor). The statistic is dense: each module's
 updates are formed row block by row block, so memory stays bounded, but the cost grows with
@@ -33,7 +33,7 @@ from prismesh.aggregator.strategies.robust import bounded_weights
 
 BLOCK_BYTES = 1 << 27  # one row block of n clients' ΔW rows (float64) at most, 128 MiB
 EXACT_SVD_MAX = 1024  # dense SVD up to this min(out, in); a randomized range finder above it
-OVERSAMPLE, POWER_ITERATIONS = 10, 4
+OVERSAMPLE, POWER_ITERATIONS = 10, 2
 
 
 def truncated_svd(
@@ -65,7 +65,7 @@ def truncated_svd(
 class _Coordinatewise(Strategy):
     """A weighted statistic over clients of each coordinate of the updates, in ΔW space."""
 
-    def __init__(self, max_weight: float | None = 1.0, split: str = "balanced") -> None:
+    def __init__(self, max_weight: float | None = 2.0, split: str = "balanced") -> None:
         if max_weight is not None and not (isinstance(max_weight, (int, float)) and math.isfinite(max_weight) and max_weight > 0):
             raise ValueError(f"max_weight must be a positive number, got {max_weight!r}")
         if split not in ("balanced", "B"):
@@ -165,31 +165,16 @@ def _global(base: Adapter | None, key: str) -> np.ndarray | None:
     return np.asarray(to_numpy(base.tensors[key], key), dtype=np.float64)
 
 
-def _sorted_with_weights(stack: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(stack, axis=0, kind="stable")
-    return np.take_along_axis(stack, order, axis=0), w[order]
-
-
 @register_strategy
 class Median(_Coordinatewise):
-    """Coordinate-wise weighted median of the updates in ΔW (the lower weighted median, averaged
-    with the next value where the cumulative weight sits exactly at one half, so equal weights
-    give the ordinary median). Robust to fewer than half of the weight, but it keeps only what
-    most clients agree on: a hospital's own knowledge is a minority view by definition."""
+    """Coordinate-wise median of the updates in ΔW, one client one vote (a weight would let a
+    sample-count claim move a median). Robust to fewer than half of the clients, but it keeps only
+    what most clients agree on: a hospital's own knowledge is a minority view by definition."""
 
     name = "median"
 
     def _stat(self, stack: np.ndarray, w: np.ndarray) -> np.ndarray:
-        values, weights = _sorted_with_weights(stack, w)
-        cum = np.cumsum(weights, axis=0)
-        half = 0.5 * float(w.sum())
-        eps = 1e-12 * float(w.sum())
-        pos = np.argmax(cum >= half - eps, axis=0)
-        cols = np.arange(stack.shape[1])
-        lower = values[pos, cols]
-        tie = np.abs(cum[pos, cols] - half) <= eps
-        upper = values[np.minimum(pos + 1, stack.shape[0] - 1), cols]
-        return np.where(tie, 0.5 * (lower + upper), lower)
+        return np.median(stack, axis=0)
 
 
 @register_strategy
@@ -197,11 +182,12 @@ class TrimmedMean(_Coordinatewise):
     """Coordinate-wise trimmed mean of the updates in ΔW: per coordinate, the k lowest and k
     highest client values are dropped and the rest averaged with their bounded sample weights,
     k = ceil(``trim``·n) capped at (n − 1) // 2, so it trims one value on each side from n = 3
-    (n = 4: the mean of the middle two) and ``trim=0`` is the weighted mean."""
+    (n = 4: the mean of the middle two) and ``trim=0`` is the weighted mean. Among equal values
+    the lowest client id is trimmed at the bottom and the highest at the top."""
 
     name = "trimmed-mean"
 
-    def __init__(self, trim: float = 0.1, max_weight: float | None = 1.0, split: str = "balanced") -> None:
+    def __init__(self, trim: float = 0.1, max_weight: float | None = 2.0, split: str = "balanced") -> None:
         super().__init__(max_weight, split)
         if not (isinstance(trim, (int, float)) and 0.0 <= trim < 0.5):
             raise ValueError(f"trim must be in [0, 0.5), got {trim!r}")
@@ -218,7 +204,22 @@ class TrimmedMean(_Coordinatewise):
         return {"trimmed_per_side": self.trimmed(n)}
 
     def _stat(self, stack: np.ndarray, w: np.ndarray) -> np.ndarray:
-        k = self.trimmed(stack.shape[0])
-        values, weights = _sorted_with_weights(stack, w)
-        values, weights = values[k : stack.shape[0] - k], weights[k : stack.shape[0] - k]
-        return np.sum(values * weights, axis=0) / np.sum(weights, axis=0)
+        n = stack.shape[0]
+        k = self.trimmed(n)
+        wcol = w[:, None]
+        if k == 0:
+            return np.sum(stack * wcol, axis=0) / float(w.sum())
+        # The k-th smallest and largest values per coordinate (a sort of values only, which is
+        # fast along the client axis), then elementwise masks: no per-coordinate argsort.
+        ordered = np.sort(stack, axis=0)
+        lo, hi = ordered[k - 1], ordered[n - k]
+        del ordered
+        trim = stack < lo
+        ties = stack == lo
+        trim |= ties & (np.cumsum(ties, axis=0) <= k - (stack < lo).sum(axis=0))
+        above = stack > hi
+        ties = (stack == hi) & ~trim
+        from_top = np.cumsum(ties[::-1], axis=0)[::-1]
+        trim |= above | (ties & (from_top <= k - above.sum(axis=0)))
+        keep_w = np.where(trim, 0.0, wcol)
+        return np.sum(np.where(trim, 0.0, stack) * keep_w, axis=0) / np.sum(keep_w, axis=0)

@@ -38,7 +38,7 @@ from prismesh.aggregator.strategies.base import (
     register_strategy,
 )
 from prismesh.aggregator.strategies.fedavg import combine_exact, truncation_metrics
-from prismesh.aggregator.updates import distances, norms, update_gram
+from prismesh.aggregator.updates import cosines, distances, norms, update_gram
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class RobustStrategy(Strategy):
     ``split`` (how the re-factorised ΔW is split between B and A, as in ``fedavg-exact``).
     """
 
-    def __init__(self, max_weight: float | None = 1.0, split: str = "balanced") -> None:
+    def __init__(self, max_weight: float | None = 2.0, split: str = "balanced") -> None:
         self.max_weight = _check_positive("max_weight", max_weight, allow_none=True)
         if split not in ("balanced", "B"):
             raise ValueError(f"split must be 'balanced' or 'B', got {split!r}")
@@ -145,19 +145,23 @@ class ClippedFedAvg(RobustStrategy):
 
     With ν_i = ||Δ_i||_F and m the median of the round's ν (unweighted: a count must not move
     it): an update with ν_i < ``min_norm``·m is excluded (a free rider: it returns the global,
-    barely changed), one with ν_i > ``max_norm``·m is excluded (far outside the round's honest
-    majority); the rest are clipped to ``clip``·m and averaged with their bounded sample weights.
-    No constant has to be guessed: every bound is relative to the round itself.
+    barely changed); with m' the median of the others, one with ν_i > ``max_norm``·m' is
+    excluded (far outside the round's honest majority, e.g. a boosted model replacement), and updates whose pairwise cosine reaches
+    ``max_cos`` are all excluded (hospitals with their own data never publish the same update;
+    copies mean collusion or one party under several keys). The rest are clipped to ``clip``·m'
+    and averaged with their bounded sample weights. No constant has to be guessed: every bound is
+    relative to the round itself. ``None`` turns a screen off.
     """
 
     name = "clipped-fedavg"
 
     def __init__(
         self,
-        clip: float = 1.0,
+        clip: float = 1.5,
         min_norm: float | None = 0.1,
-        max_norm: float | None = 4.0,
-        max_weight: float | None = 1.0,
+        max_norm: float | None = 2.0,
+        max_cos: float | None = 0.99,
+        max_weight: float | None = 2.0,
         split: str = "balanced",
     ) -> None:
         super().__init__(max_weight, split)
@@ -168,40 +172,61 @@ class ClippedFedAvg(RobustStrategy):
         self.max_norm = _check_positive("max_norm", max_norm, allow_none=True)
         if self.max_norm is not None and self.max_norm < self.clip:
             raise ValueError(f"max_norm ({max_norm}) must be at least clip ({clip})")
+        self.max_cos = None if max_cos is None else float(max_cos)
+        if self.max_cos is not None and not (0 < self.max_cos <= 1):
+            raise ValueError(f"max_cos must be in (0, 1], got {max_cos!r}")
 
     def options(self) -> dict[str, Any]:
-        return {"clip": self.clip, "min_norm": self.min_norm, "max_norm": self.max_norm, **super().options()}
+        return {
+            "clip": self.clip, "min_norm": self.min_norm, "max_norm": self.max_norm, "max_cos": self.max_cos,
+            **super().options(),
+        }
 
     def combine(
         self, ordered: Sequence[ClientUpdate], weights: np.ndarray, gram: np.ndarray
     ) -> Combination:
         nu = norms(gram)
-        med = float(np.median(nu))
+        med_all = float(np.median(nu))
         excluded: dict[str, str] = {}
-        if med <= 0:
+        if med_all <= 0:
             for u in ordered:
                 excluded[u.client] = "the round's median update norm is zero: nothing to clip against"
-            return Combination(np.zeros(len(ordered)), excluded, {}, {"median_norm": med})
+            return Combination(np.zeros(len(ordered)), excluded, {}, {"median_norm": med_all})
         keep = np.ones(len(ordered), dtype=bool)
         for i, u in enumerate(ordered):
-            ratio = nu[i] / med
+            ratio = nu[i] / med_all
             if self.min_norm is not None and ratio < self.min_norm:
                 excluded[u.client] = (
-                    f"update norm {nu[i]:.4g} is {ratio:.3g}x the round's median {med:.4g}, below "
+                    f"update norm {nu[i]:.4g} is {ratio:.3g}x the round's median {med_all:.4g}, below "
                     f"{self.min_norm:g}x: the global adapter returned (almost) unchanged"
                 )
                 keep[i] = False
-            elif self.max_norm is not None and ratio > self.max_norm:
+        # Free riders out, the median of the updates that did train sets the clip and the upper
+        # screen, so near-zero copies of the global cannot drag the clip onto honest updates.
+        med = float(np.median(nu[keep]))
+        for i, u in enumerate(ordered):
+            if keep[i] and self.max_norm is not None and nu[i] / med > self.max_norm:
                 excluded[u.client] = (
-                    f"update norm {nu[i]:.4g} is {ratio:.3g}x the round's median {med:.4g}, above "
-                    f"{self.max_norm:g}x"
+                    f"update norm {nu[i]:.4g} is {nu[i] / med:.3g}x the median {med:.4g} of the "
+                    f"round's trained updates, above {self.max_norm:g}x"
                 )
                 keep[i] = False
+        if self.max_cos is not None:
+            cos = cosines(gram)
+            for i, u in enumerate(ordered):
+                twins = [ordered[j].client for j in range(len(ordered)) if j != i and cos[i, j] >= self.max_cos]
+                if twins and u.client not in excluded:
+                    best = max(cos[i, j] for j in range(len(ordered)) if j != i)
+                    excluded[u.client] = (
+                        f"update has cosine {best:.4f} >= {self.max_cos:g} with {', '.join(twins)}: "
+                        f"the same update from several clients"
+                    )
+                    keep[i] = False
         bound = self.clip * med
         factors = np.where(keep & (nu > bound), bound / np.where(nu > 0, nu, 1.0), 1.0)
         clip_factors = {u.client: float(factors[i]) for i, u in enumerate(ordered) if keep[i] and factors[i] < 1.0}
         alpha = _renormalised(weights, keep) * factors
-        return Combination(alpha, excluded, clip_factors, {"median_norm": med, "clip_norm": bound})
+        return Combination(alpha, excluded, clip_factors, {"median_norm": med_all, "trained_median_norm": med, "clip_norm": bound})
 
 
 @register_strategy
@@ -219,7 +244,7 @@ class MultiKrum(RobustStrategy):
     name = "multi-krum"
 
     def __init__(
-        self, f: int | None = None, m: int | None = None, max_weight: float | None = 1.0, split: str = "balanced"
+        self, f: int | None = None, m: int | None = None, max_weight: float | None = 2.0, split: str = "balanced"
     ) -> None:
         super().__init__(max_weight, split)
         for label, v in (("f", f), ("m", m)):
@@ -266,7 +291,7 @@ class Krum(MultiKrum):
 
     name = "krum"
 
-    def __init__(self, f: int | None = None, max_weight: float | None = 1.0, split: str = "balanced") -> None:
+    def __init__(self, f: int | None = None, max_weight: float | None = 2.0, split: str = "balanced") -> None:
         super().__init__(f=f, m=1, max_weight=max_weight, split=split)
 
     def options(self) -> dict[str, Any]:
@@ -308,8 +333,10 @@ class GeoMedian(RobustStrategy):
 
     Weiszfeld's algorithm over the Gram matrix: the median is a convex combination Σ β_i Δ_i of
     the updates, so the new global is G + Σ β_i Δ_i, re-factorised exactly. Fewer than half of
-    the weight can move it only a bounded distance, however large their updates. Nobody is
-    excluded; an outlier just gets a small β.
+    the weight can move it only a bounded distance, however large their updates, so counts are
+    capped at the round's median (``max_weight=1``): with a cap of twice the median, one liar
+    among four hospitals could claim almost half of the weight. Nobody is excluded; an outlier
+    just gets a small β.
     """
 
     name = "geomedian"

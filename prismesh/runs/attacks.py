@@ -82,11 +82,16 @@ def attacker_data(
         raise ValueError("no honest training questions to draw the attacker's data from")
     sizes = sorted(len(v) for v in train.values())
     n = min(len(pool), size if size is not None else sizes[len(sizes) // 2])
-    rng = random.Random(f"attacker-data/{attack.kind}/{attack.seed}")
+    rng = random.Random(f"attacker-data/{attack.seed}")  # the same questions for every kind
     chosen = rng.sample(pool, n)
     if not attack.poisoned:
         return chosen
     return [replace(m, answer=rng.choice(sorted(k for k in m.options if k != m.answer))) for m in chosen]
+
+
+def _data_key(attack: Attack) -> tuple[bool, int]:
+    """Attackers with the same data train the same adapter: clean kinds share one, poisoned one."""
+    return attack.poisoned, attack.seed
 
 
 def craft(
@@ -224,7 +229,7 @@ Trainer = Callable[[str, list, "Path | None"], tuple[Path, int]]
 
 def malicious_updates(
     attack: Attack, malicious: int, train: dict[str, list], glob_dir: Path | None, n_honest: int, trainer: Trainer,
-    data: dict[tuple[str, int], list] | None = None,
+    data: dict[tuple[bool, int], list] | None = None,
 ) -> list[Any]:
     """The ``malicious`` attackers' updates for a round starting from ``glob_dir`` (ids
     ``malicious-1``, ...). ``trainer(label, examples, init_dir) -> (adapter_dir, num_samples)``
@@ -238,10 +243,11 @@ def malicious_updates(
     out = []
     for j in range(malicious):
         me = attack if attack.kind == "collude" else replace(attack, seed=attack.seed + j)
-        key = (me.kind, me.seed)
+        key = _data_key(me)
         if key not in data:
             data[key] = attacker_data(train, me)
-        path, n = trainer(f"attacker-{me.kind}-{me.seed}", data[key], glob_dir)
+        label = f"attacker-{'poisoned' if me.poisoned else 'clean'}-{me.seed}"
+        path, n = trainer(label, data[key], glob_dir)
         adapter, count = craft(me, load_adapter(path), glob, n, n_honest + malicious)
         out.append(ClientUpdate(f"malicious-{j + 1}", count, adapter))
     return out

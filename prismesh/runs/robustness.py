@@ -84,7 +84,7 @@ class Setup:
     cache: TrainingCache
     work: Path
     norm_bound: float = DEFAULT_NORM_BOUND
-    attacker_sets: dict[tuple[str, int], list] = field(default_factory=dict)
+    attacker_sets: dict[tuple[bool, int], list] = field(default_factory=dict)
 
 
 def make_setup(work: Path, seed: int, scale: float, norm_bound: float = DEFAULT_NORM_BOUND) -> Setup:
@@ -138,10 +138,11 @@ def round_updates(
 
 
 def run_cell(
-    setup: Setup, strategy: str, attack: Attack | None, malicious: int, rounds: int
+    setup: Setup, strategy: str, attack: Attack | None, malicious: int, rounds: int, evaluate: bool = True
 ) -> dict[str, Any]:
-    """One federated run: ``rounds`` rounds of checks + ``strategy``; the final global evaluated
-    on every honest hospital's test set."""
+    """One federated run: ``rounds`` rounds of checks + ``strategy``; the final global (its
+    directory is ``"final"``) evaluated on every honest hospital's test set unless ``evaluate``
+    is off."""
     from prismesh.aggregator.adapters import load_adapter, save_adapter
     from prismesh.aggregator.strategies import get_strategy
     from prismesh.node.evaluate import fairness
@@ -167,9 +168,10 @@ def run_cell(
             "clip_factors": result.metrics.get("clip_factors", {}),
             "coefficients": result.metrics.get("coefficients", result.metrics.get("weights", {})),
         })
-    acc = {c: setup.evaluator.accuracy(glob_dir, setup.tests[c]) for c in sorted(setup.tests)}
-    fair = fairness(acc)
+    acc = {c: setup.evaluator.accuracy(glob_dir, setup.tests[c]) for c in sorted(setup.tests)} if evaluate else {}
+    fair = fairness(acc) if evaluate else {"min_acc": None, "h_mean": None, "macro_acc": None}
     return {
+        "final": str(glob_dir),
         "seed": setup.seed,
         "strategy": strategy,
         "attack": attack.kind if attack is not None else HONEST,
