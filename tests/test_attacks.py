@@ -101,6 +101,22 @@ def test_each_crafted_adapter_passes_the_per_update_checks_as_the_attack_intends
         assert max(sizes.values()) < 2 * max(own_sizes.values())  # at its natural size
 
 
+def test_experiment_loop_takes_attackers(bench, tmp_path):
+    """``prismesh experiment --attack``'s loop: the attackers join each round and pass through
+    the daemon's per-update checks before the strategy."""
+    from prismesh.runs.experiment import federate
+
+    base, clients = bench
+    spec = spec_for(base)
+    cfg = TrainConfig.from_dict({**spec.train_config(), "device": "cpu"})
+    init = create_initial_adapter(base, tmp_path / "init", cfg)
+    train = {c.name: load_jsonl(c.train_path) for c in clients}
+    _, hist = federate(base, train, cfg, "clipped-fedavg", 2, tmp_path / "work", init,
+                       attack=Attack("free-rider"), malicious=1)
+    assert "empty update" in hist[0]["strategy_metrics"]["rejected"]["malicious-1"]
+    assert "unchanged" in hist[1]["strategy_metrics"]["excluded"]["malicious-1"]
+
+
 def test_unknown_attack_is_refused():
     with pytest.raises(ValueError, match="unknown attack 'nope'; known: sign-flip"):
         Attack("nope")

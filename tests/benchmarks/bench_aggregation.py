@@ -83,17 +83,21 @@ def robust_section(args: argparse.Namespace, lora: dict, shapes: dict) -> None:
     glob = make_adapters(1, lora, seed=99)[0]
     adapters = moved_adapters(glob, max(args.clients))
     names = ["fedavg", "fedavg-exact", *args.strategies]
-    print(f"\n== robust aggregation on updates of a global adapter (best of {args.robust_repeats}) ==")
-    print(f"{'clients':>7} " + " ".join(f"{n:>15}" for n in names))
+    print(f"\n== robust aggregation on updates of a global adapter (best of {args.robust_repeats}) ==", flush=True)
+    rows = {}
     for n in args.clients:
         updates = [ClientUpdate(f"0x{i:02x}", 100 + 17 * i, a) for i, a in enumerate(adapters[:n])]
-        times = {}
+        times = rows[n] = {}
         for name in names:
             strategy = get_strategy(name)
             times[name], _ = best_of(
                 lambda u=updates, s=strategy: s.aggregate(u, glob), args.robust_repeats
             )
-        print(f"{n:>7} " + " ".join(f"{times[k]:>8.2f} s" + f"{times[k] / times['fedavg']:>6.0f}x" for k in names))
+            print(f"  {n} clients, {name}: {times[name]:.2f} s ({times[name] / times['fedavg']:.1f}x fedavg)", flush=True)
+    print("\n| strategy | " + " | ".join(f"{n} clients: s (x fedavg)" for n in args.clients) + " |")
+    print("|---|" + "---:|" * len(args.clients))
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{rows[n][name]:.2f} ({rows[n][name] / rows[n]['fedavg']:.1f}x)" for n in args.clients) + " |")
     t_check, reasons = best_of(lambda: verify_adapter(adapters[0], shapes, lora, 1e3, glob), args.repeats)
     assert reasons == [], reasons
     print(f"update-level checks of one adapter against the global (verify_adapter): {t_check:.3f} s")
