@@ -269,7 +269,8 @@ def test_robust_strategies_resist_one_outlier(updates, name):
     honest_max = max(size(u.adapter) for u in updates)
     result = get_strategy(name).aggregate(pool, None)
     assert size(result.adapter) <= 2 * honest_max
-    assert result.metrics["capped_samples"]["0xoutlier"] < 10_000
+    if name not in ("median", "trimmed-mean"):  # coordinate-wise: one client one vote, no weights
+        assert result.metrics["capped_samples"]["0xoutlier"] < 10_000
     assert size(get_strategy("fedavg-exact").aggregate(pool, None).adapter) > 100 * honest_max
 
 

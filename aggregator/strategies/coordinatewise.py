@@ -1,8 +1,8 @@
 """Coordinate-wise robust statistics of the updates in ΔW space: ``median`` and ``trimmed-mean``.
 
 Each coordinate of every module's update Δ_i = s·B_i·A_i − s_g·B_g·A_g takes its median or its
-trimmed mean over the clients (the kept values averaged with bounded sample weights, as in the
-ΔW-space rules of :mod:`~prismesh.aggregator.strategies.robust`), and the new global s_g·B_g·A_g + stat(Δ) is
+trimmed mean over the clients, one client one value (sample counts do not enter a coordinate-wise
+statistic), and the new global s_g·B_g·A_g + stat(Δ) is
 truncated back to rank r. A and B are never combined separately (their product is what the model
 uses, and they are defined only up to an r×r factor). The statistic is dense: each module's
 updates are formed row block by row block, so memory stays bounded, but the cost grows with
@@ -29,7 +29,6 @@ from prismesh.aggregator.strategies.base import (
     register_strategy,
 )
 from prismesh.aggregator.strategies.fedavg import truncation_metrics
-from prismesh.aggregator.strategies.robust import bounded_weights
 
 BLOCK_BYTES = 1 << 27  # one row block of n clients' ΔW rows (float64) at most, 128 MiB
 EXACT_SVD_MAX = 1024  # dense SVD up to this min(out, in); a randomized range finder above it
@@ -65,19 +64,16 @@ def truncated_svd(
 class _Coordinatewise(Strategy):
     """A weighted statistic over clients of each coordinate of the updates, in ΔW space."""
 
-    def __init__(self, max_weight: float | None = 2.0, split: str = "balanced") -> None:
-        if max_weight is not None and not (isinstance(max_weight, (int, float)) and math.isfinite(max_weight) and max_weight > 0):
-            raise ValueError(f"max_weight must be a positive number, got {max_weight!r}")
+    def __init__(self, split: str = "balanced") -> None:
         if split not in ("balanced", "B"):
             raise ValueError(f"split must be 'balanced' or 'B', got {split!r}")
-        self.max_weight = None if max_weight is None else float(max_weight)
         self.split = split
 
     def options(self) -> dict[str, Any]:
-        return {"max_weight": self.max_weight, "split": self.split}
+        return {"split": self.split}
 
-    def _stat(self, stack: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """The statistic over axis 0 of ``stack`` (clients × coordinates) with weights ``w``."""
+    def _stat(self, stack: np.ndarray) -> np.ndarray:
+        """The statistic over axis 0 of ``stack`` (clients × coordinates)."""
         raise NotImplementedError
 
     def _details(self, n: int) -> dict[str, Any]:
@@ -86,8 +82,7 @@ class _Coordinatewise(Strategy):
     def aggregate(
         self, updates: Sequence[ClientUpdate], global_adapter: Adapter | None = None
     ) -> AggregateResult:
-        ordered, _ = prepare_updates(updates)
-        w, capped = bounded_weights(ordered, self.max_weight)
+        ordered, sample_w = prepare_updates(updates)
         base = global_adapter if global_adapter is not None and global_adapter.tensors else None
         config = _output_config(ordered, global_adapter)
         spec = Adapter(config, {})
@@ -101,12 +96,15 @@ class _Coordinatewise(Strategy):
                 stack = np.stack([np.asarray(u.adapter.tensors[key], np.float64).ravel() for u in ordered])
                 if g is not None:
                     stack -= g.ravel()
-                value = self._stat(stack, w).reshape(ordered[0].adapter.tensors[key].shape)
+                value = self._stat(stack).reshape(ordered[0].adapter.tensors[key].shape)
                 out[key] = (value + g if g is not None else value).astype(ordered[0].adapter.tensors[key].dtype)
             for m in modules:
-                self._module(m, ordered, w, base, spec, out, errors)
-        metrics = _weights_metrics(self, ordered, w)
-        metrics.update({"capped_samples": capped, "excluded": {}, "clip_factors": {}, **self._details(len(ordered))})
+                self._module(m, ordered, base, spec, out, errors)
+        metrics = _weights_metrics(self, ordered, np.full(len(ordered), 1.0 / len(ordered)))
+        metrics.update({
+            "sample_weights": {u.client: float(x) for u, x in zip(ordered, sample_w, strict=True)},
+            "excluded": {}, "clip_factors": {}, **self._details(len(ordered)),
+        })
         metrics.update(truncation_metrics(errors))
         return AggregateResult(Adapter(config, dict(sorted(out.items()))), metrics)
 
@@ -114,7 +112,6 @@ class _Coordinatewise(Strategy):
         self,
         m: str,
         ordered: list[ClientUpdate],
-        w: np.ndarray,
         base: Adapter | None,
         spec: Adapter,
         out: dict[str, np.ndarray],
@@ -140,7 +137,7 @@ class _Coordinatewise(Strategy):
             stack = np.stack([b[lo:hi] @ a for b, a in factors])
             if glob is not None:
                 stack -= glob
-            block = self._stat(stack.reshape(len(ordered), -1), w).reshape(hi - lo, n_in)
+            block = self._stat(stack.reshape(len(ordered), -1)).reshape(hi - lo, n_in)
             dense[lo:hi] = block + glob if glob is not None else block
         r, _ = spec.rank_alpha(m)
         scale = spec.scaling(m)
@@ -165,6 +162,19 @@ def _global(base: Adapter | None, key: str) -> np.ndarray | None:
     return np.asarray(to_numpy(base.tensors[key], key), dtype=np.float64)
 
 
+def _trimmed(stack: np.ndarray, k: int) -> np.ndarray:
+    """Mean over axis 0 of ``stack`` (clients × coordinates) after dropping its k lowest and k
+    highest values per coordinate. k = 1 needs no sort: the sum minus the maximum and the minimum
+    (three passes over the rows; the rounding of an extreme value that is subtracted stays far
+    below the kept values' precision for any update that passed the checks)."""
+    n = stack.shape[0]
+    if k == 0:
+        return stack.mean(axis=0)
+    if k == 1:
+        return (stack.sum(axis=0) - stack.max(axis=0) - stack.min(axis=0)) / (n - 2)
+    return np.sort(stack, axis=0)[k : n - k].mean(axis=0)
+
+
 @register_strategy
 class Median(_Coordinatewise):
     """Coordinate-wise median of the updates in ΔW, one client one vote (a weight would let a
@@ -173,22 +183,25 @@ class Median(_Coordinatewise):
 
     name = "median"
 
-    def _stat(self, stack: np.ndarray, w: np.ndarray) -> np.ndarray:
+    def _stat(self, stack: np.ndarray) -> np.ndarray:
+        n = stack.shape[0]
+        if n in (3, 4):  # the middle value / the mean of the middle two, without a sort
+            return _trimmed(stack, 1)
         return np.median(stack, axis=0)
 
 
 @register_strategy
 class TrimmedMean(_Coordinatewise):
-    """Coordinate-wise trimmed mean of the updates in ΔW: per coordinate, the k lowest and k
-    highest client values are dropped and the rest averaged with their bounded sample weights,
-    k = ceil(``trim``·n) capped at (n − 1) // 2, so it trims one value on each side from n = 3
-    (n = 4: the mean of the middle two) and ``trim=0`` is the weighted mean. Among equal values
-    the lowest client id is trimmed at the bottom and the highest at the top."""
+    """Coordinate-wise trimmed mean of the updates in ΔW (Yin et al. 2018): per coordinate, the
+    k lowest and k highest client values are dropped and the rest averaged, one client one value
+    (as for the median, a weight would let a claim dominate the coordinates where the claimant
+    survives the trim), k = ceil(``trim``·n) capped at (n − 1) // 2, so it trims one value on
+    each side from n = 3 (n = 4: the mean of the middle two) and ``trim=0`` is the plain mean."""
 
     name = "trimmed-mean"
 
-    def __init__(self, trim: float = 0.1, max_weight: float | None = 2.0, split: str = "balanced") -> None:
-        super().__init__(max_weight, split)
+    def __init__(self, trim: float = 0.1, split: str = "balanced") -> None:
+        super().__init__(split)
         if not (isinstance(trim, (int, float)) and 0.0 <= trim < 0.5):
             raise ValueError(f"trim must be in [0, 0.5), got {trim!r}")
         self.trim = float(trim)
@@ -203,23 +216,5 @@ class TrimmedMean(_Coordinatewise):
     def _details(self, n: int) -> dict[str, Any]:
         return {"trimmed_per_side": self.trimmed(n)}
 
-    def _stat(self, stack: np.ndarray, w: np.ndarray) -> np.ndarray:
-        n = stack.shape[0]
-        k = self.trimmed(n)
-        wcol = w[:, None]
-        if k == 0:
-            return np.sum(stack * wcol, axis=0) / float(w.sum())
-        # The k-th smallest and largest values per coordinate (a sort of values only, which is
-        # fast along the client axis), then elementwise masks: no per-coordinate argsort.
-        ordered = np.sort(stack, axis=0)
-        lo, hi = ordered[k - 1], ordered[n - k]
-        del ordered
-        trim = stack < lo
-        ties = stack == lo
-        trim |= ties & (np.cumsum(ties, axis=0) <= k - (stack < lo).sum(axis=0))
-        above = stack > hi
-        ties = (stack == hi) & ~trim
-        from_top = np.cumsum(ties[::-1], axis=0)[::-1]
-        trim |= above | (ties & (from_top <= k - above.sum(axis=0)))
-        keep_w = np.where(trim, 0.0, wcol)
-        return np.sum(np.where(trim, 0.0, stack) * keep_w, axis=0) / np.sum(keep_w, axis=0)
+    def _stat(self, stack: np.ndarray) -> np.ndarray:
+        return _trimmed(stack, self.trimmed(stack.shape[0]))
