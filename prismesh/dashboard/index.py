@@ -20,7 +20,6 @@ import copy
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -340,13 +339,8 @@ class ChainIndex:
         self._aggregator_role: str | None = None
         self.token_symbol, self.token_decimals = "", 18
         self._token_read = False
-        self._listeners: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ refresh
-
-    def on_change(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (from the refreshing thread) whenever the model changed."""
-        self._listeners.append(callback)
 
     @property
     def caught_up(self) -> bool:
@@ -400,9 +394,6 @@ class ChainIndex:
             self.refreshed += 1
             if changed:
                 self.version += 1
-        if changed:
-            for callback in self._listeners:
-                callback()
         return changed
 
     def _read_constants(self) -> None:

@@ -74,6 +74,10 @@ class HospitalRow:
     excluded: int = 0
 
 
+def short_address(address: str) -> str:
+    return f"{address[:6]}…{address[-4:]}"
+
+
 SUBJECT = re.compile(r"round (\d+) (0x[0-9a-fA-F]{40})\b")
 
 
@@ -194,7 +198,7 @@ class Views:
             for address, c in sorted(r.clients.items(), key=lambda kv: participants.index(kv[0]) if kv[0] in participants else 0):
                 for metric, value in sorted(c.metrics.items()):
                     if metric == "accuracy":
-                        per_client.setdefault(self.label(address) or address, []).append((r.number, value))
+                        per_client.setdefault(self.label(address) or short_address(address), []).append((r.number, value))
                         accs.append(value)
                     elif len(other_metrics) < 500:
                         other_metrics.append((r.number, address, metric, value))
