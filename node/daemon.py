@@ -148,6 +148,7 @@ class NodeDaemon:
         self.state = StateFile(config.state_dir / "node-state.json")
         self._stop = stop or threading.Event()
         self._specs: dict[int, Any] = {}
+        self._spec_cids: dict[int, str] = {}
         self._data: tuple[list, list] | None = None
         self._data_key: str | None = None
         self._evaluator: Any = None
@@ -181,6 +182,7 @@ class NodeDaemon:
         self.state.section("joins").clear()
         self.state.save()
         self._specs.clear()
+        self._spec_cids.clear()
         self.stream.resync(safe_height)
         log.error("%s: resynchronised from block %d; %d round record(s) of the lost history set aside: %s",
                   self.config.name, safe_height, len(dropped), ", ".join(dropped) or "none")
@@ -430,7 +432,7 @@ class NodeDaemon:
         params = self.coordinator.get_task_params(task)
         spec = self.task_spec(task, params.hyper_params_cid)
         log.info("%s: task %d round %d opened (global %s)", self.config.name, task, rnd, ev.global_adapter_cid or "fresh")
-        rec = self._train_and_pin(task, rnd, ev.global_adapter_cid, spec, rec, params.hyper_params_cid)
+        rec = self._train_and_pin(task, rnd, ev.global_adapter_cid, spec, rec)
         rec["opened_block"] = ev.block_number
         rec["global_cid"] = ev.global_adapter_cid
         self._commit(task, rnd, rec)
@@ -477,7 +479,7 @@ class NodeDaemon:
 
     # ------------------------------------------------------------------ round work
 
-    def _train_and_pin(self, task: int, rnd: int, global_cid: str, spec: Any, rec: dict, spec_cid: str = "") -> dict:
+    def _train_and_pin(self, task: int, rnd: int, global_cid: str, spec: Any, rec: dict) -> dict:
         """This round's adapter, pinned: the one recorded, the one kept on disk for the same
         spec, starting adapter and data (a retried round, a lost store or state), else trained.
 
@@ -489,6 +491,7 @@ class NodeDaemon:
         if cid and self.store.has(cid):
             log.info("%s: task %d round %d: re-using pinned adapter %s", self.config.name, task, rnd, cid)
             return rec
+        spec_cid = self._spec_cids.get(task, "")
         rec = self._kept_or_trained(task, rnd, global_cid, spec, spec_cid, "")
         seen = self.coordinator.revealed_in(task, bytes.fromhex(rec["sha256"]))
         if seen not in (0, rnd):
@@ -750,6 +753,7 @@ class NodeDaemon:
         if task_id not in self._specs:
             raw = held_spec_bytes(self.store, cid, self.config.state_dir / "specs", log, self.config.name)
             self._specs[task_id] = TaskSpec.from_bytes(raw, where=f"hyper-parameter file {cid}")
+            self._spec_cids[task_id] = cid
         return self._specs[task_id]
 
     def fetch_global(self, cid: str) -> Path:

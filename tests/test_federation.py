@@ -133,8 +133,8 @@ def _corrupting(fed, node, how: str, tmp: Path) -> None:
 
     original = node.daemon._train_and_pin
 
-    def train_and_pin(task, rnd, global_cid, spec, rec, *more):
-        rec = original(task, rnd, global_cid, spec, rec, *more)
+    def train_and_pin(task, rnd, global_cid, spec, rec):
+        rec = original(task, rnd, global_cid, spec, rec)
         ad = load_adapter(fetch_adapter(fed.store, rec["cid"], tmp / f"{how}-src"))
         tensors = dict(ad.tensors)
         key = sorted(tensors)[0]
