@@ -186,6 +186,10 @@ class Federation:
         )
         return self.aggregator
 
+    def descriptors(self) -> list[dict[str, Any]]:
+        """The institution descriptors the hospitals register (their keccak hashes go on chain)."""
+        return [{"name": h.daemon.config.name, **h.daemon.config.descriptor} for h in self.hospitals]
+
     def approve_all(self) -> None:
         """Each node registers itself; governance approves it (the institution vetting step)."""
         reg = self.registry()
