@@ -224,22 +224,22 @@ def test_free_rider_in_round_one_is_the_global_itself(round_two):
     ]
 
 
-@pytest.mark.slow
-def test_each_attack_against_the_default_in_process(tmp_path):
-    """Every attack of the harness against the default strategy on the (small, seeded) synthetic
-    benchmark with the offline stand-in base model, through the same per-update checks as the
-    daemon, two rounds. Every attack but the honest-size wrong-answer poisoning is excluded in
-    every round, so the final global is byte for byte the honest run's (the same Min-Acc, on any
-    test set); the wrong-answer adapter looks like a hospital with other data and is kept, at no
-    more than an honest hospital's share (docs/robustness.md: what the default cannot see)."""
+def test_each_attack_against_the_default_in_process(tmp_path, bench):
+    """Every attack of the harness against the default strategy on the in-process federation
+    (the small seeded benchmark, the tiny model), two rounds through the daemon's per-update
+    checks. Every attack but the honest-size wrong-answer poisoning is rejected or excluded in
+    every round, so the final global is the honest run's byte for byte and Min-Acc is the same
+    (within any bound); the wrong-answer adapter looks like a hospital with other data and is
+    kept, at no more than an honest hospital's share (docs/robustness.md: what the default cannot
+    see; the learning effect of every cell is the robustness benchmark's table)."""
     from prismesh.runs.robustness import make_setup, run_cell
 
-    setup = make_setup(tmp_path, seed=0, scale=0.2)
+    setup = make_setup(tmp_path, seed=0, scale=0.05, base=bench[0])
     honest = run_cell(setup, "clipped-fedavg", None, 0, rounds=2)
     weights = (Path(honest["final"]) / "adapter_model.safetensors").read_bytes()
     for kind in ATTACKS:
         attack = Attack(kind)
-        cell = run_cell(setup, "clipped-fedavg", attack, attack.clients, rounds=2, evaluate=kind == "wrong-answers")
+        cell = run_cell(setup, "clipped-fedavg", attack, attack.clients, rounds=2)
         for h in cell["rounds"]:
             assert all(c.startswith("malicious-") for c in h["rejected"]), h["rejected"]
             assert [c for c in h["included"] if not c.startswith("malicious-")] == sorted(setup.train)
@@ -251,5 +251,4 @@ def test_each_attack_against_the_default_in_process(tmp_path):
                 assert 0 < share <= max(v for c, v in h["coefficients"].items() if c != "malicious-1") + 1e-9
         if kind != "wrong-answers":
             assert (Path(cell["final"]) / "adapter_model.safetensors").read_bytes() == weights, kind
-    base = {c: setup.evaluator.accuracy(None, setup.tests[c]) for c in setup.tests}
-    assert honest["macro_acc"] > sum(base.values()) / len(base) + 0.05  # it learns: the check has teeth
+            assert cell["accuracy"] == honest["accuracy"] and abs(cell["min_acc"] - honest["min_acc"]) <= 0.03

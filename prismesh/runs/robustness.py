@@ -87,8 +87,11 @@ class Setup:
     attacker_sets: dict[tuple[bool, int], list] = field(default_factory=dict)
 
 
-def make_setup(work: Path, seed: int, scale: float, norm_bound: float = DEFAULT_NORM_BOUND) -> Setup:
-    """The benchmark of the day for ``seed`` (the offline base model, the synthetic clients)."""
+def make_setup(
+    work: Path, seed: int, scale: float, norm_bound: float = DEFAULT_NORM_BOUND, base: Path | None = None
+) -> Setup:
+    """The benchmark of the day for ``seed``: the synthetic clients and the offline stand-in base
+    model (or ``base``, any model directory whose tokenizer covers the benchmark)."""
     from prismesh.node.basemodel import ensure_base_model
     from prismesh.node.data import load_jsonl
     from prismesh.node.evaluate import Evaluator
@@ -96,7 +99,7 @@ def make_setup(work: Path, seed: int, scale: float, norm_bound: float = DEFAULT_
     from prismesh.node.trainer import TrainConfig, create_initial_adapter
 
     work = Path(work)
-    base = ensure_base_model(progress=False)
+    base = Path(base) if base is not None else ensure_base_model(progress=False)
     clients = make_benchmark(work / "data", seed=seed, scale=scale)
     config = TrainConfig.from_dict({**BENCHMARK_TRAIN_CONFIG, "seed": seed, "device": "cpu"})
     initial = create_initial_adapter(base, work / "initial", config)
