@@ -1,13 +1,16 @@
 """``prismesh audit``: re-derive a task's whole history from the chain and the store alone.
 
 For every round it checks that each revealed adapter's bytes match its CID and its revealed
-sha256, that the aggregate is exactly what the task's strategy computes from the included
-adapters with the task's bounded weights (same bytes, so the same CID), that every included
-client's contribution score is what ``aggregator.contribution`` computes from those adapters,
+sha256; re-runs the aggregator's checks on every revealed update (against the round's global
+adapter) and the task's strategy on those that pass, with the task's bounded weights, so who was
+included and why each other update was rejected or excluded is re-derived, not taken on trust;
+that the aggregate is exactly what the strategy computes (same bytes, so the same CID), that
+every included client's contribution score is what ``aggregator.contribution`` computes,
 that every reward is the contract's split of the round's pool by those scores (and that no
 one else earned anything), that the task never paid beyond its budget, and that every finality
 certificate carries a quorum of valid validator signatures over the chain's own block hash.
-Nothing is taken from the daemons' local state.
+Nothing is taken from the daemons' local state, so an update the aggregator could not fetch in
+time but the audit can is reported as wrongly left out.
 
 Sealed tasks (updates encrypted to the aggregator and the auditors): with an auditor's key
 (``key``) every check above runs on the decrypted adapters, each decryption is checked against
@@ -80,14 +83,13 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
     from prismesh.aggregator.adapters import load_adapter, save_adapter
     from prismesh.aggregator.contribution import published_before, score_updates
     from prismesh.aggregator.daemon import aggregation_base
-    from prismesh.aggregator.strategies import ClientUpdate, get_strategy
+    from prismesh.aggregator.strategies import get_strategy
+    from prismesh.aggregator.verify import expected_lora_shapes
     from prismesh.aggregator.weights import WeightRule
     from prismesh.chain.evm.contracts import Coordinator, Registry
     from prismesh.chain.sealing import (
         SealContext,
-        SealError,
         fetch_any_adapter,
-        read_header,
         stored_kind,
     )
     from prismesh.chain.storage import StorageError, cid_of_path, fetch_adapter
@@ -125,51 +127,56 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
     keys_at = _published_keys(Registry.read_only(manifest, w3), start) if privacy.sealed else {}
     coord_address = coord.address
 
+    included = {(acc.round, c) for acc in accepted for c in acc.included}
+    for ev in coord.get_events("RoundFailed", start, taskId=task_id):
+        report.add("round outcome", f"round {ev.round}", True, f"failed on chain: {ev.reason}")
+
     with tempfile.TemporaryDirectory(prefix="prismesh-audit-") as tmp:
         work = Path(tmp)
         adapters: dict[str, Any] = {}
+        problems: dict[str, str] = {}
         for r, by_client in sorted(reveals.items()):
             for client, ev in sorted(by_client.items()):
                 subject = f"round {r} {client} {ev.cid}"
-                if privacy.sealed:
-                    try:
-                        kind = stored_kind(store, ev.cid)
-                    except StorageError as exc:
-                        report.add("adapter vs CID", subject, False, str(exc))
-                        continue
-                    if kind != "sealed":
-                        report.add("sealed as required", subject, False, f"stored as a {kind}, not a sealed object")
-                        continue
-                    try:
-                        header = read_header(store.cat(ev.cid))
-                    except (StorageError, SealError) as exc:
-                        report.add("adapter vs CID", subject, False, str(exc))
-                        continue
+                # A node may reveal the same adapter in a retried round: fetched once.
+                if ev.cid not in adapters and ev.cid not in problems:
+                    if privacy.sealed:
+                        context = SealContext(int(w3.eth.chain_id), coord_address, task_id, r, client, "update")
+                        _open_sealed_update(report, store, ev, subject, context, privacy.recipients, keys_at, key,
+                                            work, adapters, problems, (r, client) in included)
+                    else:
+                        try:
+                            adapters[ev.cid] = fetch_adapter(store, ev.cid, work / "updates" / ev.cid)
+                        except StorageError as exc:
+                            problems[ev.cid] = str(exc)
+                d = adapters.get(ev.cid)
+                digest = _sha256(d / "adapter_model.safetensors") if d is not None else None
+                if (r, client) not in included:
+                    # Not part of any accepted aggregate (its round failed, or the aggregator
+                    # excluded it): nothing anyone was paid for or built on depends on it.
+                    state = problems.get(ev.cid) or (
+                        "not opened (no key)" if d is None
+                        else "intact" if digest == bytes(ev.sha256) else "stored bytes differ from the revealed sha256")
+                    report.add("adapter (excluded)", subject, True, f"not in an accepted aggregate; {state}")
+                    continue
+                if d is None and ev.cid not in problems:  # sealed, intact, and no key to open it
                     report.add("adapter vs CID", subject, True, "ciphertext intact")
-                    expected = SealContext(int(w3.eth.chain_id), coord_address, task_id, r, client, "update")
-                    _check_sealing(report, subject, header, expected, privacy.recipients, keys_at, ev.block_number)
-                    if key is None:
-                        report.skip("adapter vs sha256", subject, "the plaintext needs a recipient's key")
-                        continue
-                    try:
-                        d = fetch_any_adapter(store, ev.cid, work / "updates" / ev.cid, key, expected)
-                    except (StorageError, SealError) as exc:
-                        report.add("opened with key", subject, False, str(exc))
-                        continue
-                    report.add("opened with key", subject, True)
-                else:
-                    try:
-                        d = fetch_adapter(store, ev.cid, work / "updates" / ev.cid)
-                    except StorageError as exc:
-                        report.add("adapter vs CID", subject, False, str(exc))
-                        continue
-                    report.add("adapter vs CID", subject, True)
-                digest = _sha256(d / "adapter_model.safetensors")
+                    report.skip("adapter vs sha256", subject, "the plaintext needs a recipient's key")
+                    continue
+                if d is None:
+                    report.add("adapter vs CID", subject, False, problems[ev.cid])
+                    continue
+                report.add("adapter vs CID", subject, True, "opened with key" if privacy.sealed else "")
                 report.add("adapter vs sha256", subject, digest == bytes(ev.sha256),
                            "" if digest == bytes(ev.sha256) else f"stored {digest.hex()} != revealed {bytes(ev.sha256).hex()}")
-                adapters[ev.cid] = d
 
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
+        lora_cfg = spec.lora.to_dict()
+        try:
+            expected = expected_lora_shapes(spec.model_config, lora_cfg)
+        except ValueError as exc:
+            report.add("task spec", params.hyper_params_cid, False, f"no adapter shapes: {exc}")
+            expected = None
         for acc in accepted:
             r = acc.round
             subject = f"round {r} aggregate {acc.aggregate_cid}"
@@ -177,39 +184,46 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
             if missing:
                 report.add("included revealed", subject, False, f"included without a reveal: {missing}")
                 continue
-            refs = [reveals[r][c] for c in acc.included]
             try:
                 store.verify(acc.aggregate_cid)
                 report.add("aggregate stored", subject, True)
             except StorageError as exc:
                 report.add("aggregate stored", subject, False, str(exc))
-            if privacy.sealed and key is None:
-                for check in ("aggregate recomputed", "scores recomputed"):
-                    report.skip(check, subject, "needs the included updates' plaintext (a recipient's key)")
+            if expected is None:
                 continue
-            if any(ref.cid not in adapters for ref in refs):
-                report.add("aggregate recomputed", subject, False, "an included adapter could not be fetched intact")
+            if privacy.sealed and key is None:
+                for check in ("inclusion re-derived", "aggregate recomputed", "scores recomputed"):
+                    report.skip(check, subject, "needs the revealed updates' plaintext (a recipient's key)")
                 continue
             try:
                 global_cid = opened[r].global_adapter_cid if r in opened else ""
-                glob = aggregation_base(
-                    spec, load_adapter(fetch_any_adapter(store, global_cid, work / "global" / global_cid, key))
-                    if global_cid else None
+                gdir = work / "global" / global_cid
+                if global_cid and not gdir.exists():
+                    fetch_any_adapter(store, global_cid, gdir, key)
+                raw = load_adapter(gdir) if global_cid else None
+                glob = aggregation_base(spec, raw)
+                candidates, rejected = _verified_reveals(
+                    reveals.get(r, {}), adapters, expected, lora_cfg, spec.norm_bound, raw, rule.weight, problems
                 )
-                updates = [ClientUpdate(ref.client, rule.weight(int(ref.num_samples)), load_adapter(adapters[ref.cid]))
-                           for ref in refs]
+                result = strategy.aggregate(candidates, glob) if candidates else None
+                excluded = dict(result.metrics.get("excluded", {})) if result is not None else {}
+                kept = [u for u in candidates if u.client not in excluded]
+                _audit_inclusion(report, r, sorted(acc.included), sorted(u.client for u in kept),
+                                 {**rejected, **excluded}, reveals.get(r, {}))
+                if result is None:
+                    report.add("aggregate recomputed", subject, False, "no revealed update passes the checks")
+                    continue
                 published = fetch_any_adapter(store, acc.aggregate_cid, work / "published-aggregate" / f"round{r}", key)
                 if privacy.central_dp:
-                    out = _recompute_dp(report, subject, coord, spec, updates, glob, published, key,
+                    out = _recompute_dp(report, subject, coord, spec, kept, glob, published, key,
                                         (int(w3.eth.chain_id), coord_address, task_id, r, acc.aggregator),
                                         work / "recomputed" / f"round{r}")
                     if out is None:
                         continue
                 else:
-                    result = strategy.aggregate(updates, glob)
                     out = save_adapter(result.adapter, work / "recomputed" / f"round{r}")
                 known = published_before(coord, store, task_id, r, work / "published", private_key=key)
-                scored[r] = score_updates(updates, glob, known)
+                scored[r] = score_updates(kept, glob, known)
             except Exception as exc:  # noqa: BLE001 - recorded as a failed check
                 report.add("aggregate recomputed", subject, False, f"{type(exc).__name__}: {exc}")
                 continue
@@ -239,13 +253,53 @@ def _published_keys(registry: Any, start: int) -> dict[str, list[tuple[int, byte
     return out
 
 
-def _check_sealing(report: AuditReport, subject: str, header: Any, expected: Any, recipients: tuple[str, ...],
-                   keys_at: dict[str, list[tuple[int, bytes]]], block: int) -> None:
-    """A sealed update names its own task, round and client, and is sealed to exactly the task's
-    recipients under the keys they had published when it was revealed."""
-    ok = header.context.to_dict() == expected.to_dict()
-    report.add("sealed for its round", subject, ok,
-               "" if ok else f"sealed for {header.context.describe()}, revealed as {expected.describe()}")
+def _open_sealed_update(report: AuditReport, store: Any, ev: Any, subject: str, context: Any,
+                        recipients: tuple[str, ...], keys_at: dict[str, list[tuple[int, bytes]]], key: Any,
+                        work: Path, adapters: dict[str, Path], problems: dict[str, str], counts: bool) -> None:
+    """A sealed update: its ciphertext stored as one, sealed for its own task, round and client
+    to the task's recipients, and (with a key) opened into ``adapters``; what is wrong lands in
+    ``problems`` (the aggregator must then have refused it). A failed check is a finding that
+    fails the audit only for an update an accepted aggregate ``counts``."""
+    from prismesh.chain.sealing import SealError, fetch_any_adapter, read_header, stored_kind
+    from prismesh.chain.storage import StorageError
+
+    def add(check: str, ok: bool, detail: str = "") -> None:
+        report.add(check, subject, ok or not counts, detail if counts or ok else f"{detail} (refused, not paid)")
+
+    try:
+        kind = stored_kind(store, ev.cid)
+        if kind != "sealed":
+            problems[ev.cid] = f"stored as a {kind}, not a sealed object"
+            add("sealed as required", False, problems[ev.cid])
+            return
+        header = read_header(store.cat(ev.cid))
+    except (StorageError, SealError) as exc:
+        problems[ev.cid] = str(exc)
+        return
+    wrong = _sealing_problems(header, context, recipients, keys_at, ev.block_number)
+    add("sealed for its round", "context" not in wrong, wrong.get("context", ""))
+    add("sealed to recipients", "recipients" not in wrong, wrong.get("recipients", ""))
+    if wrong:
+        problems[ev.cid] = "; ".join(wrong.values())
+        return
+    if key is None:
+        return
+    try:
+        adapters[ev.cid] = fetch_any_adapter(store, ev.cid, work / "updates" / ev.cid, key, context)
+        add("opened with key", True)
+    except (StorageError, SealError) as exc:
+        problems[ev.cid] = f"could not be opened with the key: {exc}"
+        add("opened with key", False, str(exc))
+
+
+def _sealing_problems(header: Any, expected: Any, recipients: tuple[str, ...],
+                      keys_at: dict[str, list[tuple[int, bytes]]], block: int) -> dict[str, str]:
+    """What is wrong with a sealed object's header: it must name its own task, round and client,
+    and be sealed to exactly the task's recipients under the keys they had published when it was
+    revealed. Keys ``context`` and ``recipients``, absent when right."""
+    out: dict[str, str] = {}
+    if header.context.to_dict() != expected.to_dict():
+        out["context"] = f"sealed for {header.context.describe()}, revealed as {expected.describe()}"
     want = {a.lower() for a in recipients}
     got = {r.address.lower(): r.public_key for r in header.recipients}
     problems = []
@@ -255,7 +309,9 @@ def _check_sealing(report: AuditReport, subject: str, header: Any, expected: Any
         history = [k for b, k in keys_at.get(address, []) if b <= block]
         if not history or history[-1] != public:
             problems.append(f"{address}: key {public.hex()[:12]}… is not the one it published")
-    report.add("sealed to recipients", subject, not problems, "; ".join(problems))
+    if problems:
+        out["recipients"] = "; ".join(problems)
+    return out
 
 
 def _recompute_dp(report: AuditReport, subject: str, coord: Any, spec: Any, updates: list, glob: Any,
@@ -332,6 +388,63 @@ def _audit_rewards(report: AuditReport, params: Any, accepted: list[Any], earned
         paid += sum(int(ev.amount) for ev in events)
     report.add("within budget", "task rewards", paid <= params.reward_budget,
                f"{paid} earned of a budget of {params.reward_budget}")
+
+
+def _verified_reveals(
+    by_client: dict[str, Any],
+    adapters: dict[str, Path],
+    expected: dict[str, Any],
+    lora_cfg: dict[str, Any],
+    norm_bound: float,
+    global_adapter: Any,
+    weight: Any,
+    problems: dict[str, str] | None = None,
+) -> tuple[list[Any], dict[str, str]]:
+    """The round's revealed updates that pass the aggregator's checks, and why the others fail:
+    the same ``verify_adapter`` against the same global adapter and norm bound; each update
+    carries its claim as the task's rule ``weight`` bounds it."""
+    from prismesh.aggregator.adapters import load_adapter
+    from prismesh.aggregator.strategies import ClientUpdate
+    from prismesh.aggregator.verify import verify_adapter
+
+    candidates, rejected = [], {}
+    for client, ev in sorted(by_client.items()):
+        path = adapters.get(ev.cid)
+        if path is None:
+            rejected[client] = (problems or {}).get(ev.cid, "the adapter could not be fetched intact by the audit")
+            continue
+        if _sha256(path / "adapter_model.safetensors") != bytes(ev.sha256):
+            rejected[client] = "adapter weights sha256 differs from the revealed one"
+            continue
+        try:
+            adapter = load_adapter(path)
+        except Exception as exc:  # noqa: BLE001 - an unreadable adapter is a reason, not a crash
+            rejected[client] = f"unreadable adapter: {exc}"
+            continue
+        reasons = verify_adapter(adapter, expected, lora_cfg, norm_bound, global_adapter)
+        if reasons:
+            rejected[client] = "; ".join(reasons)
+        else:
+            candidates.append(ClientUpdate(client, weight(int(ev.num_samples)), adapter))
+    return candidates, rejected
+
+
+def _audit_inclusion(
+    report: AuditReport, r: int, included: list[str], kept: list[str], reasons: dict[str, str], revealed: dict[str, Any]
+) -> None:
+    """Who was paid is re-derived: the chain's included list must be exactly the reveals that pass
+    the checks and the strategy keeps; each one left out gets a finding with its reason."""
+    extra = [c for c in included if c not in kept]
+    dropped = [c for c in kept if c not in included]
+    detail = "; ".join(
+        [f"{c} included, but: {reasons.get(c, 'not kept')}" for c in extra]
+        + [f"{c} left out, but it passes every check and the strategy keeps it" for c in dropped]
+    )
+    report.add("inclusion re-derived", f"round {r}", not extra and not dropped,
+               detail or f"{len(included)} included, as the checks and the strategy decide")
+    for client in sorted(set(revealed) - set(included)):
+        if client in reasons:
+            report.add("exclusion re-derived", f"round {r} {client}", True, reasons[client])
 
 
 def _audit_finality(w3: Any, manifest: Any, report: AuditReport, accepted_blocks: list[int]) -> None:

@@ -1,7 +1,8 @@
 """Fetch and verify every revealed adapter in parallel Ray tasks.
 
 One Ray task per update fetches the adapter by CID (the fetch verifies the bytes against the CID),
-loads it and runs :func:`prismesh.aggregator.verify.verify_adapter`. Any failure — a fetch error, a hash
+loads it and runs :func:`prismesh.aggregator.verify.verify_adapter` on it as an update of the
+round's global adapter (its change, not its absolute size, is what the checks bound). Any failure — a fetch error, a hash
 mismatch, a malformed file, a wrong shape, NaNs, a crashed worker, a timeout — becomes a
 ``Rejected`` with its reason, so one bad or hostile submission never stops the round. Results
 come back in the input order, carrying the adapter's tensors (a worker's disk may be another
@@ -169,8 +170,10 @@ def fetch_and_verify_one(
     lora_config: Mapping[str, Any],
     norm_bound: float | None,
     dest: Path,
+    global_adapter: Adapter | None = None,
 ) -> Verified | Rejected:
-    """Fetch one update into ``dest`` and verify it; every failure becomes a ``Rejected``."""
+    """Fetch one update into ``dest`` and verify it against the round's ``global_adapter``;
+    every failure becomes a ``Rejected``."""
     start = time.perf_counter()
     try:
         if dest.exists():
@@ -197,7 +200,7 @@ def fetch_and_verify_one(
             adapter = load_adapter(path)
         except Exception as exc:
             return Rejected(item.client, item.cid, _clip(f"unreadable adapter: {exc}"))
-        reasons = verify_adapter(adapter, expected_shapes, lora_config, norm_bound)
+        reasons = verify_adapter(adapter, expected_shapes, lora_config, norm_bound, global_adapter)
         if reasons:
             return Rejected(item.client, item.cid, _clip("; ".join(reasons)))
         elapsed = time.perf_counter() - start
@@ -231,6 +234,7 @@ def fetch_and_verify(
     parallel: bool = True,
     timeout_s: float | None = None,
     num_cpus_per_task: float = 1.0,
+    global_adapter: Adapter | None = None,
 ) -> list[Verified | Rejected]:
     """Fetch and verify ``items`` (one Ray task each); results are in the input order.
 
@@ -240,7 +244,8 @@ def fetch_and_verify(
     depend on the order). With
     ``parallel=False`` the same work runs in this process, one update after another (no Ray).
     ``timeout_s`` bounds the whole batch: updates not done by then are cancelled and rejected.
-    Starts a local Ray if none is initialised.
+    ``global_adapter`` is the adapter the round started from: every update is checked as its
+    change from it. Starts a local Ray if none is initialised.
     """
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -258,16 +263,18 @@ def fetch_and_verify(
 
     if not parallel:
         for i, item, dest in todo:
-            results[i] = fetch_and_verify_one(item, fetch, expected, task_cfg, norm_bound, dest)
+            results[i] = fetch_and_verify_one(
+                item, fetch, expected, task_cfg, norm_bound, dest, global_adapter
+            )
     elif todo:
         import ray
         from ray.exceptions import GetTimeoutError, RayError
 
         ensure_ray()
         task = _remote_task().options(num_cpus=num_cpus_per_task)
-        exp_ref, cfg_ref = ray.put(expected), ray.put(task_cfg)
+        exp_ref, cfg_ref, glob_ref = ray.put(expected), ray.put(task_cfg), ray.put(global_adapter)
         refs = [
-            (i, item, task.remote(item, fetch, exp_ref, cfg_ref, norm_bound, dest))
+            (i, item, task.remote(item, fetch, exp_ref, cfg_ref, norm_bound, dest, glob_ref))
             for i, item, dest in todo
         ]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -80,6 +80,33 @@ def update_gram(adapters: Sequence[Adapter], base: Adapter | None = None) -> np.
     return gram
 
 
+def module_update_norms(adapter: Adapter, base: Adapter | None = None) -> dict[str, float]:
+    """||Δ_m||_F = ||s·B·A − s_g·B_g·A_g||_F for every LoRA module of ``adapter``, from the factors.
+
+    ``base`` is the round's global adapter (``None`` or without tensors: Δ is the adapter's own
+    weight change). Tensors that are not LoRA pairs are left out (see :func:`update_gram`).
+    """
+    has_base = base is not None and bool(base.tensors)
+    out: dict[str, float] = {}
+    with single_threaded_blas():
+        for m in adapter.lora_modules():
+            factors = [_pair(adapter, m)]
+            if has_base:
+                if m + LORA_A_SUFFIX not in base.tensors or m + LORA_B_SUFFIX not in base.tensors:
+                    raise ValueError(f"global adapter lacks module {m}")
+                factors.append(_pair(base, m))
+            if len({f[1].shape for f in factors}) != 1:
+                raise ValueError(f"module {m}: the update's rank or width differs from the global adapter's")
+            b_all = np.concatenate([s * b for b, _, s in factors], axis=1)
+            a_all = np.concatenate([a for _, a, _ in factors], axis=0)
+            r = factors[0][1].shape[0]
+            h = (b_all.T @ b_all) * (a_all @ a_all.T)
+            points = h.reshape(len(factors), r, len(factors), r).sum(axis=(1, 3))
+            sq = float(_centre(points, has_base)[0, 0])
+            out[m] = float(np.sqrt(max(sq, 0.0)))
+    return out
+
+
 def _centre(points: np.ndarray, has_base: bool) -> np.ndarray:
     """⟨P_i − P_b, P_j − P_b⟩ from the Gram matrix of the points (the base is the last one)."""
     if not has_base:

@@ -1,9 +1,12 @@
 """Checks an aggregator applies to every revealed adapter before it may enter an aggregate.
 
 A client's adapter is untrusted input: it must have exactly the tensors the task's base model and
-LoRA config imply, with the right shapes and the task's rank/alpha, finite values, and an update
-whose size is within the task's norm bound. Each failed check yields a human-readable reason that
-names the tensor or module, so a rejection can be reported on chain and audited.
+LoRA config imply, with the right shapes and the task's rank/alpha, finite values, and an
+*update* (its ΔW minus the round's global adapter's, per module) that is not empty and within
+the task's norm bound. The absolute size of an adapter says nothing about what one round did to
+it; the update does. Each failed check yields a human-readable reason that names the tensor or
+module, so a rejection can be reported on chain and audited. Checks that compare an update with
+the rest of the round (its size against the round's median) belong to the robust strategies.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from prismesh.aggregator.adapters import (
     Adapter,
     module_rank_alpha,
 )
-from prismesh.aggregator.lowrank import single_threaded_blas
+from prismesh.aggregator.updates import module_update_norms
 
 # LLaMA/Qwen3-style decoder: module -> (parent block, input width, output width) as functions of
 # (hidden, intermediate, q width = heads*head_dim, kv width = kv_heads*head_dim).
@@ -152,17 +155,6 @@ def expected_lora_shapes(
     return dict(sorted(shapes.items()))
 
 
-def delta_norm(adapter: Adapter, module: str) -> float:
-    """Frobenius norm of the module's weight update scaling·B·A, without forming B·A.
-
-    ||B A||_F^2 = sum((BᵀB) ⊙ (A Aᵀ)), two r×r Gram matrices, in float64.
-    """
-    a = np.asarray(adapter.tensors[module + LORA_A_SUFFIX], dtype=np.float64)
-    b = np.asarray(adapter.tensors[module + LORA_B_SUFFIX], dtype=np.float64)
-    sq = float(np.sum((b.T @ b) * (a @ a.T)))
-    return adapter.scaling(module) * float(np.sqrt(max(sq, 0.0)))
-
-
 def _normalize(key: str, value: Any) -> Any:
     if isinstance(value, (list, tuple, set, frozenset)):
         value = sorted(value)
@@ -207,13 +199,16 @@ def verify_adapter(
     expected_shapes: Mapping[str, Sequence[int]],
     lora_config: Mapping[str, Any],
     norm_bound: float | None,
+    global_adapter: Adapter | None = None,
 ) -> list[str]:
     """Reasons ``adapter`` must be excluded from the aggregate; an empty list means it passed.
 
     Checks the config against the task's LoRA config (rank, alpha, targets, variants), the key
     set against ``expected_shapes`` (missing and unexpected tensors), each tensor's shape, dtype
-    and finiteness, and, when ``norm_bound`` is set, that every module's ||scaling·B·A||_F is
-    within it. Each reason names the field, tensor or module at fault.
+    and finiteness, then the update Δ_m = s·B·A − s_g·B_g·A_g of every module against the round's
+    ``global_adapter`` (``None`` or without tensors: the round starts from the bare model, Δ is
+    the adapter's own weight change): not all zero (the global returned as is) and, when
+    ``norm_bound`` is set, ||Δ_m||_F within it. Each reason names the field, tensor or module.
     """
     reasons = _config_reasons(adapter.config, lora_config)
     # target_modules may be spelled differently (names, a regex, the "all-linear" PEFT resolves
@@ -235,7 +230,6 @@ def verify_adapter(
     reasons += _named("unexpected tensor", sorted(set(tensors) - set(expected)))
 
     bad_shape, bad_dtype, non_finite = [], [], []
-    sound: set[str] = set()
     for key in sorted(set(expected) & set(tensors)):
         arr = np.asarray(tensors[key])
         if tuple(arr.shape) != expected[key]:
@@ -250,22 +244,36 @@ def verify_adapter(
             n_inf = int(arr.size - finite.sum()) - n_nan
             non_finite.append(f"{key} has {n_nan} NaN and {n_inf} infinite values")
             continue
-        sound.add(key)
     reasons += _named("wrong shape", bad_shape)
     reasons += _named("wrong dtype", bad_dtype)
     reasons += _named("non-finite values", non_finite)
+    if reasons:
+        return reasons
+    return reasons + update_reasons(adapter, norm_bound, global_adapter)
 
-    if norm_bound is not None and not reasons:
-        over = []
-        modules = sorted(
-            k[: -len(LORA_A_SUFFIX)]
-            for k in sound
-            if k.endswith(LORA_A_SUFFIX) and k[: -len(LORA_A_SUFFIX)] + LORA_B_SUFFIX in sound
-        )
-        with single_threaded_blas():
-            norms = {module: delta_norm(adapter, module) for module in modules}
-        for module, n in norms.items():
-            if not n <= norm_bound:
-                over.append(f"{module} has ||scaling*B*A||_F = {n:.6g} > {norm_bound:.6g}")
-        reasons += _named("norm bound exceeded", over)
+
+def update_reasons(adapter: Adapter, norm_bound: float | None, global_adapter: Adapter | None) -> list[str]:
+    """The update-level checks of :func:`verify_adapter` on a well-formed adapter: the update is
+    not empty, and no module's ||Δ_m||_F exceeds ``norm_bound``."""
+    base = global_adapter if global_adapter is not None and global_adapter.tensors else None
+    if base is not None:
+        differ = sorted(k for k in adapter.tensors if k not in base.tensors)
+        if differ:
+            return [f"global adapter lacks tensor {differ[0]} that the update carries"]
+    sizes = module_update_norms(adapter.as_numpy(), base)
+    reasons: list[str] = []
+    extra = [k for k in adapter.tensors if not k.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX))]
+    changed_extra = base is None or any(
+        not np.array_equal(np.asarray(adapter.tensors[k]), np.asarray(base.tensors[k])) for k in extra
+    )
+    if sizes and all(v == 0.0 for v in sizes.values()) and not (extra and changed_extra):
+        where = "the round's global adapter" if base is not None else "the bare base model"
+        reasons.append(f"empty update: the adapter makes no change to {where}")
+    if norm_bound is not None:
+        over = [
+            f"{module} has ||ΔW update||_F = {n:.6g} > {norm_bound:.6g}"
+            for module, n in sizes.items()
+            if not n <= norm_bound
+        ]
+        reasons += _named("update norm bound exceeded", over)
     return reasons

@@ -98,7 +98,7 @@ class TaskSpec:
     lora: LoraSpec = field(default_factory=LoraSpec)
     model_config: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    strategy: str = "fedavg"
+    strategy: str = "clipped-fedavg"
     strategy_options: dict[str, Any] = field(default_factory=dict)
     norm_bound: float = 1.0e4
     report_metrics: bool = True

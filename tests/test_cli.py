@@ -80,6 +80,20 @@ def test_make_spec_refuses_a_typo(tmp_path: Path, capsys: pytest.CaptureFixture[
     code, _, _ = run(["govern", "make-spec", "--base-model", str(model), "--train", '{"lr": 1e-3}',
                       "--out", str(out)], capsys)
     assert code == 0 and json.loads(out.read_text())["train"] == {"lr": 1e-3}
+    assert json.loads(out.read_text())["strategy"] == "clipped-fedavg"  # the robust default
+    code, _, err = run(["govern", "make-spec", "--base-model", str(model), "--strategy", "krum",
+                        "--strategy-options", '{"q": 1}', "--out", str(out)], capsys)
+    assert code == 2 and "--strategy: bad options ['q'] for strategy 'krum'" in one_error_line(err)
+    code, _, _ = run(["govern", "make-spec", "--base-model", str(model), "--strategy", "clipped-fedavg",
+                      "--strategy-options", '{"clip": 1.5}', "--out", str(out)], capsys)
+    assert code == 0 and json.loads(out.read_text())["strategy_options"] == {"clip": 1.5}
+
+
+def test_experiment_refuses_an_unknown_attack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["experiment", "--out", str(tmp_path), "--attack", "nope"], capsys)
+    assert code == 2 and "--attack 'nope' is not an attack; choose from sign-flip" in one_error_line(err)
+    code, _, err = run(["experiment", "--out", str(tmp_path), "--malicious", "2"], capsys)
+    assert code == 2 and "--malicious needs --attack" in one_error_line(err)
 
 
 def test_dead_rpc_is_one_line(chain_env, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

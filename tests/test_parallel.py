@@ -123,7 +123,7 @@ def batch(tmp_path_factory):
         "0xbad-shape": "config r=8 does not match the task's r=4",
         "0xbad-tamper": f"fetch failed (ValueError): bytes fetched for {tamper_cid} do not match",
         "0xbad-missing": "fetch failed (KeyError)",
-        "0xbad-norm": "norm bound exceeded: base_model.model.model.layers.",
+        "0xbad-norm": "update norm bound exceeded: base_model.model.model.layers.",
     }
     return items, table, expected_reason
 
@@ -192,6 +192,14 @@ def test_batch_in_ray_rejects_each_bad_update_with_its_reason(ray_session, batch
             out = save_adapter(agg.adapter, tmp_path / f"{name}-{k}")
             blobs.append((out / WEIGHTS_NAME).read_bytes())
         assert blobs[0] == blobs[1]
+
+    # the round's global adapter reaches every worker: checked against it, a0 changed nothing
+    glob = load_adapter(table[items[0].cid])
+    for parallel in (True, False):
+        res = fetch_and_verify(items[:1] + items[5:6], fetch, shapes, LORA, NORM_BOUND,
+                               tmp_path / f"glob-{parallel}", parallel=parallel, global_adapter=glob)
+        assert isinstance(res[0], Rejected) and res[0].reason.startswith("empty update"), res[0]
+        assert isinstance(res[1], Verified)
 
 
 def test_batch_timeout_rejects_the_straggler(ray_session, batch, tmp_path):

@@ -21,7 +21,7 @@ from prismesh.aggregator.adapters import (
     save_adapter,
     serialize_safetensors,
 )
-from prismesh.aggregator.verify import MAX_NAMED, delta_norm, expected_lora_shapes, verify_adapter
+from prismesh.aggregator.verify import MAX_NAMED, expected_lora_shapes, verify_adapter
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QWEN3 = dict(
@@ -182,21 +182,38 @@ def test_wrong_rank_and_alpha_are_reported(honest, tmp_path):
     assert any(r.startswith("missing tensor: ") for r in reasons)
 
 
-def test_norm_bound_names_the_module(honest):
+def test_norm_bound_applies_to_the_update_and_names_the_module(honest):
     _, lora, shapes, adapter = honest
     dense = {}
     for m in adapter.lora_modules():
         a = adapter.tensors[m + LORA_A_SUFFIX].astype(np.float64)
         b = adapter.tensors[m + LORA_B_SUFFIX].astype(np.float64)
         dense[m] = np.linalg.norm((lora["lora_alpha"] / lora["r"]) * (b @ a))
-        assert delta_norm(adapter, m) == pytest.approx(dense[m], rel=1e-9)
     ranked = sorted(dense, key=dense.get)
     top, second = ranked[-1], ranked[-2]
     bound = (dense[top] + dense[second]) / 2
     reasons = verify_adapter(adapter, shapes, lora, bound)
     assert len(reasons) == 1
-    assert reasons[0].startswith(f"norm bound exceeded: {top} has ||scaling*B*A||_F = ")
+    assert reasons[0].startswith(f"update norm bound exceeded: {top} has ||ΔW update||_F = ")
     assert verify_adapter(adapter, shapes, lora, dense[top] * 1.001) == []
+    # Against a global adapter the bound is on the change: the same adapter a little moved from
+    # a large global passes a bound its absolute size would fail, and the global itself is empty.
+    moved = Adapter(adapter.config, {
+        k: v * 1.01 if k.endswith(LORA_B_SUFFIX) else v for k, v in adapter.tensors.items()
+    })
+    assert verify_adapter(moved, shapes, lora, dense[top] * 0.02, global_adapter=adapter) == []
+    assert verify_adapter(moved, shapes, lora, dense[top] * 0.005, global_adapter=adapter)[0].startswith(
+        "update norm bound exceeded: "
+    )
+    assert verify_adapter(adapter, shapes, lora, None, global_adapter=adapter) == [
+        "empty update: the adapter makes no change to the round's global adapter"
+    ]
+    zero_b = Adapter(adapter.config, {
+        k: np.zeros_like(v) if k.endswith(LORA_B_SUFFIX) else v for k, v in adapter.tensors.items()
+    })
+    assert verify_adapter(zero_b, shapes, lora, None) == [
+        "empty update: the adapter makes no change to the bare base model"
+    ]
 
 
 def test_expected_shapes_refuse_bad_configs():

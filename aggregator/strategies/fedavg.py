@@ -68,6 +68,104 @@ def _global_tensor(global_adapter: Adapter | None, key: str, shape: tuple) -> np
     return g
 
 
+def combine_exact(
+    ordered: Sequence[ClientUpdate],
+    coefficients: np.ndarray,
+    global_adapter: Adapter | None,
+    config: dict[str, Any],
+    split: str = "balanced",
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[float, float]]]:
+    """The global adapter moved by a combination of the clients' updates, re-factorised exactly.
+
+    Per LoRA module, ΔW' = s_g·B_g·A_g + Σ_i c_i·(s_i·B_i·A_i − s_g·B_g·A_g)
+    = (1 − Σc)·s_g·B_g·A_g + Σ_i c_i·s_i·B_i·A_i is truncated to the output rank by
+    :func:`lowrank_svd` (never forming an out×in matrix) and split into factors (see
+    ``FedAvgExact``). With Σc = 1 the global term vanishes and this is the weighted mean of the
+    clients' ΔW (``fedavg-exact``); a global adapter without tensors (round 1 from the bare model)
+    counts as zero. Other tensors (biases, DoRA magnitudes) move the same way, coordinate by
+    coordinate. Returns the tensors and, per module, (tail², ||ΔW'||²) of the truncation.
+    """
+    if split not in ("balanced", "B"):
+        raise ValueError(f"split must be 'balanced' or 'B', got {split!r}")
+    coefficients = np.asarray(coefficients, dtype=np.float64)
+    g_coef = 1.0 - float(coefficients.sum())
+    base = global_adapter if global_adapter is not None and global_adapter.tensors else None
+    if abs(g_coef) < 1e-12:
+        g_coef = 0.0  # weights that sum to one up to rounding: no global term at all
+    out_spec = Adapter(config, {})
+    modules = ordered[0].adapter.lora_modules()
+    pair_keys = {m + s for m in modules for s in (LORA_A_SUFFIX, LORA_B_SUFFIX)}
+    out: dict[str, np.ndarray] = {}
+    errors: dict[str, tuple[float, float]] = {}
+    for key in sorted(set(ordered[0].adapter.tensors) - pair_keys):
+        mean, dtype = _weighted_mean(list(ordered), coefficients, key)
+        if g_coef and base is not None and key in base.tensors:
+            mean += g_coef * _global_tensor(base, key, mean.shape)
+        out[key] = mean.astype(dtype)
+    with single_threaded_blas():
+        for m in modules:
+            _combine_module(m, ordered, coefficients, base, g_coef, out_spec, split, out, errors)
+    return dict(sorted(out.items())), errors
+
+
+def _combine_module(
+    m: str,
+    ordered: Sequence[ClientUpdate],
+    coefficients: np.ndarray,
+    base: Adapter | None,
+    g_coef: float,
+    out_spec: Adapter,
+    split: str,
+    out: dict[str, np.ndarray],
+    errors: dict[str, tuple[float, float]],
+) -> None:
+    """Re-factorise one module into ``out``; record (tail², ||ΔW'||²) in ``errors``."""
+    b_parts = [
+        (ci * u.adapter.scaling(m)) * np.asarray(u.adapter.tensors[m + LORA_B_SUFFIX], np.float64)
+        for ci, u in zip(coefficients, ordered, strict=True)
+    ]
+    a_parts = [np.asarray(u.adapter.tensors[m + LORA_A_SUFFIX], np.float64) for u in ordered]
+    if g_coef and base is not None:
+        if m + LORA_A_SUFFIX not in base.tensors or m + LORA_B_SUFFIX not in base.tensors:
+            raise ValueError(f"global adapter lacks module {m}")
+        b_parts.append(
+            (g_coef * base.scaling(m)) * np.asarray(to_numpy(base.tensors[m + LORA_B_SUFFIX]), np.float64)
+        )
+        a_parts.append(np.asarray(to_numpy(base.tensors[m + LORA_A_SUFFIX]), np.float64))
+    b_cat = np.concatenate(b_parts, axis=1)
+    a_cat = np.concatenate(a_parts, axis=0)
+    r, _ = out_spec.rank_alpha(m)
+    scale = out_spec.scaling(m)
+    u_, s_, v_ = lowrank_svd(b_cat, a_cat, r)
+    k = u_.shape[1]
+    head, tail = s_[:k], s_[k:]
+    if split == "balanced":
+        root = np.sqrt(head / scale)
+        b_new, a_new = u_ * root, root[:, None] * v_.T
+    else:
+        b_new, a_new = u_ * (head / scale), v_.T.copy()
+    if k < r:  # fewer singular directions than the rank: pad with zero directions
+        b_new = np.pad(b_new, ((0, 0), (0, r - k)))
+        a_new = np.pad(a_new, ((0, r - k), (0, 0)))
+    errors[m] = (float(np.sum(tail**2)), float(np.sum(s_**2)))
+    dtype_b = ordered[0].adapter.tensors[m + LORA_B_SUFFIX].dtype
+    dtype_a = ordered[0].adapter.tensors[m + LORA_A_SUFFIX].dtype
+    out[m + LORA_B_SUFFIX] = b_new.astype(dtype_b)
+    out[m + LORA_A_SUFFIX] = a_new.astype(dtype_a)
+
+
+def truncation_metrics(errors: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Relative Frobenius error ||ΔW − s·B'·A'||_F / ||ΔW||_F per module, overall and at worst."""
+    tail_total = sum(t for t, _ in errors.values())
+    norm_total = sum(n for _, n in errors.values())
+    rel = {m: math.sqrt(t / n) if n > 0 else 0.0 for m, (t, n) in errors.items()}
+    return {
+        "rel_frobenius_error": rel,
+        "rel_frobenius_error_overall": math.sqrt(tail_total / norm_total) if norm_total > 0 else 0.0,
+        "rel_frobenius_error_max": max(rel.values(), default=0.0),
+    }
+
+
 @register_strategy
 class FedAvgExact(Strategy):
     """Sample-weighted mean of ΔW = scaling·B·A per module, re-factorised to rank r by SVD.
@@ -95,66 +193,7 @@ class FedAvgExact(Strategy):
     ) -> AggregateResult:
         ordered, w = prepare_updates(updates)
         config = _output_config(ordered, global_adapter)
-        out_spec = Adapter(config, {})
-        modules = ordered[0].adapter.lora_modules()
-        pair_keys = {m + s for m in modules for s in (LORA_A_SUFFIX, LORA_B_SUFFIX)}
-        out: dict[str, np.ndarray] = {}
-        errors: dict[str, tuple[float, float]] = {}
-        for key in sorted(set(ordered[0].adapter.tensors) - pair_keys):
-            mean, dtype = _weighted_mean(ordered, w, key)
-            out[key] = mean.astype(dtype)
-        with single_threaded_blas():
-            for m in modules:
-                self._module(m, ordered, w, out_spec, out, errors)
-        tail_total = sum(t for t, _ in errors.values())
-        norm_total = sum(n for _, n in errors.values())
-        rel = {m: math.sqrt(t / n) if n > 0 else 0.0 for m, (t, n) in errors.items()}
+        tensors, errors = combine_exact(ordered, w, None, config, self.split)
         metrics = _weights_metrics(self, ordered, w)
-        metrics["rel_frobenius_error"] = rel
-        metrics["rel_frobenius_error_overall"] = (
-            math.sqrt(tail_total / norm_total) if norm_total > 0 else 0.0
-        )
-        metrics["rel_frobenius_error_max"] = max(rel.values(), default=0.0)
-        return AggregateResult(Adapter(config, dict(sorted(out.items()))), metrics)
-
-    def _module(
-        self,
-        m: str,
-        ordered: list[ClientUpdate],
-        w: np.ndarray,
-        out_spec: Adapter,
-        out: dict[str, np.ndarray],
-        errors: dict[str, tuple[float, float]],
-    ) -> None:
-        """Aggregate one module into ``out``; record (tail², ||ΔW||²) in ``errors``."""
-        b_cat = np.concatenate(
-            [
-                (wi * u.adapter.scaling(m))
-                * np.asarray(u.adapter.tensors[m + LORA_B_SUFFIX], np.float64)
-                for wi, u in zip(w, ordered, strict=True)
-            ],
-            axis=1,
-        )
-        a_cat = np.concatenate(
-            [np.asarray(u.adapter.tensors[m + LORA_A_SUFFIX], np.float64) for u in ordered],
-            axis=0,
-        )
-        r, _ = out_spec.rank_alpha(m)
-        scale = out_spec.scaling(m)
-        u_, s_, v_ = lowrank_svd(b_cat, a_cat, r)
-        k = u_.shape[1]
-        head, tail = s_[:k], s_[k:]
-        if self.split == "balanced":
-            root = np.sqrt(head / scale)
-            b_new, a_new = u_ * root, root[:, None] * v_.T
-        else:
-            b_new, a_new = u_ * (head / scale), v_.T.copy()
-        if k < r:  # fewer singular directions than the rank: pad with zero directions
-            b_new = np.pad(b_new, ((0, 0), (0, r - k)))
-            a_new = np.pad(a_new, ((0, r - k), (0, 0)))
-        norm_sq, tail_sq = float(np.sum(s_**2)), float(np.sum(tail**2))
-        errors[m] = (tail_sq, norm_sq)
-        dtype_b = ordered[0].adapter.tensors[m + LORA_B_SUFFIX].dtype
-        dtype_a = ordered[0].adapter.tensors[m + LORA_A_SUFFIX].dtype
-        out[m + LORA_B_SUFFIX] = b_new.astype(dtype_b)
-        out[m + LORA_A_SUFFIX] = a_new.astype(dtype_a)
+        metrics.update(truncation_metrics(errors))
+        return AggregateResult(Adapter(config, tensors), metrics)

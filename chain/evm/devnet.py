@@ -1,7 +1,11 @@
 """Local EVM devnets behind one API: a managed anvil process, or the embedded py-evm chain.
 
 Anvil is the real thing (JSON-RPC over HTTP, other processes can connect, state kept in a
-file so a restart continues the same chain). The embedded chain (eth-tester + py-evm) needs
+file so a restart continues the same chain). The state file is written only through
+:func:`dump_anvil_state` (``anvil_dumpState``, then a synced temp file renamed into place):
+anvil's own periodic dump neither syncs nor renames, so a crash while it writes could leave
+half a file. The finality committee dumps before it posts a certificate, which makes every
+final block durable; ``stop()`` dumps once more on the way out. The embedded chain (eth-tester + py-evm) needs
 nothing started and suits single-process use. Both expose the same deterministic, funded
 accounts (anvil's default mnemonic), so a test or demo runs unchanged on either.
 """
@@ -44,6 +48,45 @@ HARDFORK = "prague"
 
 class DevnetError(RuntimeError):
     """A devnet could not be started, reached or controlled."""
+
+
+def dump_anvil_state(w3: Any, path: Path) -> int:
+    """Write anvil's whole state (accounts, every block, every transaction) to ``path``
+    durably, in the format ``anvil --load-state`` reads; returns a height the dump includes.
+
+    The head is read before the dump is asked for, so every block up to it is in the file."""
+    import gzip
+
+    from prismesh.chain.localstate import atomic_write_bytes
+
+    head = int(w3.eth.block_number)
+    resp = w3.provider.make_request("anvil_dumpState", [])
+    if "error" in resp:
+        raise DevnetError(f"anvil_dumpState failed: {resp['error']}")
+    raw = bytes.fromhex(str(resp["result"]).removeprefix("0x"))
+    # The RPC answers gzip; --load-state reads plain JSON.
+    atomic_write_bytes(Path(path), gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+    return head
+
+
+class StateDumper:
+    """What the committee calls before it posts a certificate: anvil's state on disk, so no
+    final block is lost to a crash. Counts dumps and their time for the finality benchmark."""
+
+    def __init__(self, w3: Any, path: Path) -> None:
+        self.w3 = w3
+        self.path = Path(path)
+        self.count = 0
+        self.seconds = 0.0
+
+    def __call__(self, height: int) -> int:
+        start = time.perf_counter()
+        durable = dump_anvil_state(self.w3, self.path)
+        self.seconds += time.perf_counter() - start
+        self.count += 1
+        if durable < height:
+            raise DevnetError(f"anvil's head {durable} is below the height {height} to make durable")
+        return durable
 
 
 @lru_cache(maxsize=4)
@@ -206,7 +249,9 @@ def _stop_all() -> None:
 
 
 class AnvilDevnet(Devnet):
-    """A managed anvil process on 127.0.0.1; with ``state_file`` the chain survives restarts."""
+    """A managed anvil process on 127.0.0.1; with ``state_file`` the chain survives restarts:
+    it is loaded when it exists, and written by :meth:`dump_state` (the committee's dumps and
+    ``stop()``), never by anvil itself."""
 
     kind = "anvil"
 
@@ -242,7 +287,8 @@ class AnvilDevnet(Devnet):
             cmd += ["--block-time", str(block_time)]
         if self.state_file is not None:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            cmd += ["--state", str(self.state_file)]
+            if self.state_file.exists():
+                cmd += ["--load-state", str(self.state_file)]
         log_dir = self.state_file.parent if self.state_file else Path(tempfile.gettempdir())
         self.log_path = log_dir / f"anvil-{self.port}.log"
         self._log = self.log_path.open("wb")
@@ -268,8 +314,12 @@ class AnvilDevnet(Devnet):
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
+                where = ""
+                if self.state_file is not None and self.state_file.exists():
+                    where = (f" (loading {self.state_file}; if that file is damaged, move it "
+                             "aside or start afresh with --fresh)")
                 raise DevnetError(
-                    f"anvil exited with {self.proc.returncode} on port {self.port}: "
+                    f"anvil exited with {self.proc.returncode} on port {self.port}{where}: "
                     f"{self._log_tail()}"
                 )
             if self.healthy():
@@ -299,6 +349,12 @@ class AnvilDevnet(Devnet):
     def mine(self, n: int = 1) -> None:
         self._rpc("anvil_mine", [hex(n)])
 
+    def dump_state(self) -> int:
+        """Write the chain to ``state_file`` now (durably); returns a height it includes."""
+        if self.state_file is None:
+            raise DevnetError("this anvil has no state file")
+        return dump_anvil_state(self.w3, self.state_file)
+
     def increase_time(self, seconds: int) -> None:
         self._rpc("evm_increaseTime", [int(seconds)])
         self._rpc("evm_mine", [])
@@ -321,8 +377,12 @@ class AnvilDevnet(Devnet):
         return pid
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop anvil; SIGINT first so it writes ``state_file``, then SIGKILL if it hangs."""
-        proc, self.proc = getattr(self, "proc", None), None
+        """Stop anvil, writing ``state_file`` first; SIGINT, then SIGKILL if it hangs."""
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None and self.state_file is not None:
+            with contextlib.suppress(Exception):
+                self.dump_state()
+        self.proc = None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:
@@ -344,7 +404,8 @@ def start_anvil(
     num_accounts: int = DEFAULT_ACCOUNTS,
 ) -> AnvilDevnet:
     """Start anvil and wait until it answers. With ``state_file`` the chain is loaded from it
-    (when it exists) and dumped to it on ``stop()``, so a restart continues the same chain.
+    (when it exists) and dumped to it on ``stop()`` and by the committee before each
+    certificate, so a restart continues the same chain with every final block.
     Without ``port`` a free one is picked (retrying on a lost race)."""
     attempts = 1 if port is not None else 3
     last: Exception | None = None

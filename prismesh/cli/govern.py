@@ -73,8 +73,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated LoRA target modules (default: q/k/v/o + gate/up/down)")
     p.add_argument("--no-report-metrics", action="store_true",
                    help="nodes do not evaluate and report each aggregate's accuracy")
-    p.add_argument("--strategy", default="fedavg")
-    p.add_argument("--norm-bound", type=float, default=1.0e4)
+    p.add_argument("--strategy", default=None,
+                   help="aggregation strategy (default: the task spec's default, clipped-fedavg; see docs/robustness.md)")
+    p.add_argument("--strategy-options", default="{}",
+                   help="the strategy's options as JSON, e.g. '{\"clip\": 1.5}'")
+    p.add_argument("--norm-bound", type=float, default=1.0e4,
+                   help="hard cap on each module's per-round update ||ΔW||_F (default 1e4; the default "
+                        "strategy also bounds updates relative to the round's median)")
     p.add_argument("--train", default="{}", help="training settings as JSON (lr, max_length, seed, ...)")
     p.add_argument("--privacy", default="{}",
                    help="privacy settings as JSON: recipients, aggregate, client_dp, delta, epsilon_budget, ... "
@@ -211,6 +216,19 @@ def _make_spec(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise UsageError(f"--privacy is not JSON: {exc}") from None
     try:
+        strategy_options = json.loads(args.strategy_options)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--strategy-options is not JSON: {exc}") from None
+    if not isinstance(strategy_options, dict):
+        raise UsageError("--strategy-options must be a JSON object, e.g. '{\"clip\": 1.5}'")
+    from prismesh.aggregator.strategies import get_strategy
+
+    strategy = args.strategy or TaskSpec.__dataclass_fields__["strategy"].default
+    try:
+        get_strategy(strategy, **strategy_options)
+    except ValueError as exc:
+        raise UsageError(f"--strategy: {exc}") from None
+    try:
         lora = {"r": args.rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout}
         if args.target_modules is not None:
             lora["target_modules"] = tuple(m.strip() for m in args.target_modules.split(",") if m.strip())
@@ -220,7 +238,8 @@ def _make_spec(args: argparse.Namespace) -> int:
             lora=LoraSpec(**lora),
             model_config=json.loads(cfg_path.read_text()),
             train=train,
-            strategy=args.strategy,
+            strategy=strategy,
+            strategy_options=strategy_options,
             norm_bound=args.norm_bound,
             report_metrics=not args.no_report_metrics,
             privacy=privacy,

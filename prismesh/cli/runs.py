@@ -52,6 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dp-batch", type=int, default=None,
                    help="with --dp-level sample: DP-SGD's logical batch (default: the benchmark's batch x accumulation)")
     p.add_argument("--dp-lr", type=float, default=None, help="with --dp-level sample: DP-SGD's learning rate")
+    p.add_argument("--attack", default=None, metavar="KIND",
+                   help="also run every strategy with malicious hospitals: sign-flip, noise, wrong-answers, "
+                        "boosted-replacement, inflated-count, free-rider or collude (docs/robustness.md)")
+    p.add_argument("--malicious", type=int, default=1, metavar="N",
+                   help="how many malicious hospitals join (default 1; collude takes at least 2)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_experiment)
 
@@ -84,7 +89,17 @@ def _experiment(args: argparse.Namespace) -> int:
     from prismesh.runs.experiment import run_experiment
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    run_experiment(args.out, seed=args.seed, scale=args.scale, rounds=args.rounds, strategies=strategies)
+    if args.attack is not None:
+        from prismesh.runs.attacks import ATTACKS
+
+        if args.attack not in ATTACKS:
+            raise UsageError(f"--attack {args.attack!r} is not an attack; choose from {', '.join(ATTACKS)}")
+        if args.malicious < 1:
+            raise UsageError(f"--malicious must be at least 1, got {args.malicious}")
+    elif args.malicious != 1:
+        raise UsageError("--malicious needs --attack KIND")
+    run_experiment(args.out, seed=args.seed, scale=args.scale, rounds=args.rounds, strategies=strategies,
+                   attack=args.attack, malicious=args.malicious)
     return 0
 
 

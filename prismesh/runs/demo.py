@@ -89,6 +89,9 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         for c in clients:
             fed.add_hospital(c.name, c.train_path, c.test_path, base, device="cpu")
         fed.add_aggregator()
+        # Only the hashes of the hospitals' descriptors go on chain; kept here, they let
+        # `prismesh dashboard --out` name each hospital (after checking them against the hashes).
+        (run_dir / "descriptors.json").write_text(json.dumps(fed.descriptors(), indent=1) + "\n")
         if observer is not None:
             watching = observer(fed)
         privacy: dict[str, Any] = {}

@@ -22,11 +22,14 @@ def _say(text: str) -> None:
 
 
 def federate(base: Path, train: dict[str, list], config: Any, strategy_name: str, rounds: int,
-             work: Path, initial: Path | None = None, weights: Any = None) -> tuple[Path, list[dict]]:
+             work: Path, initial: Path | None = None, weights: Any = None, attack: Any = None,
+             malicious: int = 0) -> tuple[Path, list[dict]]:
     """Run ``rounds`` of local training + aggregation; returns the final adapter and per-round info.
 
     ``weights`` is the task's ``WeightRule`` (default: sample counts, uncapped), applied exactly
-    as the aggregator daemon applies it."""
+    as the aggregator daemon applies it. With ``attack`` (a ``prismesh.runs.attacks.Attack``),
+    ``malicious`` attackers join every round and every update passes the aggregator daemon's
+    per-update checks first."""
     from prismesh.aggregator.adapters import load_adapter, save_adapter
     from prismesh.aggregator.strategies import ClientUpdate, get_strategy
     from prismesh.aggregator.weights import WeightRule
@@ -35,25 +38,52 @@ def federate(base: Path, train: dict[str, list], config: Any, strategy_name: str
     rule = weights if weights is not None else WeightRule("samples")
 
     strategy = get_strategy(strategy_name)
+    label = strategy_name if attack is None else f"{strategy_name}-{attack.kind}"
     global_dir = initial
     history = []
     for r in range(1, rounds + 1):
         updates = []
         seconds = {}
         for name, examples in train.items():
-            res = train_lora(base, examples, work / f"{strategy_name}-r{r}-{name}", config,
+            res = train_lora(base, examples, work / f"{label}-r{r}-{name}", config,
                              init_adapter=global_dir, progress=False)
             updates.append(ClientUpdate(name, rule.weight(res.num_samples), load_adapter(res.adapter_dir)))
             seconds[name] = round(float(res.metrics.get("seconds", 0.0)), 2)
+        screening: dict[str, Any] = {}
+        if attack is not None:
+            updates, screening = _with_attackers(base, train, config, updates, attack, malicious, global_dir,
+                                                 work / f"{label}-r{r}", rule)
         glob = load_adapter(global_dir) if global_dir is not None else None
         result = strategy.aggregate(updates, glob)
-        global_dir = save_adapter(result.adapter, work / f"{strategy_name}-global-r{r}")
-        metrics = {k: v for k, v in result.metrics.items() if k.startswith("rel_frobenius_error_")}
-        history.append({"round": r, "adapter": global_dir, "train_seconds": seconds, "strategy_metrics": metrics})
-        _say(f"      {strategy_name} round {r}: aggregated {len(updates)} updates "
+        global_dir = save_adapter(result.adapter, work / f"{label}-global-r{r}")
+        metrics = {k: v for k, v in result.metrics.items()
+                   if k.startswith("rel_frobenius_error_") or k in ("excluded", "clip_factors")}
+        history.append({"round": r, "adapter": global_dir, "train_seconds": seconds,
+                        "strategy_metrics": {**metrics, **screening}})
+        _say(f"      {label} round {r}: aggregated {len(updates)} updates "
              f"(slowest local epoch {max(seconds.values()):.1f} s)")
     assert global_dir is not None
     return global_dir, history
+
+
+def _with_attackers(base: Path, train: dict[str, list], config: Any, updates: list, attack: Any, malicious: int,
+                    global_dir: Path | None, work: Path, rule: Any) -> tuple[list, dict[str, Any]]:
+    """The round's honest updates plus the attackers' (their claims bounded by the task's
+    ``rule`` like everyone's), screened by the per-update checks."""
+    from dataclasses import replace
+
+    from prismesh.node.trainer import train_lora
+    from prismesh.runs.attacks import checked, malicious_updates, task_checks
+
+    def trainer(name: str, examples: list, init: Path | None) -> tuple[Path, int]:
+        res = train_lora(base, examples, work / name, config, init_adapter=init, progress=False)
+        return res.adapter_dir, res.num_samples
+
+    crafted = [replace(u, num_samples=rule.weight(u.num_samples))
+               for u in malicious_updates(attack, malicious, train, global_dir, len(updates), trainer)]
+    expected, lora = task_checks(base, config)
+    kept, rejected = checked(updates + crafted, expected, lora, attack.norm_bound, global_dir)
+    return kept, {"rejected": rejected}
 
 
 def single_client(base: Path, examples: list, config: Any, rounds: int, work: Path, name: str,
@@ -69,7 +99,12 @@ def single_client(base: Path, examples: list, config: Any, rounds: int, work: Pa
 
 
 def run_experiment(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3,
-                   strategies: list[str] | None = None) -> dict[str, Any]:
+                   strategies: list[str] | None = None, attack: str | None = None,
+                   malicious: int = 1) -> dict[str, Any]:
+    """The paper's protocol. With ``attack`` (a kind of ``prismesh.runs.attacks.ATTACKS``), every
+    strategy also runs with ``malicious`` attacking hospitals added (a colluding pair counts
+    two), in rows labelled ``Federated LoRA (strategy + attack xN)``; accuracy is always taken
+    on the honest hospitals' test sets."""
     from prismesh.node.basemodel import ensure_base_model
     from prismesh.node.data import load_jsonl
     from prismesh.node.evaluate import Evaluator, cross_dataset_matrix, render_markdown
@@ -77,6 +112,12 @@ def run_experiment(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int 
     from prismesh.node.trainer import TrainConfig, create_initial_adapter
 
     strategies = strategies or ["fedavg", "fedavg-exact"]
+    threat = None
+    if attack is not None:
+        from prismesh.runs.attacks import Attack
+
+        threat = Attack(attack, seed=seed)
+        malicious = max(malicious, threat.clients)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -99,6 +140,12 @@ def run_experiment(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int 
             final, hist = federate(base, train, config, name, rounds, work, initial)
             rows[f"Federated LoRA ({name})"] = final
             history[name] = hist
+            if threat is not None:
+                key = f"{name} + {threat.kind} x{malicious}"
+                final, hist = federate(base, train, config, name, rounds, work, initial,
+                                       attack=threat, malicious=malicious)
+                rows[f"Federated LoRA ({key})"] = final
+                history[key] = hist
         _say("[4/4] evaluation of every row on every client's test set")
         ev = Evaluator(base, device="cpu")
         matrix = cross_dataset_matrix(ev, rows, tests)

@@ -129,10 +129,14 @@ class Federation:
         return Registry(self.manifest, self.w3, account or self.governance)
 
     def add_hospital(self, name: str, train_path: Path, test_path: Path, base_model: Path, *, device: str = "cpu",
-                     progress: bool = False, free_rider: str | None = None, node_class: type | None = None) -> Hospital:
+                     progress: bool = False, free_rider: str | None = None, attack: Any = None,
+                     node_class: type | None = None) -> Hospital:
         """A hospital's node; with ``free_rider`` (one of ``FREE_RIDER_KINDS``) a participant
-        that does no training and submits that kind of copy or junk instead; ``node_class``
-        replaces the node daemon's class (a misbehaving node in a test)."""
+        that does no training and submits that kind of copy or junk instead. With ``attack`` (a
+        ``prismesh.runs.attacks.Attack``) the node is malicious: it trains on ``train_path`` (the
+        attacker's data) and publishes the attack's adapter; the rest of its protocol is the
+        honest node's. ``node_class`` replaces the node daemon's class (a misbehaving node in a
+        test)."""
         from prismesh.node.daemon import NODE_EVENTS, NodeConfig, NodeDaemon
 
         index = FIRST_CLIENT + len(self.hospitals)
@@ -157,10 +161,14 @@ class Federation:
         kwargs = dict(w3=self.w3, manifest=self.manifest, account=account, store=self.store, stream=stream, progress=progress)
         if node_class is not None:
             daemon = node_class(cfg, **kwargs)
-        elif free_rider is None:
-            daemon = NodeDaemon(cfg, **kwargs)
-        else:
+        elif free_rider is not None:
             daemon = free_rider_node(free_rider)(cfg, **kwargs)
+        elif attack is not None:
+            from prismesh.runs.attacks import MaliciousNode
+
+            daemon = MaliciousNode(cfg, attack=attack, **kwargs)
+        else:
+            daemon = NodeDaemon(cfg, **kwargs)
         hospital = Hospital(name, train_path, test_path, daemon, free_rider)
         self.hospitals.append(hospital)
         return hospital
@@ -198,6 +206,10 @@ class Federation:
         Registry(self.manifest, self.w3, account).set_encryption_key(public_key_bytes(key))
         self.auditor = (account, key)
         return self.auditor
+
+    def descriptors(self) -> list[dict[str, Any]]:
+        """The institution descriptors the hospitals register (their keccak hashes go on chain)."""
+        return [{"name": h.daemon.config.name, **h.daemon.config.descriptor} for h in self.hospitals]
 
     def approve_all(self) -> None:
         """Each node registers itself; governance approves it (the institution vetting step)."""

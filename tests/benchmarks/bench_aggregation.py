@@ -1,10 +1,13 @@
 """Aggregation and fetch-and-verify timings on Qwen3-1.7B-shaped LoRA adapters.
 
     .venv/bin/python -m tests.benchmarks.bench_aggregation [--clients 4 8] [--rank 8]
+    .venv/bin/python -m tests.benchmarks.bench_aggregation --clients 4 32 --rank 16 --robust
 
 Prints, side by side in one run: fedavg vs fedavg-exact aggregation time (and the exact
 strategy's truncation error), the low-rank SVD used by fedavg-exact vs a dense SVD of ΔW for one
-module, and Ray-parallel vs sequential fetch+verify of the same adapters.
+module, and Ray-parallel vs sequential fetch+verify of the same adapters. ``--robust`` adds every
+robust strategy (or ``--strategies``) beside plain fedavg, on updates of a round's global adapter
+(the situation of round 2 onwards), with the time of the update-level checks of one adapter.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from prismesh.aggregator.adapters import save_adapter as save
 from prismesh.aggregator.lowrank import lowrank_svd, single_threaded_blas
 from prismesh.aggregator.parallel import UpdateRef, Verified, ensure_ray, fetch_and_verify
 from prismesh.aggregator.strategies import ClientUpdate, get_strategy
-from prismesh.aggregator.verify import expected_lora_shapes
+from prismesh.aggregator.verify import expected_lora_shapes, verify_adapter
 
 QWEN3_1_7B = {
     "hidden_size": 2048,
@@ -57,6 +60,47 @@ def make_adapters(n: int, lora: dict, seed: int = 0) -> list[Adapter]:
                 tensors[key] = (rng.standard_normal(shape) * 1e-3).astype(np.float32)
         out.append(Adapter(dict(lora, peft_type="LORA"), tensors))
     return out
+
+
+def moved_adapters(glob: Adapter, n: int, seed: int = 1) -> list[Adapter]:
+    """Clients that each trained one round from ``glob``: A nudged by 1 %, B by an update of the
+    size of B itself (as after a round of local training)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        tensors = {}
+        for key, v in glob.tensors.items():
+            step = 0.01 * np.abs(v).mean() if key.endswith(LORA_A_SUFFIX) else 1e-3
+            tensors[key] = (v + step * rng.standard_normal(v.shape)).astype(np.float32)
+        out.append(Adapter(dict(glob.config), tensors))
+    return out
+
+
+ROBUST = ["clipped-fedavg", "multi-krum", "geomedian", "trimmed-mean", "median"]
+
+
+def robust_section(args: argparse.Namespace, lora: dict, shapes: dict) -> None:
+    glob = make_adapters(1, lora, seed=99)[0]
+    adapters = moved_adapters(glob, max(args.clients))
+    names = ["fedavg", "fedavg-exact", *args.strategies]
+    print(f"\n== robust aggregation on updates of a global adapter (best of {args.robust_repeats}) ==", flush=True)
+    rows = {}
+    for n in args.clients:
+        updates = [ClientUpdate(f"0x{i:02x}", 100 + 17 * i, a) for i, a in enumerate(adapters[:n])]
+        times = rows[n] = {}
+        for name in names:
+            strategy = get_strategy(name)
+            times[name], _ = best_of(
+                lambda u=updates, s=strategy: s.aggregate(u, glob), args.robust_repeats
+            )
+            print(f"  {n} clients, {name}: {times[name]:.2f} s ({times[name] / times['fedavg']:.1f}x fedavg)", flush=True)
+    print("\n| strategy | " + " | ".join(f"{n} clients: s (x fedavg)" for n in args.clients) + " |")
+    print("|---|" + "---:|" * len(args.clients))
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{rows[n][name]:.2f} ({rows[n][name] / rows[n]['fedavg']:.1f}x)" for n in args.clients) + " |")
+    t_check, reasons = best_of(lambda: verify_adapter(adapters[0], shapes, lora, 1e3, glob), args.repeats)
+    assert reasons == [], reasons
+    print(f"update-level checks of one adapter against the global (verify_adapter): {t_check:.3f} s")
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
@@ -94,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ray-cpus", type=int, default=2)
+    parser.add_argument("--robust", action="store_true", help="time the robust strategies too")
+    parser.add_argument("--strategies", nargs="+", default=ROBUST, help="robust strategies to time")
+    parser.add_argument("--robust-repeats", type=int, default=1)
+    parser.add_argument("--skip-fetch", action="store_true", help="skip the fetch + verify section")
     args = parser.parse_args(argv)
     lora = {"r": args.rank, "lora_alpha": 2 * args.rank, "target_modules": TARGETS}
     shapes = expected_lora_shapes(QWEN3_1_7B, lora)
@@ -140,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{gap:.1e} (relative to the largest)"
     )
 
+    if args.robust:
+        del adapters
+        robust_section(args, lora, shapes)
+        adapters = make_adapters(n, lora)
+    if args.skip_fetch:
+        return 0
     print(f"\n== fetch + verify, {n} adapters ==")
     with tempfile.TemporaryDirectory(prefix="bench-agg-") as tmp:
         root = Path(tmp)
