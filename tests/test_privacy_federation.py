@@ -8,6 +8,7 @@ auditor's key (the DP noise included) and, without it, says what it could not ch
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -31,11 +32,11 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 class WrongRecipients(NodeDaemon):
     """Seals its update to the auditor only: the aggregator holds no key for it."""
 
-    def _pin_update(self, task, rnd, adapter_dir, privacy):
+    def _pin_update(self, task, rnd, adapter_dir, privacy, keep=None):
         from dataclasses import replace
 
         only_auditor = replace(privacy, recipients=privacy.recipients[1:])
-        return super()._pin_update(task, rnd, adapter_dir, only_auditor)
+        return super()._pin_update(task, rnd, adapter_dir, only_auditor, keep)
 
 
 class HashLiar(NodeDaemon):
@@ -128,8 +129,8 @@ def test_a_party_without_a_key_cannot_read_an_update(sealed_run, tmp_path) -> No
     reveal = next(ev for ev in coord.get_events("UpdateRevealed", fed.manifest.deploy_block, taskId=task)
                   if ev.client == fed.hospitals[0].daemon.address)
     blob = fed.store.cat(reveal.cid)
-    plain = (fed.hospitals[0].daemon.config.state_dir / "adapters" / f"task{task}-round{reveal.round}"
-             / "adapter_model.safetensors").read_bytes()
+    kept = fed.hospitals[0].daemon.state.section("rounds")[f"{task}:{reveal.round}"]["dir"]
+    plain = (Path(kept) / "adapter_model.safetensors").read_bytes()
     assert plain[8:200] not in blob  # the weights never appear in what the store serves
     with pytest.raises(NotARecipient, match=f"round {reveal.round} update of client"):
         fetch_any_adapter(fed.store, reveal.cid, tmp_path / "nokey")
@@ -149,20 +150,24 @@ def test_audit_with_and_without_the_auditor_key(sealed_run) -> None:
     checks = {f.check for f in with_key.findings}
     assert {"aggregate recomputed", "dp noise reproduced", "scores recomputed", "rewards recomputed",
             "opened with key", "sealed to recipients", "sealed for its round"} <= checks
-    failed = with_key.failures()
-    # The only failures are the two refused updates, each named.
-    assert failed and all(any(b in f.subject for b in bad) for f in failed), with_key.render()
-    # (The auditor can open the update sealed to it alone; the audit still flags its recipients.)
-    assert {f.check for f in failed} == {"sealed to recipients", "adapter vs sha256"}, with_key.render()
+    # The refused updates fail no check: their problems are findings, and the audit re-derives
+    # each refusal (the auditor can open the update sealed to it alone; the aggregator could not).
+    assert with_key.ok, with_key.render()
+    for b in bad:
+        refused = [f for f in with_key.findings if f.check == "exclusion re-derived" and b in f.subject]
+        assert len(refused) == 2, with_key.render()
+    wrong = [f for f in with_key.findings if f.check == "sealed to recipients" and "refused, not paid" in f.detail]
+    assert len(wrong) == 2 and all(f.ok for f in wrong), with_key.render()
     for check in ("aggregate recomputed", "dp noise reproduced", "scores recomputed"):
         found = [f for f in with_key.findings if f.check == check]
         assert len(found) == 2 and all(f.ok for f in found), with_key.render()
     assert not with_key.unchecked
 
     without = audit_task(fed.w3, fed.manifest, fed.store, task)
-    assert {f.check for f in without.unchecked} == {"adapter vs sha256", "aggregate recomputed", "scores recomputed"}
+    assert {f.check for f in without.unchecked} == {"adapter vs sha256", "inclusion re-derived", "aggregate recomputed",
+                                                    "scores recomputed"}
     assert all("key" in f.detail for f in without.unchecked)
     assert {f.check for f in without.findings if f.ok} >= {"adapter vs CID", "sealed for its round", "rewards recomputed",
                                                            "within budget", "aggregate stored", "finality certificate"}
-    assert all(any(b in f.subject for b in bad) for f in without.failures()), without.render()
+    assert without.ok, without.render()
     assert "not checked" in without.render()
