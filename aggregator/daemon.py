@@ -118,6 +118,13 @@ class AggregatorDaemon:
         self._healed_at = 0.0
         self._behind_logged = False
         telemetry.actor(account.address, "aggregator", "aggregator")
+        self._owns_ray = False
+        if config.parallel:
+            # Ray starts now, on a thread, while the first round's clients train.
+            from prismesh.aggregator.parallel import start_ray_in_background
+
+            local_cpus = None if config.ray_address else config.ray_num_cpus
+            self._owns_ray = start_ray_in_background(config.ray_address, local_cpus)
         self.recover()
 
     # ------------------------------------------------------------------ recovery
@@ -222,6 +229,7 @@ class AggregatorDaemon:
             self._log_behind()
             if acted == 0:
                 self._stop.wait(self.config.poll_interval)
+        self.close()
         log.info("aggregator stopped cleanly")
 
     def _log_behind(self) -> None:
@@ -235,6 +243,14 @@ class AggregatorDaemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        """Stop the local Ray this daemon started (its processes go with it)."""
+        if self._owns_ray:
+            from prismesh.aggregator.parallel import stop_ray
+
+            stop_ray()
+            self._owns_ray = False
 
     # ------------------------------------------------------------------ events
 

@@ -50,6 +50,7 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
     the finished run can be re-opened and audited (:func:`reopen_chain`). ``observer(fed)`` is
     called once the federation is set up (the command line opens the dashboard there); what it
     returns has ``finished()`` called after the report and ``close()`` before the chain stops."""
+    from prismesh.aggregator.parallel import start_ray_in_background, stop_ray
     from prismesh.node.basemodel import ensure_base_model
     from prismesh.node.synthetic import make_benchmark
     from prismesh.node.trainer import TrainConfig, create_initial_adapter
@@ -62,6 +63,8 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
                     *(["baselines: base model and single-client LoRA (same number of local epochs)"] if baselines else []),
                     "report"])
     t_start = time.perf_counter()
+    # The aggregator's Ray starts first, on a thread: it is ready long before round 1's reveals.
+    ray_started = start_ray_in_background(num_cpus=1)
     steps.next()
     base = ensure_base_model(progress=True)
     _say(f"      {base}")
@@ -124,6 +127,8 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         if watching is not None:
             watching.close()
         fed.close()
+        if ray_started:
+            stop_ray()
         if chain == "anvil":
             _say(f"the chain is kept in {fed.state_file}; re-check it any time with\n"
                  f"      prismesh audit --out {out} --task 1\n"
