@@ -440,7 +440,8 @@ class AggregatorDaemon:
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
         result = strategy.aggregate(updates, global_adapter)
         out = save_adapter(result.adapter, self.config.state_dir / "aggregates" / f"task{task}-round{rnd}")
-        known = published_before(self.coordinator, self.store, task, rnd, self.config.state_dir / "work" / "published")
+        known = published_before(self.coordinator, self.store, task, rnd, self.config.state_dir / "work" / "published",
+                                 cids=self._published_cids(task, rnd))
         scores = score_updates(updates, global_adapter, known)
         return out, scores, rejected, _jsonable(result.metrics)
 
@@ -493,6 +494,16 @@ class AggregatorDaemon:
                 self._restore_aggregate(rec)  # every block re-hashed
             elif age < HEAL_HISTORY and not self.store.has(rec["aggregate_cid"]):
                 self._restore_aggregate(rec)  # the audit of a finished task needs it too
+
+    def _published_cids(self, task: int, rnd: int) -> list[str]:
+        """What the task published before round ``rnd``'s reveals, from the events this daemon
+        recorded (every round's global adapter up to ``rnd``, then every earlier round's
+        reveals, in chain order): no rescan of the chain per round."""
+        recs = sorted((rec for rec in self.state.section("rounds").values() if rec.get("task") == task),
+                      key=lambda rec: rec["round"])
+        cids = [rec["global_cid"] for rec in recs if rec["round"] <= rnd and rec.get("global_cid")]
+        cids += [r["cid"] for rec in recs if rec["round"] < rnd for r in rec.get("reveals", {}).values()]
+        return cids
 
     def _fail(self, task: int, rnd: int, reason: str, rec: dict, rejected: dict[str, str]) -> None:
         from prismesh.chain.evm.contracts import ContractRevert
