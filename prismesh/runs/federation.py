@@ -234,12 +234,17 @@ class Federation:
         return self.committee.run_until_final()
 
     def step(self) -> int:
-        """One pass: finality, then every node, then the aggregator; returns actions taken."""
+        """One pass: finality, then every node, then the aggregator; returns actions taken.
+
+        One finality wait per step, plus one more only when the nodes mined something the
+        aggregator has to see final in the same step (their reveals)."""
         self.finalize()
+        head = int(self.w3.eth.block_number)
         actions = 0
         for h in self.hospitals:
             actions += h.daemon.step()
-        self.finalize()
+        if int(self.w3.eth.block_number) != head:
+            self.finalize()
         if self.aggregator is not None:
             actions += self.aggregator.step()
         return actions
