@@ -100,6 +100,7 @@ class Federation:
         self.store = open_store(self.store_spec)
         self.hospitals: list[Hospital] = []
         self.aggregator: Any = None
+        self._evaluators: dict[tuple[str, str], Any] = {}
 
     @property
     def state_file(self) -> Path:
@@ -156,9 +157,21 @@ class Federation:
             daemon = NodeDaemon(cfg, **kwargs)
         else:
             daemon = free_rider_node(free_rider)(cfg, **kwargs)
+        # The hospitals of this process take turns, so they share one loaded base model for
+        # evaluating aggregates instead of loading one each.
+        daemon.evaluator = lambda: self.shared_evaluator(base_model, device)
         hospital = Hospital(name, train_path, test_path, daemon, free_rider)
         self.hospitals.append(hospital)
         return hospital
+
+    def shared_evaluator(self, base_model: Path, device: str) -> Any:
+        """One ``Evaluator`` per base model and device for every hospital of this federation."""
+        key = (str(Path(base_model).resolve()), device)
+        if key not in self._evaluators:
+            from prismesh.node.evaluate import Evaluator
+
+            self._evaluators[key] = Evaluator(base_model, device=device)
+        return self._evaluators[key]
 
     def add_aggregator(self) -> Any:
         from prismesh.aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon

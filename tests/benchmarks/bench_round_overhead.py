@@ -123,6 +123,7 @@ def plain_side(args: argparse.Namespace, spawned: float) -> dict[str, Any]:
     from prismesh.node.evaluate import Evaluator
     from prismesh.node.synthetic import make_benchmark
     from prismesh.node.trainer import TrainConfig, create_initial_adapter, train_lora
+    from prismesh.runs.accounting import Ledger, rounded
     from prismesh.runs.demo import build_spec
     from prismesh.runs.federation import FIRST_CLIENT, TaskSettings
 
@@ -138,28 +139,29 @@ def plain_side(args: argparse.Namespace, spawned: float) -> dict[str, Any]:
     strategy = get_strategy(spec.strategy, **spec.strategy_options)
     data = {c.name: (load_jsonl(c.train_path), load_jsonl(c.test_path)) for c in clients}
     evaluator = None
+    ledger = Ledger()
     started = time.time()
     rows, dirs, accuracy = [], [], []
     global_dir = initial
-    t = time.perf_counter()
     for r in range(1, args.rounds + 1):
         updates, training = [], 0.0
         for c in clients:
-            res = train_lora(base, data[c.name][0], work / f"r{r}-{c.name}", cfg, init_adapter=global_dir,
-                             progress=False, base_model_name=spec.base_model_id)
+            with ledger.part("training"):
+                res = train_lora(base, data[c.name][0], work / f"r{r}-{c.name}", cfg, init_adapter=global_dir,
+                                 progress=False, base_model_name=spec.base_model_id)
             training += float(res.metrics.get("seconds", 0.0))
             updates.append(ClientUpdate(address[c.name], rule.weight(min(int(res.num_samples), rule.sample_cap)),
                                         load_adapter(res.adapter_dir)))
-        updates.sort(key=lambda u: u.client)
-        result = strategy.aggregate(updates, aggregation_base(spec, load_adapter(global_dir)))
-        global_dir = save_adapter(result.adapter, work / f"aggregate-r{r}")
-        if evaluator is None:
-            evaluator = Evaluator(base, device="cpu")
-        accuracy.append({c.name: evaluator.accuracy(global_dir, data[c.name][1]) for c in clients})
+        with ledger.part("aggregation"):
+            updates.sort(key=lambda u: u.client)
+            result = strategy.aggregate(updates, aggregation_base(spec, load_adapter(global_dir)))
+            global_dir = save_adapter(result.adapter, work / f"aggregate-r{r}")
+        with ledger.part("evaluation"):
+            if evaluator is None:
+                evaluator = Evaluator(base, device="cpu")
+            accuracy.append({c.name: evaluator.accuracy(global_dir, data[c.name][1]) for c in clients})
         dirs.append(global_dir)
-        now = time.perf_counter()
-        rows.append({"row": f"round {r}", "wall_seconds": now - t, "training_seconds": training})
-        t = now
+        rows.append(rounded(ledger.cut(f"round {r}", training=training)))
     return {
         "startup_seconds": started - spawned,
         "rows": rows,
@@ -223,10 +225,11 @@ def main() -> int:
     train_f = sum(r["training_seconds"] for r in fed["rows"])
     train_p = sum(r["training_seconds"] for r in plain["rows"])
     print(f"| clients' training, all rounds (s) | {train_f:.2f} | {train_p:.2f} | | |")
-    print("\nfederated rows (overhead split, s):")
-    for r in fed["rows"]:
-        split = ", ".join(f"{k} {v:.2f}" for k, v in r["overhead"].items())
-        print(f"  {r['row']:<8} wall {r['wall_seconds']:.2f}, training {r['training_seconds']:.2f}: {split}")
+    for name, side in (("federated", fed), ("plain loop", plain)):
+        print(f"\n{name} rows (overhead split, s):")
+        for r in side["rows"]:
+            split = ", ".join(f"{k} {v:.2f}" for k, v in r["overhead"].items() if v or k == "other")
+            print(f"  {r['row']:<8} wall {r['wall_seconds']:.2f}, training {r['training_seconds']:.2f}: {split}")
     print(f"\naggregate CIDs match: {cids_match} ({', '.join(fed['cids'])})")
     print(f"accuracies match to 4 decimals: {acc_match}")
     return 0 if cids_match and acc_match else 1
