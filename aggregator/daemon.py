@@ -124,6 +124,13 @@ class AggregatorDaemon:
         self._behind_logged = False
         telemetry.actor(account.address, "aggregator", "aggregator")
         self._box_key: Any = None
+        self._owns_ray = False
+        if config.parallel:
+            # Ray starts now, on a thread, while the first round's clients train.
+            from prismesh.aggregator.parallel import start_ray_in_background
+
+            local_cpus = None if config.ray_address else config.ray_num_cpus
+            self._owns_ray = start_ray_in_background(config.ray_address, local_cpus)
         self.recover()
 
     # ------------------------------------------------------------------ recovery
@@ -254,6 +261,7 @@ class AggregatorDaemon:
             self._log_behind()
             if acted == 0:
                 self._stop.wait(self.config.poll_interval)
+        self.close()
         log.info("aggregator stopped cleanly")
 
     def _log_behind(self) -> None:
@@ -267,6 +275,14 @@ class AggregatorDaemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        """Stop the local Ray this daemon started (its processes go with it)."""
+        if self._owns_ray:
+            from prismesh.aggregator.parallel import stop_ray
+
+            stop_ray()
+            self._owns_ray = False
 
     # ------------------------------------------------------------------ events
 
@@ -539,7 +555,7 @@ class AggregatorDaemon:
         else:
             out, metrics = save_adapter(result.adapter, target), dict(result.metrics)
         known = published_before(self.coordinator, self.store, task, rnd, self.config.state_dir / "work" / "published",
-                                 private_key=key)
+                                 private_key=key, cids=self._published_cids(task, rnd))
         scores = score_updates(kept, global_adapter, known)
         if privacy.sealed or privacy.client_dp is not None or spec.train.get("dp_noise_multiplier"):
             from prismesh.chain.privacy import privacy_report
@@ -621,6 +637,16 @@ class AggregatorDaemon:
                 self._restore_aggregate(rec)  # every block re-hashed
             elif age < HEAL_HISTORY and not self.store.has(rec["aggregate_cid"]):
                 self._restore_aggregate(rec)  # the audit of a finished task needs it too
+
+    def _published_cids(self, task: int, rnd: int) -> list[str]:
+        """What the task published before round ``rnd``'s reveals, from the events this daemon
+        recorded (every round's global adapter up to ``rnd``, then every earlier round's
+        reveals, in chain order): no rescan of the chain per round."""
+        recs = sorted((rec for rec in self.state.section("rounds").values() if rec.get("task") == task),
+                      key=lambda rec: rec["round"])
+        cids = [rec["global_cid"] for rec in recs if rec["round"] <= rnd and rec.get("global_cid")]
+        cids += [r["cid"] for rec in recs if rec["round"] < rnd for r in rec.get("reveals", {}).values()]
+        return cids
 
     def _fail(self, task: int, rnd: int, reason: str, rec: dict, rejected: dict[str, str]) -> None:
         from prismesh.chain.evm.contracts import ContractRevert

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import bisect
 import contextlib
 import os
 import platform
@@ -454,6 +455,8 @@ class EmbeddedDevnet(Devnet):
         endpoints["net"]["version"] = static_return(str(chain_id))
         for name in ("call", "estimateGas"):
             endpoints["eth"][name] = _raw_revert_data(endpoints["eth"][name])
+        self.log_index = LogIndex(self.tester)
+        endpoints["eth"]["getLogs"] = lambda _tester, params: self.log_index.get_logs(**params[0])
         self.w3 = Web3(EthereumTesterProvider(self.tester, api_endpoints=endpoints))
         expected = {a.address for a in self.accounts}
         if not expected <= set(self.tester.get_accounts()):
@@ -474,6 +477,99 @@ class EmbeddedDevnet(Devnet):
 
     def stop(self) -> None:
         """Nothing runs outside the process; kept for the common API."""
+
+
+class LogIndex:
+    """The embedded chain's logs indexed by address and first topic, kept up to date from the
+    chain's head: a log query costs the logs it returns plus the blocks mined since the last
+    query, not the length of the range it names (eth-tester reads every block of the range and
+    every receipt in them). ``blocks_read`` counts the blocks read into the index; a revert to
+    a snapshot is noticed by the hash of the last block indexed and rebuilds the index."""
+
+    def __init__(self, tester: Any) -> None:
+        self.tester = tester
+        self.blocks_read = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._hashes: list[Any] = []  # hash of each indexed block, by number
+        self._by_address: dict[str, list[tuple[int, dict]]] = {}
+        self._by_topic: dict[tuple[str, str], list[tuple[int, dict]]] = {}
+
+    def _sync(self) -> int:
+        head = int(self.tester.get_block_by_number("latest")["number"])
+        if self._hashes:
+            last = len(self._hashes) - 1
+            if last > head or self.tester.get_block_by_number(last)["hash"] != self._hashes[-1]:
+                self._reset()
+        for number in range(len(self._hashes), head + 1):
+            block = self.tester.get_block_by_number(number)
+            self.blocks_read += 1
+            for tx_hash in block["transactions"]:
+                for entry in self.tester.get_transaction_receipt(tx_hash)["logs"]:
+                    entry = dict(entry)
+                    address = str(entry["address"]).lower()
+                    self._by_address.setdefault(address, []).append((number, entry))
+                    if entry["topics"]:
+                        key = (address, _hex(entry["topics"][0]))
+                        self._by_topic.setdefault(key, []).append((number, entry))
+            self._hashes.append(block["hash"])
+        return head
+
+    def get_logs(self, from_block: Any = None, to_block: Any = None, address: Any = None,
+                 topics: Any = None) -> list[dict]:
+        """``eth_getLogs`` over the index, with eth-tester's answer for the same filter."""
+        head = self._sync()
+        low = _block_number(from_block, head)
+        high = _block_number(to_block, head)
+        if address is None:
+            addresses = sorted(self._by_address)
+        else:
+            addresses = [str(a).lower() for a in (address if isinstance(address, (list, tuple)) else [address])]
+        topics = list(topics or [])
+        first = topics[0] if topics else None
+        found: list[tuple[int, int, dict]] = []
+        for addr in addresses:
+            if first is None:
+                lists = [self._by_address.get(addr, [])]
+            else:
+                wanted = first if isinstance(first, (list, tuple)) else [first]
+                lists = [self._by_topic.get((addr, _hex(t)), []) for t in wanted]
+            for entries in lists:
+                start = bisect.bisect_left(entries, low, key=lambda e: e[0])
+                for number, entry in entries[start:]:
+                    if number > high:
+                        break
+                    if _topics_match(entry["topics"], topics):
+                        found.append((number, int(entry["log_index"]), entry))
+        found.sort(key=lambda f: (f[0], f[1]))
+        return [entry for _, _, entry in found]
+
+
+def _hex(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return "0x" + bytes(value).hex()
+    return str(value).lower()
+
+
+def _block_number(value: Any, head: int) -> int:
+    if value is None or value in ("latest", "pending", "safe", "finalized"):
+        return head
+    if value == "earliest":
+        return 0
+    return int(value, 16) if isinstance(value, str) else int(value)
+
+
+def _topics_match(have: Any, want: list) -> bool:
+    if len(want) > len(have):
+        return False
+    for got, expected in zip(have, want, strict=False):
+        if expected is None:
+            continue
+        options = expected if isinstance(expected, (list, tuple)) else [expected]
+        if _hex(got) not in {_hex(o) for o in options}:
+            return False
+    return True
 
 
 def _look_up_transactions_by_index() -> None:

@@ -102,6 +102,7 @@ class Federation:
         self.hospitals: list[Hospital] = []
         self.aggregator: Any = None
         self.auditor: Any = None
+        self._evaluators: dict[tuple[str, str], Any] = {}
 
     @property
     def state_file(self) -> Path:
@@ -169,9 +170,21 @@ class Federation:
             daemon = MaliciousNode(cfg, attack=attack, **kwargs)
         else:
             daemon = NodeDaemon(cfg, **kwargs)
+        # The hospitals of this process take turns, so they share one loaded base model for
+        # evaluating aggregates instead of loading one each.
+        daemon.evaluator = lambda: self.shared_evaluator(base_model, device)
         hospital = Hospital(name, train_path, test_path, daemon, free_rider)
         self.hospitals.append(hospital)
         return hospital
+
+    def shared_evaluator(self, base_model: Path, device: str) -> Any:
+        """One ``Evaluator`` per base model and device for every hospital of this federation."""
+        key = (str(Path(base_model).resolve()), device)
+        if key not in self._evaluators:
+            from prismesh.node.evaluate import Evaluator
+
+            self._evaluators[key] = Evaluator(base_model, device=device)
+        return self._evaluators[key]
 
     def add_aggregator(self) -> Any:
         from prismesh.aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
@@ -184,6 +197,8 @@ class Federation:
             store=self.store_spec,
             finality=self.finality,
             parallel=self.parallel,
+            # One host shared with the nodes' training; a round's small updates are one Ray task.
+            ray_num_cpus=1,
         )
         stream = make_stream(self.devnet, self.manifest, AGGREGATOR_EVENTS, state_dir / "cursor.json", self.finality)
         self.aggregator = AggregatorDaemon(
@@ -260,12 +275,17 @@ class Federation:
         return self.committee.run_until_final()
 
     def step(self) -> int:
-        """One pass: finality, then every node, then the aggregator; returns actions taken."""
+        """One pass: finality, then every node, then the aggregator; returns actions taken.
+
+        One finality wait per step, plus one more only when the nodes mined something the
+        aggregator has to see final in the same step (their reveals)."""
         self.finalize()
+        head = int(self.w3.eth.block_number)
         actions = 0
         for h in self.hospitals:
             actions += h.daemon.step()
-        self.finalize()
+        if int(self.w3.eth.block_number) != head:
+            self.finalize()
         if self.aggregator is not None:
             actions += self.aggregator.step()
         return actions
@@ -302,6 +322,8 @@ class Federation:
         raise TimeoutError(f"task {task_id} did not finish within {timeout:.0f} s")
 
     def close(self) -> None:
+        if self.aggregator is not None:
+            self.aggregator.close()
         try:
             self.devnet.stop()
         except Exception:  # noqa: BLE001 - closing is best effort
