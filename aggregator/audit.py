@@ -61,8 +61,8 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
     """Run every check for ``task_id``; never raises on a failed check, only records it."""
     from prismesh.aggregator.adapters import load_adapter, save_adapter
     from prismesh.aggregator.contribution import published_before, score_updates
-    from prismesh.aggregator.daemon import aggregation_base
-    from prismesh.aggregator.strategies import ClientUpdate, get_strategy
+    from prismesh.aggregator.history import Contribution, aggregation_base, round_updates
+    from prismesh.aggregator.strategies import aggregate, get_strategy
     from prismesh.aggregator.weights import WeightRule
     from prismesh.chain.evm.contracts import Coordinator
     from prismesh.chain.storage import StorageError, cid_of_path, fetch_adapter
@@ -115,31 +115,41 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
                 adapters[ev.cid] = d
 
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
+        state = None  # a server optimiser's state, rebuilt round by round as the daemon does
+        state_known = True
         for acc in accepted:
             r = acc.round
             subject = f"round {r} aggregate {acc.aggregate_cid}"
             missing = [c for c in acc.included if c not in reveals.get(r, {})]
             if missing:
                 report.add("included revealed", subject, False, f"included without a reveal: {missing}")
+                state_known = False
                 continue
             refs = [reveals[r][c] for c in acc.included]
             if any(ref.cid not in adapters for ref in refs):
                 report.add("aggregate recomputed", subject, False, "an included adapter could not be fetched intact")
+                state_known = False
+                continue
+            if strategy.stateful and not state_known:
+                report.add("aggregate recomputed", subject, False,
+                           f"{strategy.name}'s state cannot be rebuilt past an earlier round that failed its checks")
                 continue
             try:
                 global_cid = opened[r].global_adapter_cid if r in opened else ""
                 glob = aggregation_base(
                     spec, load_adapter(fetch_adapter(store, global_cid, work / "global" / global_cid)) if global_cid else None
                 )
-                updates = [ClientUpdate(ref.client, rule.weight(int(ref.num_samples)), load_adapter(adapters[ref.cid]))
-                           for ref in refs]
-                result = strategy.aggregate(updates, glob)
+                contributions = [Contribution(ref.client, ref.cid, int(ref.num_samples)) for ref in refs]
+                updates = round_updates(contributions, adapters, rule)
+                result = aggregate(strategy, updates, glob, state)
+                state = result.state
                 out = save_adapter(result.adapter, work / "recomputed" / f"round{r}")
                 cid = cid_of_path(out)
                 known = published_before(coord, store, task_id, r, work / "published")
                 scored[r] = score_updates(updates, glob, known)
             except Exception as exc:  # noqa: BLE001 - recorded as a failed check
                 report.add("aggregate recomputed", subject, False, f"{type(exc).__name__}: {exc}")
+                state_known = False
                 continue
             same = cid == acc.aggregate_cid
             report.add("aggregate recomputed", subject, same, "" if same else f"recomputed CID {cid}")

@@ -26,6 +26,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from prismesh.aggregator.history import (  # noqa: F401 - aggregation_base and config_only_adapter are re-exported
+    aggregation_base,
+    config_only_adapter,
+    server_state_before,
+)
 from prismesh.chain import telemetry
 from prismesh.chain.localstate import (
     StateFile,
@@ -265,7 +270,7 @@ class AggregatorDaemon:
         from prismesh.aggregator.adapters import load_adapter, save_adapter
         from prismesh.aggregator.contribution import published_before, score_updates
         from prismesh.aggregator.parallel import Rejected, StoreFetch, UpdateRef, fetch_and_verify
-        from prismesh.aggregator.strategies import get_strategy
+        from prismesh.aggregator.strategies import aggregate, get_strategy
         from prismesh.aggregator.verify import expected_lora_shapes
         from prismesh.aggregator.weights import WeightRule
         from prismesh.chain.storage import fetch_adapter
@@ -310,7 +315,10 @@ class AggregatorDaemon:
         rule = WeightRule.of_task(params)
         updates = [replace(v.to_update(), num_samples=rule.weight(v.num_samples)) for v in verified]
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
-        result = strategy.aggregate(updates, global_adapter)
+        # A server optimiser's state is rebuilt from the chain and the store, never kept here.
+        state = server_state_before(self.coordinator, self.manifest.deploy_block, self.store, spec, strategy,
+                                    task, rnd, work / "history")
+        result = aggregate(strategy, updates, global_adapter, state)
         out = save_adapter(result.adapter, self.config.state_dir / "aggregates" / f"task{task}-round{rnd}")
         known = published_before(self.coordinator, self.store, task, rnd, self.config.state_dir / "work" / "published")
         scores = score_updates(updates, global_adapter, known)
@@ -335,32 +343,6 @@ class AggregatorDaemon:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, indent=1, sort_keys=True))
         tmp.replace(path)
-
-
-def aggregation_base(spec: Any, global_adapter: Any | None) -> Any:
-    """The adapter a round's aggregate takes its config from: the round's global adapter, or
-    the task's bare LoRA config in round 1; either way naming the task's base model, so the
-    aggregate's bytes never depend on a path someone's adapter happened to record."""
-    if global_adapter is None:
-        return config_only_adapter(spec)
-    from prismesh.aggregator.adapters import Adapter
-
-    return Adapter({**global_adapter.config, "base_model_name_or_path": spec.base_model_id}, global_adapter.tensors)
-
-
-def config_only_adapter(spec: Any) -> Any:
-    """The round's starting point when a task starts from the bare base model: no tensors, and
-    the task's own LoRA config, so the aggregate never inherits one client's local settings."""
-    from prismesh.aggregator.adapters import Adapter
-
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": spec.base_model_id,
-        "bias": "none",
-        **spec.lora.to_dict(),
-    }
-    return Adapter(config, {})
 
 
 def _jsonable(value: Any) -> Any:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 SPEC_FORMAT = "prismesh-task/1"
+METRIC_SCORINGS = ("letter", "mean", "sum")  # the node evaluator's scorings
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -51,6 +52,7 @@ TRAIN_FIELDS: dict[str, tuple[str, Any]] = {
     "weight_decay": ("a number >= 0", lambda v: _is_num(v) and v >= 0),
     "warmup_steps": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
     "max_grad_norm": ("a number >= 0 (0 disables clipping)", lambda v: _is_num(v) and v >= 0),
+    "prox_mu": ("a number >= 0 (FedProx's proximal weight; 0 = off)", lambda v: _is_num(v) and v >= 0),
 }
 
 
@@ -98,6 +100,9 @@ class TaskSpec:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     norm_bound: float = 1.0e4
     report_metrics: bool = True
+    # How nodes score the accuracy they report: "letter" (the option key after the answer cue,
+    # the MedQA standard), "mean" (length-normalised answer-line likelihood) or "sum".
+    metric_scoring: str = "letter"
     test_fraction: float = 0.2
     split_seed: int = 0
     format: str = SPEC_FORMAT
@@ -132,6 +137,7 @@ class TaskSpec:
             "a finite number > 0",
         )
         _require(0.0 < float(self.test_fraction) < 1.0, "test_fraction", "in (0, 1)")
+        _require(self.metric_scoring in METRIC_SCORINGS, "metric_scoring", f"one of {METRIC_SCORINGS}")
         _require(self.format == SPEC_FORMAT, "format", f"{SPEC_FORMAT!r}")
 
     @property

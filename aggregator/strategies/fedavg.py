@@ -81,19 +81,25 @@ class FedAvgExact(Strategy):
     """
 
     name = "fedavg-exact"
+    refactorizes = True
 
-    def __init__(self, split: str = "balanced") -> None:
+    def __init__(self, split: str = "balanced", server_lr: float = 1.0) -> None:
         if split not in ("balanced", "B"):
             raise ValueError(f"split must be 'balanced' or 'B', got {split!r}")
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"server_lr must be a positive number, got {server_lr}")
         self.split = split
+        self.server_lr = float(server_lr)
 
     def options(self) -> dict[str, Any]:
-        return {"split": self.split}
+        return {"split": self.split, "server_lr": self.server_lr}
 
     def aggregate(
         self, updates: Sequence[ClientUpdate], global_adapter: Adapter | None = None
     ) -> AggregateResult:
         ordered, w = prepare_updates(updates)
+        if self.server_lr != 1.0 and (global_adapter is None or not global_adapter.tensors):
+            raise ValueError("fedavg-exact with server_lr != 1 needs the round's global adapter")
         config = _output_config(ordered, global_adapter)
         out_spec = Adapter(config, {})
         modules = ordered[0].adapter.lora_modules()
@@ -103,9 +109,10 @@ class FedAvgExact(Strategy):
         for key in sorted(set(ordered[0].adapter.tensors) - pair_keys):
             mean, dtype = _weighted_mean(ordered, w, key)
             out[key] = mean.astype(dtype)
+        glob = global_adapter if self.server_lr != 1.0 else None
         with single_threaded_blas():
             for m in modules:
-                self._module(m, ordered, w, out_spec, out, errors)
+                self._module(m, ordered, w, out_spec, out, errors, glob)
         tail_total = sum(t for t, _ in errors.values())
         norm_total = sum(n for _, n in errors.values())
         rel = {m: math.sqrt(t / n) if n > 0 else 0.0 for m, (t, n) in errors.items()}
@@ -125,20 +132,26 @@ class FedAvgExact(Strategy):
         out_spec: Adapter,
         out: dict[str, np.ndarray],
         errors: dict[str, tuple[float, float]],
+        glob: Adapter | None = None,
     ) -> None:
-        """Aggregate one module into ``out``; record (tail², ||ΔW||²) in ``errors``."""
-        b_cat = np.concatenate(
-            [
-                (wi * u.adapter.scaling(m))
-                * np.asarray(u.adapter.tensors[m + LORA_B_SUFFIX], np.float64)
-                for wi, u in zip(w, ordered, strict=True)
-            ],
-            axis=1,
-        )
-        a_cat = np.concatenate(
-            [np.asarray(u.adapter.tensors[m + LORA_A_SUFFIX], np.float64) for u in ordered],
-            axis=0,
-        )
+        """Aggregate one module into ``out``; record (tail², ||ΔW||²) in ``errors``.
+
+        With a server learning rate η (``glob`` given) the target is
+        ΔW_g + η·(Σ w_i ΔW_i − ΔW_g) = (1 − η)·ΔW_g + η·Σ w_i ΔW_i, still a sum of low-rank terms.
+        """
+        eta = self.server_lr if glob is not None else 1.0
+        bs = [
+            (eta * wi * u.adapter.scaling(m)) * np.asarray(u.adapter.tensors[m + LORA_B_SUFFIX], np.float64)
+            for wi, u in zip(w, ordered, strict=True)
+        ]
+        as_ = [np.asarray(u.adapter.tensors[m + LORA_A_SUFFIX], np.float64) for u in ordered]
+        if glob is not None:
+            b_g = _global_tensor(glob, m + LORA_B_SUFFIX, bs[0].shape)
+            a_g = _global_tensor(glob, m + LORA_A_SUFFIX, as_[0].shape)
+            bs.append(((1.0 - eta) * glob.scaling(m)) * b_g)
+            as_.append(a_g)
+        b_cat = np.concatenate(bs, axis=1)
+        a_cat = np.concatenate(as_, axis=0)
         r, _ = out_spec.rank_alpha(m)
         scale = out_spec.scaling(m)
         u_, s_, v_ = lowrank_svd(b_cat, a_cat, r)

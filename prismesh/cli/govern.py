@@ -68,6 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-report-metrics", action="store_true",
                    help="nodes do not evaluate and report each aggregate's accuracy")
     p.add_argument("--strategy", default="fedavg")
+    p.add_argument("--strategy-options", default="{}",
+                   help='the strategy\'s options as JSON, e.g. \'{"inner": "fairavg", "lr": 2.0}\' for fedavgm; '
+                        "training settings the strategy needs of clients (FedProx's prox_mu) are added to --train")
+    p.add_argument("--metric-scoring", choices=("letter", "mean", "sum"), default="letter",
+                   help="how nodes score the accuracy they report (default letter, the MedQA standard)")
     p.add_argument("--norm-bound", type=float, default=1.0e4)
     p.add_argument("--train", default="{}", help="training settings as JSON (lr, max_length, seed, ...)")
     p.add_argument("--out", type=Path, required=True)
@@ -189,6 +194,22 @@ def _make_spec(args: argparse.Namespace) -> int:
     if not isinstance(train, dict):
         raise UsageError("--train must be a JSON object, e.g. '{\"lr\": 1e-3}'")
     try:
+        options = json.loads(args.strategy_options)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--strategy-options is not JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise UsageError("--strategy-options must be a JSON object")
+    from prismesh.aggregator.strategies import client_settings
+
+    try:
+        required = client_settings(args.strategy, options)
+    except ValueError as exc:
+        raise UsageError(f"--strategy {args.strategy}: {exc}") from None
+    for key, value in required.items():
+        if key in train and train[key] != value:
+            raise UsageError(f"--train {key}={train[key]!r} contradicts strategy {args.strategy}, which needs {value!r}")
+        train[key] = value
+    try:
         lora = {"r": args.rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout}
         if args.target_modules is not None:
             lora["target_modules"] = tuple(m.strip() for m in args.target_modules.split(",") if m.strip())
@@ -199,6 +220,8 @@ def _make_spec(args: argparse.Namespace) -> int:
             model_config=json.loads(cfg_path.read_text()),
             train=train,
             strategy=args.strategy,
+            strategy_options=options,
+            metric_scoring=args.metric_scoring,
             norm_bound=args.norm_bound,
             report_metrics=not args.no_report_metrics,
         )
