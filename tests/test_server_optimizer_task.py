@@ -11,8 +11,14 @@ import pytest
 
 from prismesh.aggregator.audit import audit_task
 from prismesh.aggregator.daemon import AggregatorConfig, AggregatorDaemon
-from prismesh.aggregator.history import Contribution, replay_round, server_state_before
+from prismesh.aggregator.history import (
+    Contribution,
+    replay_round,
+    round_updates,
+    server_state_before,
+)
 from prismesh.aggregator.strategies import get_strategy
+from prismesh.aggregator.weights import WeightRule
 from prismesh.chain.evm.contracts import TaskStatus
 from prismesh.chain.storage import fetch_adapter
 from prismesh.node.trainer import TrainConfig, create_initial_adapter
@@ -61,7 +67,7 @@ def test_fedavgm_task_is_restart_safe_and_audited(tmp_path: Path) -> None:
         rec = {"global_cid": opened[3].global_adapter_cid,
                "reveals": {c: {"cid": reveals[(3, c)].cid, "sha256": bytes(reveals[(3, c)].sha256).hex(),
                                "num_samples": int(reveals[(3, c)].num_samples)} for c in accepted[3].included}}
-        out_dir, included, rejected, metrics = other.compute(task, 3, coord.get_task_params(task), rec)
+        out_dir, _scores, rejected, metrics = other.compute(task, 3, coord.get_task_params(task), rec)
         from prismesh.chain.storage import cid_of_path
 
         assert cid_of_path(out_dir) == accepted[3].aggregate_cid and not rejected
@@ -75,8 +81,10 @@ def test_fedavgm_task_is_restart_safe_and_audited(tmp_path: Path) -> None:
         from prismesh.aggregator.adapters import load_adapter, save_adapter
 
         glob = load_adapter(fetch_adapter(fed.store, opened[3].global_adapter_cid, tmp_path / "g"))
-        with_state = replay_round(strategy, spec, glob, contributions, dirs, state)
-        without = replay_round(strategy, spec, glob, contributions, dirs, None)
+        rule = WeightRule.of_task(coord.get_task_params(task))
+        updates = round_updates(contributions, dirs, rule)
+        with_state = replay_round(strategy, spec, glob, updates, state)
+        without = replay_round(strategy, spec, glob, updates, None)
         assert cid_of_path(save_adapter(with_state.adapter, tmp_path / "w")) == accepted[3].aggregate_cid
         assert cid_of_path(save_adapter(without.adapter, tmp_path / "wo")) != accepted[3].aggregate_cid
     finally:

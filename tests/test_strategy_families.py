@@ -153,6 +153,12 @@ def test_fedavg_exact_server_lr_scales_the_dense_update(updates):  # noqa: F811
         np.testing.assert_allclose(dense_delta(res.adapter, m), want, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="global adapter"):
         get_strategy("fedavg-exact", server_lr=2.0).aggregate(updates, None)
+    # A server learning rate wraps a rule that re-factorises ΔW by moving ΔW itself.
+    wrapped = get_strategy("fedavgm", inner="fedavg-exact", lr=2.0, momentum=0.0).aggregate(updates, wide)
+    for m in g.lora_modules():
+        np.testing.assert_allclose(dense_delta(wrapped.adapter, m), dense_delta(res.adapter, m), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="re-factorises"):
+        get_strategy("fedadam", inner="fedavg-exact")
 
 
 def test_fedprox_requires_the_proximal_term_of_clients(updates):  # noqa: F811

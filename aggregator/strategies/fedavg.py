@@ -153,21 +153,30 @@ class FedAvgExact(Strategy):
         b_cat = np.concatenate(bs, axis=1)
         a_cat = np.concatenate(as_, axis=0)
         r, _ = out_spec.rank_alpha(m)
-        scale = out_spec.scaling(m)
-        u_, s_, v_ = lowrank_svd(b_cat, a_cat, r)
-        k = u_.shape[1]
-        head, tail = s_[:k], s_[k:]
-        if self.split == "balanced":
-            root = np.sqrt(head / scale)
-            b_new, a_new = u_ * root, root[:, None] * v_.T
-        else:
-            b_new, a_new = u_ * (head / scale), v_.T.copy()
-        if k < r:  # fewer singular directions than the rank: pad with zero directions
-            b_new = np.pad(b_new, ((0, 0), (0, r - k)))
-            a_new = np.pad(a_new, ((0, r - k), (0, 0)))
-        norm_sq, tail_sq = float(np.sum(s_**2)), float(np.sum(tail**2))
+        b_new, a_new, tail_sq, norm_sq = refactorise(b_cat, a_cat, r, out_spec.scaling(m), self.split)
         errors[m] = (tail_sq, norm_sq)
         dtype_b = ordered[0].adapter.tensors[m + LORA_B_SUFFIX].dtype
         dtype_a = ordered[0].adapter.tensors[m + LORA_A_SUFFIX].dtype
         out[m + LORA_B_SUFFIX] = b_new.astype(dtype_b)
         out[m + LORA_A_SUFFIX] = a_new.astype(dtype_a)
+
+
+def refactorise(b_cat: np.ndarray, a_cat: np.ndarray, r: int, scale: float,
+                split: str = "balanced") -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Rank-r factors (B', A') with scale·B'·A' the best approximation of ``b_cat @ a_cat`` (a sum
+    of low-rank terms, never formed densely), the squared tail and the squared norm of the target.
+
+    ``split="balanced"`` gives both factors √S; ``"B"`` puts S on B' and keeps A' orthonormal.
+    """
+    u_, s_, v_ = lowrank_svd(b_cat, a_cat, r)
+    k = u_.shape[1]
+    head, tail = s_[:k], s_[k:]
+    if split == "balanced":
+        root = np.sqrt(head / scale)
+        b_new, a_new = u_ * root, root[:, None] * v_.T
+    else:
+        b_new, a_new = u_ * (head / scale), v_.T.copy()
+    if k < r:  # fewer singular directions than the rank: pad with zero directions
+        b_new = np.pad(b_new, ((0, 0), (0, r - k)))
+        a_new = np.pad(a_new, ((0, r - k), (0, 0)))
+    return b_new, a_new, float(np.sum(tail**2)), float(np.sum(s_**2))

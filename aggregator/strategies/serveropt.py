@@ -13,9 +13,13 @@ and ``c`` the inner rule's result, the pseudo-gradient is ``Δ = c − x`` per t
   ``x ← x + η·m / (√v + τ)``;
 * ``fedyogi``: as ``fedadam`` with ``v ← v − (1−β₂)·Δ²·sign(v − Δ²)``.
 
-They act on the LoRA factors tensor by tensor, so the inner rule must return factors in the
-global adapter's basis (any coordinate-wise or weighted rule does; ``fedavg-exact``, which
-re-factorises ΔW by SVD, does not, and is refused — use its own ``server_lr`` instead).
+They act on the LoRA factors tensor by tensor, which needs the inner rule's factors in the
+global adapter's basis (any coordinate-wise or weighted rule). An inner rule that re-factorises
+ΔW (``fedavg-exact``, rules that combine updates in ΔW space) returns factors in a new basis each
+round; ``fedavgm`` with ``momentum=0`` then moves ΔW itself, per LoRA module:
+ΔW ← (1 − η)·ΔW_global + η·ΔW_inner, re-factorised to the task's rank exactly as ``fedavg-exact``
+does (a sum of two low-rank terms, never formed densely). Momentum and the adaptive optimisers
+would need a dense per-module state in ΔW space, so they refuse such an inner rule.
 
 The state (``m``, ``v``, the step count) is float64 and deterministic in the task's history;
 it is never stored. The aggregator daemon and the audit rebuild it identically by replaying
@@ -33,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from prismesh.aggregator.adapters import Adapter, to_numpy
+from prismesh.aggregator.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, Adapter, to_numpy
+from prismesh.aggregator.lowrank import single_threaded_blas
 from prismesh.aggregator.strategies.base import (
     AggregateResult,
     ClientUpdate,
@@ -58,16 +63,16 @@ class _ServerOptimizer(Strategy):
     stateful = True
 
     def __init__(self, inner: str = "fedavg", inner_options: dict[str, Any] | None = None,
-                 lr: float = 1.0) -> None:
+                 lr: float = 1.0, delta_w_space: bool = False) -> None:
         if not isinstance(inner, str) or not inner:
             raise ValueError("inner must be a strategy name")
         self.inner = get_strategy(inner, **(inner_options or {}))
         if self.inner.stateful:
             raise ValueError(f"inner strategy {inner!r} is stateful; a server optimiser wraps a stateless rule")
-        if self.inner.refactorizes:
+        if self.inner.refactorizes and not delta_w_space:
             raise ValueError(
                 f"inner strategy {inner!r} re-factorises the LoRA update, so its factors are not in the "
-                "global adapter's basis; use its own server_lr option instead"
+                "global adapter's basis; only fedavgm with momentum 0 moves such a result (in ΔW space)"
             )
         self.inner_options = dict(inner_options or {})
         self.lr = _positive("lr", lr)
@@ -93,6 +98,10 @@ class _ServerOptimizer(Strategy):
         new = ServerState(prev.step + 1, dict(prev.m), dict(prev.v))
         out: dict[str, np.ndarray] = {}
         delta_sq = move_sq = 0.0
+        if self.inner.refactorizes:
+            out = _move_delta_w(combined.adapter, global_adapter, self.lr)
+            metrics["server_step"] = new.step
+            return AggregateResult(Adapter(dict(combined.adapter.config), out), metrics, new)
         for key in sorted(combined.adapter.tensors):
             c_raw = combined.adapter.tensors[key]
             c = np.asarray(c_raw, dtype=np.float64)
@@ -120,9 +129,9 @@ class FedAvgM(_ServerOptimizer):
 
     def __init__(self, inner: str = "fedavg", inner_options: dict[str, Any] | None = None,
                  lr: float = 1.0, momentum: float = 0.9) -> None:
-        super().__init__(inner, inner_options, lr)
-        if not (math.isfinite(momentum) and 0.0 <= momentum < 1.0):
+        if not (isinstance(momentum, (int, float)) and math.isfinite(momentum) and 0.0 <= momentum < 1.0):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        super().__init__(inner, inner_options, lr, delta_w_space=momentum == 0.0)
         self.momentum = float(momentum)
 
     def options(self) -> dict[str, Any]:
@@ -184,3 +193,33 @@ def _positive(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
+
+
+def _move_delta_w(combined: Adapter, glob: Adapter, lr: float) -> dict[str, np.ndarray]:
+    """ΔW ← (1 − η)·ΔW_global + η·ΔW_combined per LoRA module, re-factorised to the combined
+    adapter's rank; other tensors move as x + η·(c − x)."""
+    from prismesh.aggregator.strategies.fedavg import refactorise
+
+    modules = combined.lora_modules()
+    pairs = {m + s for m in modules for s in (LORA_A_SUFFIX, LORA_B_SUFFIX)}
+    out: dict[str, np.ndarray] = {}
+    for key in sorted(set(combined.tensors) - pairs):
+        c = np.asarray(combined.tensors[key], np.float64)
+        x = np.asarray(to_numpy(glob.tensors[key], key), np.float64)
+        out[key] = (x + lr * (c - x)).astype(np.asarray(combined.tensors[key]).dtype)
+    with single_threaded_blas():
+        for m in modules:
+            kb, ka = m + LORA_B_SUFFIX, m + LORA_A_SUFFIX
+            if kb not in glob.tensors or ka not in glob.tensors:
+                raise ValueError(f"global adapter lacks the LoRA factors of {m}")
+            b_cat = np.concatenate([
+                ((1.0 - lr) * glob.scaling(m)) * np.asarray(to_numpy(glob.tensors[kb], kb), np.float64),
+                (lr * combined.scaling(m)) * np.asarray(combined.tensors[kb], np.float64),
+            ], axis=1)
+            a_cat = np.concatenate([np.asarray(to_numpy(glob.tensors[ka], ka), np.float64),
+                                    np.asarray(combined.tensors[ka], np.float64)], axis=0)
+            r, _ = combined.rank_alpha(m)
+            b_new, a_new, _, _ = refactorise(b_cat, a_cat, r, combined.scaling(m))
+            out[kb] = b_new.astype(np.asarray(combined.tensors[kb]).dtype)
+            out[ka] = a_new.astype(np.asarray(combined.tensors[ka]).dtype)
+    return dict(sorted(out.items()))

@@ -104,6 +104,7 @@ def _experiment(args: argparse.Namespace) -> int:
     import json
 
     from prismesh.cli.errors import UsageError
+    from prismesh.cli.output import configure_output
     from prismesh.runs.experiment import (
         STRATEGY_CONFIGS,
         Plan,
@@ -111,8 +112,6 @@ def _experiment(args: argparse.Namespace) -> int:
         presets,
         run_experiment,
     )
-
-    from prismesh.cli.output import configure_output
 
     configure_output(args.verbose)
     preset = presets()[args.preset]

@@ -71,7 +71,7 @@ def presets() -> dict[str, Preset]:
 
     return {
         "synthetic": Preset(
-            "synthetic", dict(BENCHMARK_TRAIN_CONFIG), rounds=5,
+            "synthetic", dict(BENCHMARK_TRAIN_CONFIG), rounds=10,
             strategies=("fedavg", "fedprox", "fairavg", "fedavgm", "fedadam", "default"), scoring=BENCHMARK_SCORING,
             note="the stand-in model on the synthetic benchmark; settings chosen on its validation split; "
                  "scored by length-normalised likelihood, as the stand-in cannot point at option letters",
@@ -418,7 +418,8 @@ def adapt_new_site(plan: Plan, base: Path, config: Any, ev: Any, site: ClientDat
 def _fair(per_client: dict[str, dict]) -> dict[str, float]:
     from prismesh.node.evaluate import fairness
 
-    return fairness({c: acc(s) for c, s in per_client.items()})
+    # Sorted, so a result read back from JSON (sorted keys) sums in the same order, bit for bit.
+    return fairness({c: acc(per_client[c]) for c in sorted(per_client)})
 
 
 def seed_metrics(res: dict, default: str) -> dict[str, Any]:
