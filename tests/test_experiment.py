@@ -56,7 +56,7 @@ def test_protocol_on_the_synthetic_benchmark_over_two_seeds(tiny_model, tmp_path
 
     base, _ = tiny_model
     plan = Plan(out=tmp_path / "exp", seeds=[0, 1], rounds=1,
-                strategies={k: STRATEGY_CONFIGS[k] for k in ("fedavg", "default")},
+                strategies={k: STRATEGY_CONFIGS[k] for k in ("fedavg", "fedavgm-fair")},
                 train={"lr": 3e-3, "rank": 2, "alpha": 4, "max_length": 96}, base_model=base, scale=0.05,
                 new_site_sizes=(0, 4), device="cpu", eval_limit=12, command="test")
     out = run_experiment(plan, resume=False)
@@ -65,31 +65,31 @@ def test_protocol_on_the_synthetic_benchmark_over_two_seeds(tiny_model, tmp_path
     res = results[0]
     # Every row the protocol promises, a curve point per round, all three scorings at the end.
     assert set(res["models"]) == {"base", "single:medqa-cn", "single:medqa-en", "single:medmcqa-in",
-                                  "pooled", "fed:fedavg", "fed:default"}
+                                  "pooled", "fed:fedavg", "fed:fedavgm-fair"}
     for label, mod in res["models"].items():
         assert len(mod["curve"]) == (0 if label == "base" else 1)
         assert set(mod["final"]) == {"letter", "sum", "mean"}
         assert mod["curve"][-1:] in ([], [mod["final"]["letter"]])
     # The pooled model trained on every client's examples, the clients on their own.
-    assert res["strategies"]["default"]["options"]["inner"] == "fairavg"
-    assert res["strategies"]["default"]["rounds"][0]["metrics"]["weights"]
+    assert res["strategies"]["fedavgm-fair"]["options"]["inner"] == "fairavg"
+    assert res["strategies"]["fedavgm-fair"]["rounds"][0]["metrics"]["weights"]
     # Own/shared parts add up to the test sets; the new site was adapted from both starts.
     stats = res["models"]["fed:fedavg"]["final"]["letter"]["medqa-en"]
     assert sum(n for _, n in stats["parts"].values()) == stats["n"] == res["clients"]["medqa-en"]["n_eval"]
     assert set(res["new_site"]["from_global"]) == set(res["new_site"]["from_base"]) == {"0", "4"}
     # The summary is the mean and t-interval of the per-seed figures, recomputed here.
-    per = [seed_metrics(r, "fed:default") for r in results]
-    for label in ("pooled", "fed:default"):
+    per = [seed_metrics(r, "fed:fedavgm-fair") for r in results]
+    for label in ("pooled", "fed:fedavgm-fair"):
         vals = [p["models"][label]["h_mean"] for p in per]
         assert summary["models"][f"{label}"]["h_mean"] == pytest.approx(mean_ci(vals))
     for p in per:
         best = p["best_single"]["min_acc"]
         assert p["models"][best]["min_acc"] == max(p["models"][k]["min_acc"] for k in p["models"] if k.startswith("single:"))
         span = p["models"]["pooled"]["min_acc"] - p["models"][best]["min_acc"]
-        want = (p["models"]["fed:default"]["min_acc"] - p["models"][best]["min_acc"]) / span if span > 0 else None
-        assert p["gap"]["fed:default"]["min_acc"] == (pytest.approx(want) if want is not None else None)
-        assert p["gap"]["fed:default"]["smallest"] in ("medqa-cn", "medqa-en", "medmcqa-in")
-    d = summary["paired"]["fed:default"]["vs_fedavg_h_mean"]
+        want = (p["models"]["fed:fedavgm-fair"]["min_acc"] - p["models"][best]["min_acc"]) / span if span > 0 else None
+        assert p["gap"]["fed:fedavgm-fair"]["min_acc"] == (pytest.approx(want) if want is not None else None)
+        assert p["gap"]["fed:fedavgm-fair"]["smallest"] in ("medqa-cn", "medqa-en", "medmcqa-in")
+    d = summary["paired"]["fed:fedavgm-fair"]["vs_fedavg_h_mean"]
     assert d["n"] == 2 and d["wins"] + d["ties"] + d["losses"] == 2
     assert set(summary["targets"]) >= {"no_negative_transfer", "smallest_client_reaches_others"}
     report = (tmp_path / "exp" / "report.md").read_text()

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3, as in the paper)")
     p.add_argument("--strategy", default="fedavg",
                    help="aggregation strategy (`prismesh strategies` lists them), or an experiment configuration "
-                        "with its options (default, fedavgm, fedprox, fairavg ...)")
+                        "with its options (fedavgm-fair, fedavgm, fedprox, fairavg ...)")
     p.add_argument("--chain", choices=("anvil", "embedded"), default="anvil",
                    help="anvil (default; its state is kept in OUT) or the in-process py-evm chain (gone at exit)")
     p.add_argument("--no-baselines", action="store_true", help="skip base/single-client baselines")

@@ -29,7 +29,7 @@ def build_spec(base_model: Path, seed: int, strategy: str = "fedavg") -> Any:
     from prismesh.runs.experiment import STRATEGY_CONFIGS
     from prismesh.runs.federation import model_config_of
 
-    # A configuration name of the experiment (``default``, ``fedavgm`` ...) brings its options.
+    # A configuration name of the experiment (``fedavgm-fair``, ``fedavgm`` ...) brings its options.
     chosen = STRATEGY_CONFIGS.get(strategy, {"strategy": strategy})
     options = {k: v for k, v in chosen.items() if k != "strategy"}
     strategy = chosen["strategy"]

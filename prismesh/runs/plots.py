@@ -118,7 +118,7 @@ def plot_experiment_curves(summary: dict[str, Any], path: Path, metric: str = "h
             continue
         xs = list(range(1, len(curve) + 1))
         mean = [p[metric]["mean"] for p in curve]
-        style = {"linestyle": "--", "linewidth": 1} if label.startswith("single:") else {"linewidth": 2 if label == summary.get("default") else 1.3}
+        style = {"linestyle": "--", "linewidth": 1} if label.startswith("single:") else {"linewidth": 2 if label == summary.get("headline") else 1.3}
         if label == "pooled":
             style = {"color": "black", "linewidth": 2}
         line = ax.plot(xs, mean, marker="o", markersize=3, label=label.replace("fed:", "federated: ").replace("single:", "single: "), **style)[0]
