@@ -562,7 +562,7 @@ def summarize(results: list[dict], plan: Plan) -> dict[str, Any]:
             comp[f"vs_pooled_{metric}"] = paired(vals, [s["models"]["pooled"][metric] for s in per_seed])
         out["paired"][label] = comp
     if "new_site" in first:
-        sizes = list(first["new_site"])
+        sizes = sorted(first["new_site"], key=int)  # read back from JSON the keys are sorted as text
         ns: dict[str, Any] = {}
         for k in sizes:
             entry: dict[str, Any] = {}
