@@ -130,14 +130,20 @@ def to_numpy(value: Any, name: str = "tensor") -> np.ndarray:
 
 
 def canonical_config_json(config: Mapping[str, Any]) -> bytes:
-    """Canonical bytes of an adapter config: sorted keys, 2-space indent, trailing newline.
+    """Canonical bytes of an adapter config: sorted keys, sorted lists, 2-space indent, newline.
 
-    ``target_modules`` is a set in PEFT (saved in hash order), so a list of names is sorted.
-    """
+    PEFT keeps ``target_modules`` (and ``modules_to_save``, ``layers_to_transform``, ...) as sets
+    and saves them in hash order, which differs between processes; every list of names or
+    indices in a LoRA config means a set, so each top-level list of strings (or of integers) is
+    sorted. The same tensors then always give the same bytes, and so the same CID."""
     cfg = dict(config)
-    tm = cfg.get("target_modules")
-    if isinstance(tm, (list, tuple, set, frozenset)):
-        cfg["target_modules"] = sorted(tm)
+    for key, value in cfg.items():
+        if isinstance(value, (list, tuple, set, frozenset)) and value:
+            items = list(value)
+            if all(isinstance(v, str) for v in items) or all(
+                isinstance(v, int) and not isinstance(v, bool) for v in items
+            ):
+                cfg[key] = sorted(items)
     try:
         text = json.dumps(cfg, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -97,22 +97,38 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
         earned.setdefault(ev.round, []).append(ev)
     scored: dict[int, dict[str, int]] = {}
 
+    included = {(acc.round, c) for acc in accepted for c in acc.included}
+    for ev in coord.get_events("RoundFailed", start, taskId=task_id):
+        report.add("round outcome", f"round {ev.round}", True, f"failed on chain: {ev.reason}")
+
     with tempfile.TemporaryDirectory(prefix="prismesh-audit-") as tmp:
         work = Path(tmp)
         adapters: dict[str, Any] = {}
+        problems: dict[str, str] = {}
         for r, by_client in sorted(reveals.items()):
             for client, ev in sorted(by_client.items()):
                 subject = f"round {r} {client} {ev.cid}"
-                try:
-                    d = fetch_adapter(store, ev.cid, work / "updates" / ev.cid)
-                except StorageError as exc:
-                    report.add("adapter vs CID", subject, False, str(exc))
+                # A node may reveal the same adapter in a retried round: fetched once.
+                if ev.cid not in adapters and ev.cid not in problems:
+                    try:
+                        adapters[ev.cid] = fetch_adapter(store, ev.cid, work / "updates" / ev.cid)
+                    except StorageError as exc:
+                        problems[ev.cid] = str(exc)
+                d = adapters.get(ev.cid)
+                digest = _sha256(d / "adapter_model.safetensors") if d is not None else None
+                if (r, client) not in included:
+                    # Not part of any accepted aggregate (its round failed, or the aggregator
+                    # excluded it): nothing anyone was paid for or built on depends on it.
+                    state = problems.get(ev.cid) or (
+                        "intact" if digest == bytes(ev.sha256) else "stored bytes differ from the revealed sha256")
+                    report.add("adapter (excluded)", subject, True, f"not in an accepted aggregate; {state}")
+                    continue
+                if d is None:
+                    report.add("adapter vs CID", subject, False, problems[ev.cid])
                     continue
                 report.add("adapter vs CID", subject, True)
-                digest = _sha256(d / "adapter_model.safetensors")
                 report.add("adapter vs sha256", subject, digest == bytes(ev.sha256),
                            "" if digest == bytes(ev.sha256) else f"stored {digest.hex()} != revealed {bytes(ev.sha256).hex()}")
-                adapters[ev.cid] = d
 
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
         state = None  # a server optimiser's state, rebuilt round by round as the daemon does
@@ -136,9 +152,10 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
                 continue
             try:
                 global_cid = opened[r].global_adapter_cid if r in opened else ""
-                glob = aggregation_base(
-                    spec, load_adapter(fetch_adapter(store, global_cid, work / "global" / global_cid)) if global_cid else None
-                )
+                gdir = work / "global" / global_cid
+                if global_cid and not gdir.exists():
+                    fetch_adapter(store, global_cid, gdir)
+                glob = aggregation_base(spec, load_adapter(gdir) if global_cid else None)
                 contributions = [Contribution(ref.client, ref.cid, int(ref.num_samples)) for ref in refs]
                 updates = round_updates(contributions, adapters, rule)
                 result = aggregate(strategy, updates, glob, state)

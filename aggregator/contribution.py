@@ -185,24 +185,21 @@ def split_pool(scores: Mapping[str, int], reward_per_update: int, remaining: int
     return {c: (pool * s) // total if total else 0 for c, s in scores.items()}
 
 
-def published_before(coordinator: object, store: object, task_id: int, round: int, workdir: object) -> list[Adapter]:
+def published_before(coordinator: object, store: object, task_id: int, round: int, workdir: object,
+                     cids: list[str] | None = None) -> list[Adapter]:
     """The adapters ``known`` to round ``round`` of a task: every round's global adapter up to
     this one and every update revealed in an earlier round (failed rounds included), in chain
-    order. Adapters that cannot be fetched intact and loaded are left out, by the aggregator
-    and the audit alike. Fetches are cached under ``workdir``."""
+    order. ``cids`` gives them when the caller already has them from the events it followed
+    (the aggregator daemon), else they are read from the chain. Adapters that cannot be
+    fetched intact and loaded are left out, by the aggregator and the audit alike. Fetches are
+    cached under ``workdir``."""
     from pathlib import Path
 
     from prismesh.aggregator.adapters import load_adapter
     from prismesh.chain.storage import fetch_adapter
 
-    start = coordinator.manifest.deploy_block  # type: ignore[attr-defined]
-    cids: list[str] = []
-    for ev in coordinator.get_events("RoundOpened", start, taskId=task_id):  # type: ignore[attr-defined]
-        if ev.round <= round and ev.global_adapter_cid:
-            cids.append(ev.global_adapter_cid)
-    for ev in coordinator.get_events("UpdateRevealed", start, taskId=task_id):  # type: ignore[attr-defined]
-        if ev.round < round:
-            cids.append(ev.cid)
+    if cids is None:
+        cids = published_cids(coordinator, task_id, round)
     out: list[Adapter] = []
     seen: set[str] = set()
     for cid in cids:
@@ -216,3 +213,16 @@ def published_before(coordinator: object, store: object, task_id: int, round: in
         except Exception:  # noqa: BLE001 - an unavailable or malformed adapter is simply not known
             continue
     return out
+
+
+def published_cids(coordinator: object, task_id: int, round: int) -> list[str]:
+    """The CIDs :func:`published_before` loads, read from the chain's events."""
+    start = coordinator.manifest.deploy_block  # type: ignore[attr-defined]
+    cids: list[str] = []
+    for ev in coordinator.get_events("RoundOpened", start, taskId=task_id):  # type: ignore[attr-defined]
+        if ev.round <= round and ev.global_adapter_cid:
+            cids.append(ev.global_adapter_cid)
+    for ev in coordinator.get_events("UpdateRevealed", start, taskId=task_id):  # type: ignore[attr-defined]
+        if ev.round < round:
+            cids.append(ev.cid)
+    return cids

@@ -12,6 +12,13 @@ Restart safety: reveals are persisted as they arrive, the aggregate's CID is rec
 is pinned, and the on-chain round is read before submitting, so a crash at any point neither
 loses a round nor submits one twice. Aggregation is deterministic, so recomputing after a
 crash gives the same bytes and the same CID.
+
+Faults are waited out or repaired: an unreachable chain, store or Ray at start-up is retried
+with back-off (one log line per attempt); a damaged state file is set aside and rebuilt by
+replaying the final events; a submission the devnet lost in a crash (its block never became
+final) is sent again; the aggregate this daemon computed and the task spec are re-added to the
+store when it lost or damaged them; a chain that no longer holds the history the daemon acted
+on is resynchronised from the last block it can verify.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -33,14 +41,23 @@ from prismesh.aggregator.history import (  # noqa: F401 - aggregation_base and c
 )
 from prismesh.chain import telemetry
 from prismesh.chain.localstate import (
+    RetryDelay,
     StateFile,
     check_fields,
+    check_types,
+    debug_enabled,
+    describe_error,
     read_config,
     resolve_account_spec,
     resolve_path,
 )
+from prismesh.chain.startup import held_spec_bytes
 
 log = logging.getLogger("prismesh.aggregator")
+
+HEAL_RECENT_AGGREGATES = 8
+# How many past aggregates the daemon keeps in the store (audits re-compute them).
+HEAL_HISTORY = 200
 
 AGGREGATOR_EVENTS = ("RoundOpened", "UpdateRevealed", "PhaseChanged", "AggregateAccepted", "RoundFailed")
 
@@ -60,6 +77,8 @@ class AggregatorConfig:
     finality: bool = True
     poll_interval: float = 1.0
     fetch_timeout_s: float = 600.0
+    # Seconds between checks that the aggregates rounds start from are whole in the store.
+    heal_interval: float = 10.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
 
@@ -70,10 +89,11 @@ class AggregatorConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: Path = Path("."), where: str = "aggregator config") -> AggregatorConfig:
         check_fields(data, set(cls.__dataclass_fields__), ("manifest", "keystore", "state_dir"), where)
+        check_types(data, cls, where, positive=("poll_interval", "fetch_timeout_s", "ray_num_cpus"))
         values = dict(data)
         for key in ("manifest", "state_dir"):
             values[key] = resolve_path(values[key], base)
-        values["keystore"] = resolve_account_spec(str(values["keystore"]), base)
+        values["keystore"] = resolve_account_spec(str(values["keystore"]), base, where)
         return cls(**values)
 
 
@@ -84,7 +104,8 @@ def sha256_file(path: Path) -> bytes:
 class AggregatorDaemon:
     """Aggregates every round of every running task once its reveals are final."""
 
-    def __init__(self, config: AggregatorConfig, *, w3: Any, manifest: Any, account: Any, store: Any, store_spec: str, stream: Any) -> None:
+    def __init__(self, config: AggregatorConfig, *, w3: Any, manifest: Any, account: Any, store: Any, store_spec: str,
+                 stream: Any, stop: threading.Event | None = None) -> None:
         from prismesh.chain.evm.contracts import Coordinator, Registry
 
         self.config = config
@@ -97,9 +118,49 @@ class AggregatorDaemon:
         self.coordinator = Coordinator(manifest, w3, account)
         self.registry = Registry(manifest, w3, account)
         self.state = StateFile(config.state_dir / "aggregator-state.json")
-        self._stop = threading.Event()
+        self._stop = stop or threading.Event()
         self.reports_dir = config.state_dir / "rounds"
+        self._healed_at = 0.0
+        self._behind_logged = False
         telemetry.actor(account.address, "aggregator", "aggregator")
+        self._owns_ray = False
+        if config.parallel:
+            # Ray starts now, on a thread, while the first round's clients train.
+            from prismesh.aggregator.parallel import start_ray_in_background
+
+            local_cpus = None if config.ray_address else config.ray_num_cpus
+            self._owns_ray = start_ray_in_background(config.ray_address, local_cpus)
+        self.recover()
+
+    # ------------------------------------------------------------------ recovery
+
+    def recover(self) -> None:
+        """After a damaged state or cursor file: say so, and replay every final event from the
+        deployment block (rounds already over are recorded, not aggregated again)."""
+        damaged = [d for d in (self.state.damaged, getattr(self.stream.raw, "damaged", None)) if d]
+        for aside, why in damaged:
+            log.warning("%s was damaged (%s); kept as %s; rebuilding from the chain and the store",
+                        aside.name.split(".damaged-")[0], why, aside)
+        if self.state.damaged is not None:
+            self.stream.resync(self.manifest.deploy_block - 1)
+
+    def resync(self, safe_height: int) -> None:
+        """Forget what was learned from blocks after ``safe_height`` and follow the chain again."""
+        rounds = self.state.section("rounds")
+        dropped = sorted(k for k, r in rounds.items() if r.get("opened_block", safe_height + 1) > safe_height)
+        orphaned = self.state.section("orphaned")
+        for key in dropped:
+            orphaned[f"{key}@{int(time.time())}"] = rounds.pop(key)
+        for rec in rounds.values():
+            rec["reveals"] = {c: r for c, r in rec.get("reveals", {}).items()
+                              if r.get("block", safe_height + 1) <= safe_height}
+            rec.pop("aggregating_final", None)
+            if rec.get("status") != "done":
+                rec["status"] = "open"
+        self.state.save()
+        self.stream.resync(safe_height)
+        log.error("resynchronised from block %d; %d round record(s) of the lost history set aside: %s",
+                  safe_height, len(dropped), ", ".join(dropped) or "none")
 
     # ------------------------------------------------------------------ loop
 
@@ -109,41 +170,92 @@ class AggregatorDaemon:
             self._record(ev)
             self.stream.ack(ev)
         for _key, rec in sorted(self.state.section("rounds").items()):
+            if rec.get("status") in ("submitted", "failed"):
+                self._check_landed(rec)
             if rec.get("status") == "open" and self._ready(rec):
                 self.aggregate_round(rec)
                 actions += 1
+        self._heal_store()
         telemetry.observe_finality("aggregator", "aggregator", self.stream, self.w3)
         return actions
 
+    def _check_landed(self, rec: dict) -> None:
+        """A submission (or failRound) whose round is still Aggregating on chain was lost with
+        a block the devnet never made durable (it crashed before the block was final): do it
+        again. Until the outcome arrives as a final event the record is not done."""
+        from prismesh.chain.evm.contracts import Phase
+
+        phase = self.coordinator.phase_of(rec["task"], rec["round"])
+        if phase == Phase.AGGREGATING:
+            log.warning("task %d round %d: the chain lost this aggregator's %s (a devnet restart); doing it again",
+                        rec["task"], rec["round"], "aggregate" if rec["status"] == "submitted" else "failRound")
+            rec["status"] = "open"
+            self.state.save()
+
     def run(self) -> None:
+        """Run until SIGTERM/SIGINT. A failed step logs one line and is retried from the durable
+        cursor with back-off; a chain that lost the history this daemon acted on is
+        resynchronised from the last block it can still verify."""
+        from prismesh.chain.finality.events import ChainDiverged
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 signal.signal(sig, lambda *_: self._stop.set())
             except ValueError:
                 pass
-        if not self.registry.is_aggregator(self.account.address):
-            log.warning("%s does not hold the aggregator role yet; its submissions will revert", self.account.address)
-        from prismesh.chain.localstate import RetryDelay
-
+        try:
+            if not self.registry.is_aggregator(self.account.address):
+                log.warning("%s does not hold the aggregator role yet; its submissions will revert", self.account.address)
+        except Exception as exc:  # noqa: BLE001 - the loop below waits for the chain
+            log.warning("could not check the aggregator role: %s", describe_error(exc))
         log.info("aggregator %s following final events", self.account.address)
         retry = RetryDelay(self.config.poll_interval)
         while not self._stop.is_set():
             try:
                 acted = self.step()
+            except ChainDiverged as exc:
+                log.error("THE CHAIN DOES NOT HOLD THE HISTORY THIS AGGREGATOR ACTED ON: %s", exc)
+                self.resync(exc.safe_height)
+                continue
             except Exception as exc:  # noqa: BLE001 - the failed step is retried from the durable cursor
                 telemetry.retry("aggregator", "aggregator", exc)
                 delay = retry.next()
-                log.exception("aggregator step failed; retrying in %.0f s from the last handled event", delay)
-                self.stream.rewind()
+                log.warning("aggregator step failed (attempt %d): %s; retrying in %.1f s from the last handled event",
+                            retry.attempts, describe_error(exc), delay, exc_info=debug_enabled())
+                try:
+                    self.stream.rewind()
+                except Exception:  # noqa: BLE001 - the cursor file is re-read at the next try
+                    pass
                 self._stop.wait(delay)
                 continue
+            if retry.attempts:
+                log.info("aggregator resumed after %d failed attempt(s)", retry.attempts)
             retry.reset()
+            self._log_behind()
             if acted == 0:
                 self._stop.wait(self.config.poll_interval)
+        self.close()
         log.info("aggregator stopped cleanly")
+
+    def _log_behind(self) -> None:
+        behind = bool(getattr(self.stream, "behind", False))
+        if behind and not self._behind_logged:
+            log.warning("the chain's final height is below blocks this aggregator already handled (the "
+                        "devnet restarted from its durable state); waiting for them to be certified again")
+        elif self._behind_logged and not behind:
+            log.info("the chain's final height caught up again")
+        self._behind_logged = behind
 
     def stop(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        """Stop the local Ray this daemon started (its processes go with it)."""
+        if self._owns_ray:
+            from prismesh.aggregator.parallel import stop_ray
+
+            stop_ray()
+            self._owns_ray = False
 
     # ------------------------------------------------------------------ events
 
@@ -162,8 +274,10 @@ class AggregatorDaemon:
                     "reveal_deadline": ev.reveal_deadline,
                     "status": "open",
                     "reveals": {},
+                    "opened_block": ev.block_number,
                 }
                 self.state.save()
+                self._keep_spec(ev.task_id)
         elif name == "UpdateRevealed":
             rec = rounds.get(f"{ev.task_id}:{ev.round}")
             if rec is not None:
@@ -171,6 +285,7 @@ class AggregatorDaemon:
                     "cid": ev.cid,
                     "sha256": bytes(ev.sha256).hex(),
                     "num_samples": int(ev.num_samples),
+                    "block": ev.block_number,
                 }
                 self.state.save()
         elif name == "PhaseChanged":
@@ -185,7 +300,13 @@ class AggregatorDaemon:
                 self.state.save()
 
     def _ready(self, rec: dict) -> bool:
-        """Aggregating on chain, and every block up to now final (no reveal can be missing)."""
+        """Aggregating on chain, and every reveal of the round delivered to this daemon.
+
+        The final PhaseChanged to Aggregating comes after every reveal in the stream, so once it
+        was delivered nothing can be missing. A phase moved by a deadline emits no event: then
+        the phase is read first and the head second, and every block up to that head must have
+        been *delivered* (the stream's scanned height, not a fresh final height, which can be
+        newer than the events this daemon has seen)."""
         from prismesh.chain.evm.contracts import Phase
 
         if rec.get("aggregating_final"):
@@ -198,9 +319,7 @@ class AggregatorDaemon:
         if phase != Phase.AGGREGATING:
             return False
         head = int(self.w3.eth.block_number)
-        if self.stream.final_height() >= head:
-            return True
-        return False
+        return self.stream.scanned_height >= head
 
     # ------------------------------------------------------------------ aggregation
 
@@ -217,7 +336,9 @@ class AggregatorDaemon:
             self.state.save()
             return None
         params = self.coordinator.get_task_params(task)
-        if not rec.get("aggregate_cid") or not self.store.has(rec["aggregate_cid"]):
+        if rec.get("aggregate_cid") and not self._restore_aggregate(rec):
+            rec.pop("aggregate_cid")
+        if not rec.get("aggregate_cid"):
             started = time.perf_counter()
             outcome = self.compute(task, rnd, params, rec)
             if outcome is None:
@@ -230,6 +351,7 @@ class AggregatorDaemon:
             rec.update(
                 aggregate_cid=cid,
                 aggregate_sha256=sha256_file(out_dir / "adapter_model.safetensors").hex(),
+                aggregate_dir=str(out_dir),
                 included=sorted(scores),
                 scores=scores,
                 rejected=rejected,
@@ -254,7 +376,8 @@ class AggregatorDaemon:
         return rec["aggregate_cid"]
 
     def _claim_fees_if_done(self, task: int) -> None:
-        """Mint the fees this aggregator earned once a task it aggregated is complete."""
+        """Mint the fees this aggregator earned once a task it aggregated is complete (a claim a
+        devnet crash loses is made again with the next task's: the fees stay owed until then)."""
         from prismesh.chain.evm.contracts import TaskStatus
 
         if self.coordinator.get_task(task).status != TaskStatus.COMPLETED:
@@ -276,7 +399,8 @@ class AggregatorDaemon:
         from prismesh.chain.storage import fetch_adapter
         from prismesh.chain.taskspec import TaskSpec
 
-        spec = TaskSpec.from_bytes(self.store.cat(params.hyper_params_cid), where=f"hyper-parameter file {params.hyper_params_cid}")
+        raw = held_spec_bytes(self.store, params.hyper_params_cid, self.config.state_dir / "specs", log, "aggregator")
+        spec = TaskSpec.from_bytes(raw, where=f"hyper-parameter file {params.hyper_params_cid}")
         lora_cfg = spec.lora.to_dict()
         expected = expected_lora_shapes(spec.model_config, lora_cfg)
         refs = [
@@ -284,6 +408,10 @@ class AggregatorDaemon:
             for client, r in sorted(rec["reveals"].items())
         ]
         work = self.config.state_dir / "work" / f"task{task}-round{rnd}"
+        # Whatever an interrupted attempt left behind is fetched afresh.
+        shutil.rmtree(work, ignore_errors=True)
+        if rec.get("global_cid"):
+            self._restore_held_aggregate(rec["global_cid"])
         results = fetch_and_verify(
             refs,
             StoreFetch(self.store_spec),
@@ -320,9 +448,70 @@ class AggregatorDaemon:
                                     task, rnd, work / "history")
         result = aggregate(strategy, updates, global_adapter, state)
         out = save_adapter(result.adapter, self.config.state_dir / "aggregates" / f"task{task}-round{rnd}")
-        known = published_before(self.coordinator, self.store, task, rnd, self.config.state_dir / "work" / "published")
+        known = published_before(self.coordinator, self.store, task, rnd, self.config.state_dir / "work" / "published",
+                                 cids=self._published_cids(task, rnd))
         scores = score_updates(updates, global_adapter, known)
         return out, scores, rejected, _jsonable(result.metrics)
+
+    # ------------------------------------------------------------------ store healing
+
+    def _keep_spec(self, task: int) -> None:
+        """Keep a copy of the task spec from the start, so a store that loses it later is
+        repaired from here (the aggregation needs it at the end of every round)."""
+        params = self.coordinator.get_task_params(task)
+        held_spec_bytes(self.store, params.hyper_params_cid, self.config.state_dir / "specs", log, "aggregator")
+
+    def _restore_aggregate(self, rec: dict) -> bool:
+        """The aggregate of ``rec`` is whole in the store (re-added from this daemon's copy
+        when the store lost or damaged it); False when neither holds it."""
+        from prismesh.chain.storage import restore_held
+
+        held = rec.get("aggregate_dir") or str(self.config.state_dir / "aggregates" / f"task{rec['task']}-round{rec['round']}")
+        try:
+            if self.store.check(rec["aggregate_cid"]).ok:
+                return True
+        except Exception:  # noqa: BLE001 - judged by the repair below
+            pass
+        if restore_held(self.store, rec["aggregate_cid"], held):
+            log.warning("task %d round %d: the store had lost or damaged aggregate %s; re-added it from %s",
+                        rec["task"], rec["round"], rec["aggregate_cid"], held)
+            return True
+        return False
+
+    def _restore_held_aggregate(self, cid: str) -> None:
+        """Re-add aggregate ``cid`` from this daemon's copy if it computed it and the store
+        lost it (a round starts from the previous aggregate: nodes and this daemon need it)."""
+        for rec in self.state.section("rounds").values():
+            if rec.get("aggregate_cid") == cid:
+                self._restore_aggregate(rec)
+                return
+
+    def _heal_store(self) -> None:
+        """Every few seconds: the aggregates that rounds start from (and the most recent ones)
+        are whole in the store, re-added from this daemon's copies when not."""
+        now = time.monotonic()
+        if now - self._healed_at < self.config.heal_interval:
+            return
+        self._healed_at = now
+        rounds = self.state.section("rounds")
+        needed = {r.get("global_cid") for r in rounds.values() if r.get("status") != "done"}
+        computed = sorted((r for r in rounds.values() if r.get("aggregate_cid")),
+                          key=lambda r: r.get("opened_block", 0))
+        for age, rec in enumerate(reversed(computed)):
+            if rec["aggregate_cid"] in needed or age < HEAL_RECENT_AGGREGATES:
+                self._restore_aggregate(rec)  # every block re-hashed
+            elif age < HEAL_HISTORY and not self.store.has(rec["aggregate_cid"]):
+                self._restore_aggregate(rec)  # the audit of a finished task needs it too
+
+    def _published_cids(self, task: int, rnd: int) -> list[str]:
+        """What the task published before round ``rnd``'s reveals, from the events this daemon
+        recorded (every round's global adapter up to ``rnd``, then every earlier round's
+        reveals, in chain order): no rescan of the chain per round."""
+        recs = sorted((rec for rec in self.state.section("rounds").values() if rec.get("task") == task),
+                      key=lambda rec: rec["round"])
+        cids = [rec["global_cid"] for rec in recs if rec["round"] <= rnd and rec.get("global_cid")]
+        cids += [r["cid"] for rec in recs if rec["round"] < rnd for r in rec.get("reveals", {}).values()]
+        return cids
 
     def _fail(self, task: int, rnd: int, reason: str, rec: dict, rejected: dict[str, str]) -> None:
         from prismesh.chain.evm.contracts import ContractRevert
@@ -343,6 +532,57 @@ class AggregatorDaemon:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, indent=1, sort_keys=True))
         tmp.replace(path)
+
+
+def run_aggregator(config_path: Path, *, ray_address: str | None = None, once: bool = False,
+                   metrics_port: int | None = None, metrics_host: str | None = None) -> int:
+    """``prismesh aggregator --config FILE``: connect, start Ray, follow final events until SIGTERM.
+
+    Start-up waits for the chain, the store and Ray (one log line per attempt); it fails at
+    once, with one line naming the file and field, only on what waiting cannot fix.
+    ``metrics_port`` / ``metrics_host`` override the config's."""
+
+    from prismesh.aggregator.parallel import ensure_ray
+    from prismesh.chain.finality.coordinator_stream import open_final_stream
+    from prismesh.chain.localstate import Stopped, retry_until
+    from prismesh.chain.startup import open_daemon
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, lambda *_: stop.set())
+        except ValueError:  # not the main thread
+            pass
+    cfg = AggregatorConfig.load(config_path)
+    if metrics_port is not None:
+        cfg = replace(cfg, metrics_port=metrics_port)
+    if metrics_host is not None:
+        cfg = replace(cfg, metrics_host=metrics_host)
+    if cfg.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, telemetry.serve(cfg.metrics_port, cfg.metrics_host))
+    try:
+        parts = open_daemon("aggregator", "aggregator", cfg, stop=stop, log=log)
+    except Stopped:
+        log.info("aggregator stopped cleanly (before the chain answered)")
+        return 0
+    try:
+        if cfg.parallel:
+            address = ray_address or cfg.ray_address
+            retry_until("aggregator: starting Ray", lambda: ensure_ray(address, None if address else cfg.ray_num_cpus),
+                        log=log, stop=stop, first=max(0.5, cfg.poll_interval))
+        stream = open_final_stream(parts.w3, parts.manifest, AGGREGATOR_EVENTS, cfg.state_dir / "cursor.json",
+                                   finality=cfg.finality, recover_damaged=True)
+        daemon = AggregatorDaemon(cfg, w3=parts.w3, manifest=parts.manifest, account=parts.account,
+                                  store=parts.store, store_spec=cfg.store, stream=stream, stop=stop)
+        if once:
+            daemon.step()
+            return 0
+        daemon.run()
+    except Stopped:
+        log.info("aggregator stopped cleanly")
+    finally:
+        parts.lock.release()
+    return 0
 
 
 def _jsonable(value: Any) -> Any:

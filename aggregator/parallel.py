@@ -1,23 +1,35 @@
 """Fetch and verify every revealed adapter in parallel Ray tasks.
 
-One Ray task per update fetches the adapter by CID (the fetch verifies the bytes against the CID),
-loads it and runs :func:`prismesh.aggregator.verify.verify_adapter`. Any failure — a fetch error, a hash
-mismatch, a malformed file, a wrong shape, NaNs, a crashed worker, a timeout — becomes a
+Each Ray task fetches a batch of updates by CID (the fetch verifies the bytes against the CID),
+loads each and runs :func:`prismesh.aggregator.verify.verify_adapter`. Ray's per-task cost is
+paid per batch, not per update: :func:`plan_verification` gives a task only as many updates as
+make its work worth that cost, and no more tasks than there are CPUs. A batch streams its results
+back one update at a time, so a timeout keeps what finished and a crashed worker costs only the
+update it was on (the rest of its batch is retried one task each). Any failure — a fetch error, a
+hash mismatch, a malformed file, a wrong shape, NaNs, a crashed worker, a timeout — becomes a
 ``Rejected`` with its reason, so one bad or hostile submission never stops the round. Results
 come back in the input order, carrying the adapter's tensors (a worker's disk may be another
 host's), ready for a strategy.
+
+A local Ray is started lean (:func:`ensure_ray`): GCS, raylet, its two mandatory agents and the
+workers, without the dashboard server, the autoscaler monitor or the log monitor, which a
+single-host instance has no use for. :func:`start_ray_in_background` overlaps its start-up with
+other work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import os
 import re
 import shutil
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,28 +106,158 @@ class StoreFetch:
         return f"StoreFetch({self.spec!r})"
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start (or join) Ray once per process: a quiet local instance by default, no dashboard.
+_RAY_LOCK = threading.Lock()
 
-    ``address`` joins an existing cluster (``"auto"``, ``"ray://host:10001"``, ...); ``num_cpus``
-    caps a local instance. A no-op when Ray is already initialised in this process.
+
+class _Starter:
+    """Ray started on a thread of its own. The thread stays alive until :func:`stop_ray`: Ray's
+    processes are tied to the thread that spawned them (``PR_SET_PDEATHSIG``) and die with it."""
+
+    def __init__(self, address: str | None, num_cpus: int | None) -> None:
+        self.ready, self.release = threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(address, num_cpus), name="ray-start", daemon=True)
+
+    def _run(self, address: str | None, num_cpus: int | None) -> None:
+        try:
+            ensure_ray(address, num_cpus)
+        except BaseException as exc:  # noqa: BLE001 - reported by the ensure_ray that waits
+            self.error = exc
+        finally:
+            self.ready.set()
+        self.release.wait()
+
+    def wait(self) -> None:
+        self.ready.wait()
+        if self.error is not None:
+            raise RuntimeError(f"Ray failed to start: {self.error}") from self.error
+
+
+_STARTER: _Starter | None = None
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Start (or join) Ray once per process; returns whether this call started a local instance.
+
+    ``address`` joins an existing cluster (``"auto"``, ``"ray://host:10001"``, ...) unchanged;
+    ``num_cpus`` caps a local instance. A local instance runs only the processes work needs
+    (no dashboard server, autoscaler monitor or log monitor). Waits for a start begun by
+    :func:`start_ray_in_background`; a no-op when Ray is already initialised in this process.
     """
+    starter = _STARTER
+    if starter is not None and starter.thread is not threading.current_thread():
+        starter.wait()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
+    with _RAY_LOCK:
+        if ray.is_initialized():
+            return False
+        quiet = os.environ.get("PRISMESH_QUIET", "") not in ("", "0")
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "logging_level": logging.ERROR if quiet else logging.WARNING,
+            "log_to_driver": False,
+        }
+        if address is not None:
+            if num_cpus is not None:
+                raise ValueError("num_cpus applies to a local Ray only, not when joining a cluster")
+            ray.init(address=address, **kwargs)
+            return False
+        with _lean_head_node():
+            ray.init(num_cpus=num_cpus, **kwargs)
+        return True
+
+
+def start_ray_in_background(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Begin :func:`ensure_ray` on a thread, so Ray's start-up overlaps other start-up work; the
+    next ``ensure_ray`` (or ``fetch_and_verify``) waits for it. Returns False when Ray is
+    already running or starting in this process."""
+    global _STARTER
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized() or _STARTER is not None:
+        return False
+    _STARTER = _Starter(address, num_cpus)
+    _STARTER.thread.start()
+    return True
+
+
+def stop_ray() -> None:
+    """Shut this process's Ray down (its local instance's processes with it)."""
+    global _STARTER
+    starter, _STARTER = _STARTER, None
+    if starter is not None:
+        starter.ready.wait()
+    import ray
+
     if ray.is_initialized():
-        return
-    quiet = os.environ.get("PRISMESH_QUIET", "") not in ("", "0")
-    kwargs: dict[str, Any] = {
-        "include_dashboard": False,
-        "logging_level": logging.ERROR if quiet else logging.WARNING,
-        "log_to_driver": False,
-    }
-    if address is None:
-        kwargs["num_cpus"] = num_cpus
-    elif num_cpus is not None:
-        raise ValueError("num_cpus applies to a local Ray only, not when joining a cluster")
-    ray.init(address=address, **kwargs)
+        ray.shutdown()
+    if starter is not None:
+        starter.release.set()
+        starter.thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def _lean_head_node() -> Iterator[None]:
+    """While ``ray.init`` starts a local head node: no autoscaler monitor (nothing to scale),
+    no log monitor (``log_to_driver`` is off, logs stay in the session folder) and no dashboard
+    server (``include_dashboard=False`` still starts one for usage statistics). Ray's public
+    ``init`` has no switch for these, so its node class is swapped for the call."""
+    import ray._private.node as ray_node
+
+    base = ray_node.Node
+
+    class LeanNode(base):  # type: ignore[misc, valid-type]
+        def __init__(self, ray_params: Any, *args: Any, head: bool = False, **kwargs: Any) -> None:
+            if head:
+                ray_params.no_monitor = True
+                ray_params.include_log_monitor = False
+            super().__init__(ray_params, *args, head=head, **kwargs)
+
+        def start_api_server(self, *, include_dashboard: bool | None, raise_on_failure: bool) -> None:
+            self._webui_url = None
+
+    ray_node.Node = LeanNode
+    try:
+        yield
+    finally:
+        ray_node.Node = base
+
+
+# Below this many adapter bytes a Ray task costs more than the verification it parallelises.
+MIN_TASK_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class VerificationPlan:
+    """Where a round's updates are verified: ``"in-process"`` or ``"ray"``, and the batches
+    (positions in the round's list of updates) that each become one Ray task."""
+
+    mode: str
+    batches: tuple[tuple[int, ...], ...]
+
+
+def plan_verification(
+    count: int, bytes_each: int, *, parallel: bool, workers: int, min_task_bytes: int = MIN_TASK_BYTES
+) -> VerificationPlan:
+    """In this process when ``parallel`` is off; otherwise in Ray, in as many batches as the
+    work fills (at least ``min_task_bytes`` each) and the cluster has ``workers`` for, at least
+    one: a round of small updates is one Ray task, a round of large ones one task per worker."""
+    if count < 0 or bytes_each < 0:
+        raise ValueError(f"count and bytes_each must be non-negative, got {count} and {bytes_each}")
+    if not parallel or count == 0:
+        return VerificationPlan("in-process", (tuple(range(count)),) if count else ())
+    n = max(1, min(max(1, workers), count, (count * bytes_each) // max(1, min_task_bytes)))
+    size = math.ceil(count / n)
+    batches = tuple(tuple(range(i, min(count, i + size))) for i in range(0, count, size))
+    return VerificationPlan("ray", batches)
+
+
+def adapter_bytes(expected_shapes: Mapping[str, Sequence[int]], itemsize: int = 4) -> int:
+    """The size of an adapter's tensors with these shapes (float32 unless told)."""
+    return sum(math.prod(int(d) for d in shape) for shape in expected_shapes.values()) * itemsize
 
 
 def _clip(text: str) -> str:
@@ -169,16 +311,41 @@ def fetch_and_verify_one(
         )
 
 
-_REMOTE: Any = None
+def verify_batch(
+    batch: Sequence[tuple[int, UpdateRef, Path]],
+    fetch: Fetch,
+    expected_shapes: Mapping[str, Sequence[int]],
+    lora_config: Mapping[str, Any],
+    norm_bound: float | None,
+) -> Iterator[tuple[int, Verified | Rejected]]:
+    """One Ray task's work: each update of the batch in turn, yielded as soon as it is done."""
+    for index, item, dest in batch:
+        yield index, fetch_and_verify_one(item, fetch, expected_shapes, lora_config, norm_bound, dest)
 
 
-def _remote_task() -> Any:
-    global _REMOTE
-    if _REMOTE is None:
+_REMOTE: dict[str, Any] = {}
+
+
+def _remote(name: str) -> Any:
+    if name not in _REMOTE:
         import ray
 
-        _REMOTE = ray.remote(max_retries=0)(fetch_and_verify_one)
-    return _REMOTE
+        if name == "batch":
+            _REMOTE[name] = ray.remote(max_retries=0, num_returns="streaming")(verify_batch)
+        else:
+            _REMOTE[name] = ray.remote(max_retries=0)(fetch_and_verify_one)
+    return _REMOTE[name]
+
+
+def _worker_failure(item: UpdateRef, exc: Exception) -> Rejected:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return Rejected(item.client, item.cid, _clip(f"worker failed ({type(exc).__name__}): {first}"))
+
+
+def _ray_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
 
 
 def fetch_and_verify(
@@ -192,16 +359,17 @@ def fetch_and_verify(
     parallel: bool = True,
     timeout_s: float | None = None,
     num_cpus_per_task: float = 1.0,
+    min_task_bytes: int = MIN_TASK_BYTES,
 ) -> list[Verified | Rejected]:
-    """Fetch and verify ``items`` (one Ray task each); results are in the input order.
+    """Fetch and verify ``items`` in Ray tasks batched by :func:`plan_verification`; results are
+    in the input order.
 
     ``fetch(cid, dest) -> dir`` must be picklable (a top-level function or e.g. :class:`StoreFetch`)
     and should raise when the bytes do not match the CID. Each update lands in its own folder under
     ``workdir``. A client listed more than once has every entry rejected (which one to keep would
-    depend on the order). With
-    ``parallel=False`` the same work runs in this process, one update after another (no Ray).
-    ``timeout_s`` bounds the whole batch: updates not done by then are cancelled and rejected.
-    Starts a local Ray if none is initialised.
+    depend on the order). With ``parallel=False`` the same work runs in this process, one update
+    after another (no Ray). ``timeout_s`` bounds the whole batch: updates not done by then are
+    cancelled and rejected. Starts a local Ray if none is initialised.
     """
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -217,35 +385,86 @@ def fetch_and_verify(
             continue
         todo.append((i, item, root / f"{i:04d}-{_safe(item.client)}"))
 
-    if not parallel:
+    if todo and parallel:
+        ensure_ray()
+    plan = plan_verification(
+        len(todo), adapter_bytes(expected), parallel=parallel,
+        workers=_ray_cpus() if parallel and todo else 1, min_task_bytes=min_task_bytes,
+    )
+    if plan.mode == "in-process":
         for i, item, dest in todo:
             results[i] = fetch_and_verify_one(item, fetch, expected, task_cfg, norm_bound, dest)
     elif todo:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayError
-
-        ensure_ray()
-        task = _remote_task().options(num_cpus=num_cpus_per_task)
-        exp_ref, cfg_ref = ray.put(expected), ray.put(task_cfg)
-        refs = [
-            (i, item, task.remote(item, fetch, exp_ref, cfg_ref, norm_bound, dest))
-            for i, item, dest in todo
-        ]
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for i, item, ref in refs:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                results[i] = ray.get(ref, timeout=left)
-            except GetTimeoutError:
-                ray.cancel(ref, force=True)
-                results[i] = Rejected(item.client, item.cid, f"timed out after {timeout_s:g} s")
-            except RayError as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                results[i] = Rejected(
-                    item.client, item.cid, _clip(f"worker failed ({type(exc).__name__}): {first}")
-                )
+        _verify_in_ray(plan, todo, fetch, expected, task_cfg, norm_bound, results, timeout_s, num_cpus_per_task)
     out = [r for r in results if r is not None]
     for r in out:
         if isinstance(r, Rejected):
             log.warning("rejected update from %s (cid %s): %s", r.client, r.cid, r.reason)
     return out
+
+
+def _verify_in_ray(
+    plan: VerificationPlan,
+    todo: list[tuple[int, UpdateRef, Path]],
+    fetch: Fetch,
+    expected: dict[str, tuple[int, ...]],
+    task_cfg: dict[str, Any],
+    norm_bound: float | None,
+    results: list[Verified | Rejected | None],
+    timeout_s: float | None,
+    num_cpus_per_task: float,
+) -> None:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def timed_out(item: UpdateRef) -> Rejected:
+        return Rejected(item.client, item.cid, f"timed out after {timeout_s:g} s")
+
+    exp_ref, cfg_ref = ray.put(expected), ray.put(task_cfg)
+    batch_task = _remote("batch").options(num_cpus=num_cpus_per_task)
+    running = []
+    for positions in plan.batches:
+        batch = [todo[p] for p in positions]
+        running.append((batch, batch_task.remote(batch, fetch, exp_ref, cfg_ref, norm_bound)))
+    retry: list[tuple[int, UpdateRef, Path]] = []
+    for batch, gen in running:
+        pending = {i: (item, dest) for i, item, dest in batch}
+        while pending:
+            ready, _ = ray.wait([gen], timeout=left())
+            if not ready:
+                ray.cancel(gen, force=True)
+                for i, (item, _dest) in pending.items():
+                    results[i] = timed_out(item)
+                pending = {}
+                break
+            try:
+                i, res = ray.get(next(gen))
+            except StopIteration:
+                break
+            except RayError:
+                # The worker died on the next update of its batch: that update and the ones
+                # after it each get a task of their own, so the crash costs its update only.
+                retry.extend((i, item, dest) for i, (item, dest) in pending.items())
+                pending = {}
+                break
+            results[i] = res
+            pending.pop(i, None)
+        for i, (item, _dest) in pending.items():
+            results[i] = Rejected(item.client, item.cid, "verification returned no result")
+    if not retry:
+        return
+    single = _remote("single").options(num_cpus=num_cpus_per_task)
+    refs = [(i, item, single.remote(item, fetch, exp_ref, cfg_ref, norm_bound, dest)) for i, item, dest in retry]
+    for i, item, ref in refs:
+        try:
+            results[i] = ray.get(ref, timeout=left())
+        except GetTimeoutError:
+            ray.cancel(ref, force=True)
+            results[i] = timed_out(item)
+        except RayError as exc:
+            results[i] = _worker_failure(item, exc)

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prismesh.aggregator.adapters import canonical_config_json
 from prismesh.node.data import MCQ, completion_ids, format_prompt
 
 DEFAULT_TARGET_MODULES = (
@@ -248,12 +249,15 @@ def save_adapter(peft_model, out_dir: Path, base_model_name: str | None = None) 
         # The base model's embeddings are never resized here, so they are never saved; "auto"
         # would look the recorded base-model name up on the Hub to decide.
         peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+        # Rewritten canonically (sorted keys, target modules in sorted order rather than PEFT's
+        # set order, which changes from one process to the next), so the same tensors always
+        # give the same bytes and CID; the base-model name after saving, since PEFT would look
+        # a non-local name up on the Hub while saving.
+        conf_path = tmp / "adapter_config.json"
+        conf = json.loads(conf_path.read_text())
         if base_model_name is not None:
-            # Rewritten after saving: PEFT would look a non-local name up on the Hub while saving.
-            conf_path = tmp / "adapter_config.json"
-            conf = json.loads(conf_path.read_text())
             conf["base_model_name_or_path"] = base_model_name
-            conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+        conf_path.write_bytes(canonical_config_json(conf))
         for extra in tmp.iterdir():
             if extra.name not in ADAPTER_FILES:
                 if extra.is_dir():

@@ -285,3 +285,22 @@ def test_live_stream_and_read_only_surface(world: World) -> None:
     assert world.get("/healthz")[0] == 200
     _, hospitals, _ = world.get("/hospitals")
     assert "hospital-a" in hospitals  # named by its descriptor, which matches the chain's hash
+
+
+def test_exclusion_reasons_come_from_the_audit_findings() -> None:
+    """The chain records who was included, not why the others were not; an audit re-derives the
+    reasons from the chain and the store, and the task page shows them from its findings."""
+    from prismesh.dashboard.audits import AuditResult, Check
+    from prismesh.dashboard.views import audit_reasons
+
+    client = "0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc"
+    checks = [
+        Check("exclusion re-derived", f"round 2 {client.lower()}", True, "non-finite values: q_proj has 1 NaN"),
+        Check("update rejected", f"round 3 {client}", True, "fetch failed (BlockNotFound): ..."),
+        Check("adapter vs CID", f"round 1 {client} QmX", False, "block missing"),
+    ]
+    assert audit_reasons(AuditResult(1, "done", 9, False, checks)) == {
+        (2, client): "non-finite values: q_proj has 1 NaN",
+        (3, client): "fetch failed (BlockNotFound): ...",
+    }
+    assert audit_reasons(AuditResult(1, "running", 9)) == {} and audit_reasons(None) == {}

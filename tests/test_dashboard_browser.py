@@ -9,6 +9,7 @@ adapter with a NaN in it, so the aggregator excludes it and the metrics count an
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -112,6 +113,7 @@ def test_dashboard_follows_a_federation_in_a_browser_and_metrics_count_the_round
         initial = create_initial_adapter(base, tmp_path / "initial",
                                          TrainConfig.from_dict({**spec.train_config(), "device": "cpu"}))
         task = fed.create_task(spec, TaskSettings(num_rounds=2, min_participants=2), initial_adapter=initial)
+        descriptors = fed.descriptors()
         watching = demo_observer(0)(fed)  # the dashboard exactly as `prismesh demo --dashboard` opens it
         url = watching.server.url
         fed.finalize()
@@ -233,7 +235,9 @@ def test_dashboard_follows_a_federation_in_a_browser_and_metrics_count_the_round
             watching.close()
         fed.close()
 
-    # The finished run's saved chain, re-opened by `prismesh dashboard --out`, as after a demo.
+    # The finished run's saved chain, re-opened by `prismesh dashboard --out`, as after a demo
+    # (which keeps its hospitals' descriptors beside the chain).
+    (demo_dir / "run" / "descriptors.json").write_text(json.dumps(descriptors))
     proc = subprocess.Popen([sys.executable, "-m", "prismesh", "dashboard", "--out", str(demo_dir), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -249,7 +253,7 @@ def test_dashboard_follows_a_federation_in_a_browser_and_metrics_count_the_round
                     body = r.read().decode()
             except urllib.error.HTTPError as exc:  # 404 until the first read of the chain
                 assert exc.code == 404, exc
-        assert "Completed" in body and "broken-pipeline" not in body  # no descriptors given: addresses only
+        assert "Completed" in body and "broken-pipeline" in body  # named by the descriptors kept beside it
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0, proc.stderr.read()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,7 +175,31 @@ def test_prismesh_devnet_command(tmp_path: Path) -> None:
         assert "already deployed" in again.stdout
         assert load_manifest(manifest).addresses == m.addresses
         assert is_deployed(m, http_web3(m.rpc_url))
+        # The same command brings back whichever half died: the committee alone, or anvil
+        # (from its state file, keeping the running committee).
+        committee_pid = int((tmp_path / "committee.pid").read_text())
+        os.kill(committee_pid, signal.SIGKILL)
+        _wait_gone(committee_pid)
+        res = subprocess.run(base + ["--detach"], cwd=repo_root(), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0 and "its committee is gone: starting a new one" in res.stdout, res.stderr
+        res = subprocess.run(base + ["--detach"], cwd=repo_root(), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1 and "already runs" in res.stderr
+        anvil_pid = int((tmp_path / "anvil.pid").read_text().split()[0])
+        os.kill(anvil_pid, signal.SIGKILL)
+        _wait_gone(anvil_pid)
+        res = subprocess.run(base + ["--detach"], cwd=repo_root(), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert "is gone; restarting it from" in res.stdout and "committee already running" in res.stdout
+        assert is_deployed(m, http_web3(m.rpc_url))
     finally:
         subprocess.run(
             base + ["--stop"], cwd=repo_root(), capture_output=True, text=True, timeout=60
         )
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    from prismesh.cli.chain import _alive
+
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -108,6 +108,11 @@ def test_full_task_with_finality_pays_every_client(tmp_path, bench):
             found = [f for f in report.findings if f.check == check]
             assert len(found) == 2 and all(f.ok for f in found), check
         assert any(f.check == "finality certificate" for f in report.findings)
+        # The aggregator scored against what it followed in its own events; the chain agrees.
+        from prismesh.aggregator.contribution import published_cids
+
+        for rnd in (1, 2):
+            assert fed.aggregator._published_cids(task, rnd) == published_cids(coord, task, rnd)
 
         # Tamper with one stored client adapter: the audit must fail and name it.
         victim = coord.get_events("UpdateRevealed", fed.manifest.deploy_block, taskId=task)[0]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster import Proc, free_port, kill_group, pid_from, read
 from tests.conftest import tiny_federation_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,42 +42,6 @@ REWARD_TOKENS = 10
 TARGETS = "q_proj,v_proj"
 
 pytestmark = pytest.mark.timeout(420)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
-@dataclass
-class Proc:
-    """One daemon incarnation: its process and its own log file."""
-
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    def text(self) -> str:
-        return read(self.log)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill9(self) -> None:
-        """SIGKILL the daemon's whole process group (the daemon and anything it started)."""
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.popen.wait(timeout=10)
 
 
 @dataclass
@@ -140,22 +104,6 @@ class Deployment:
                 pytest.fail(f"{dead[0].log.name} exited with {dead[0].popen.poll()} while waiting for {what}\n{self.tails()}")
             time.sleep(interval)
         pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{self.tails()}")
-
-
-def _kill_group(pid: int) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.5)
-
-
-def _pid_from(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (FileNotFoundError, ValueError, IndexError):
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -239,11 +187,11 @@ def deployment(tmp_path_factory) -> Deployment:
     finally:
         for p in dep.procs:
             if p.popen.poll() is None:
-                _kill_group(p.popen.pid)
+                kill_group(p.popen.pid)
         dep.cli("devnet", "--stop", "--state", str(dep.devnet_state), timeout=60)
-        for pid in [*dep.extra_pids, _pid_from(devdir / "anvil.pid"), _pid_from(devdir / "committee.pid")]:
+        for pid in [*dep.extra_pids, pid_from(devdir / "anvil.pid"), pid_from(devdir / "committee.pid")]:
             if pid:
-                _kill_group(pid)
+                kill_group(pid)
 
 
 def chain_view(dep: Deployment):

@@ -247,3 +247,77 @@ def test_embedded_store_fetch_rejects_a_tampered_block(ray_session, tmp_path):
     assert isinstance(results[3], Rejected)
     assert results[3].reason.startswith("fetch failed (BlockNotFound)"), results[3].reason
     assert absent in results[3].reason
+
+
+def test_plan_verification_picks_in_process_or_ray_batches():
+    from prismesh.aggregator.parallel import MIN_TASK_BYTES, adapter_bytes, plan_verification
+
+    small = adapter_bytes(expected_lora_shapes(TINY_QWEN3, LORA))
+    assert 0 < small < MIN_TASK_BYTES
+    # parallel off: everything here, one after another
+    plan = plan_verification(5, small, parallel=False, workers=8)
+    assert plan.mode == "in-process" and plan.batches == ((0, 1, 2, 3, 4),)
+    assert plan_verification(0, small, parallel=True, workers=2).batches == ()
+    # small updates: one Ray task for the whole round, however many workers there are
+    plan = plan_verification(3, small, parallel=True, workers=2)
+    assert plan.mode == "ray" and plan.batches == ((0, 1, 2),)
+    # large updates: one task per worker, every update exactly once, in order
+    plan = plan_verification(7, MIN_TASK_BYTES, parallel=True, workers=3)
+    assert len(plan.batches) == 3
+    assert [i for b in plan.batches for i in b] == list(range(7))
+    # never more tasks than updates, never fewer than one
+    assert len(plan_verification(2, 10 * MIN_TASK_BYTES, parallel=True, workers=16).batches) == 2
+    assert len(plan_verification(4, 1, parallel=True, workers=0).batches) == 1
+    with pytest.raises(ValueError, match="non-negative"):
+        plan_verification(-1, small, parallel=True, workers=2)
+
+
+def test_large_updates_split_over_ray_workers(ray_session, batch, tmp_path):
+    """Forcing a batch per worker (tiny ``min_task_bytes``) gives the verdicts of one batch."""
+    items, table, expected_reason = batch
+    shapes = expected_lora_shapes(TINY_QWEN3, LORA)
+    results = fetch_and_verify(items, DirFetch(table), shapes, LORA, NORM_BOUND, tmp_path / "w",
+                               min_task_bytes=1)
+    check_outcome(results, items, expected_reason)
+
+
+def test_lean_local_ray_runs_only_what_it_needs():
+    """A local instance started here has no dashboard, monitor or log monitor process, and
+    none of its processes outlive ``stop_ray``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, time\n"
+        "from prismesh.aggregator.parallel import ensure_ray, start_ray_in_background, stop_ray\n"
+        "assert start_ray_in_background(num_cpus=1)\n"
+        "assert not ensure_ray(num_cpus=1)\n"
+        "import ray\n"
+        "assert ray.get(ray.remote(lambda: 7).remote()) == 7\n"
+        "def tree():\n"
+        "    kids, out = {}, []\n"
+        "    for d in os.listdir('/proc'):\n"
+        "        if d.isdigit():\n"
+        "            try:\n"
+        "                stat = open(f'/proc/{d}/stat').read().rsplit(')', 1)[1].split()\n"
+        "                cmd = open(f'/proc/{d}/cmdline', 'rb').read().replace(b'\\0', b' ').decode()\n"
+        "            except OSError:\n"
+        "                continue\n"
+        "            kids.setdefault(int(stat[1]), []).append((int(d), cmd))\n"
+        "    todo = [os.getpid()]\n"
+        "    while todo:\n"
+        "        for pid, cmd in kids.get(todo.pop(), []):\n"
+        "            out.append(cmd); todo.append(pid)\n"
+        "    return out\n"
+        "print('RUNNING', tree())\n"
+        "stop_ray(); time.sleep(1)\n"
+        "print('AFTER', tree())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    running = next(line for line in out.stdout.splitlines() if line.startswith("RUNNING"))
+    after = next(line for line in out.stdout.splitlines() if line.startswith("AFTER"))
+    assert "raylet" in running and "gcs_server" in running
+    for unwanted in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py", "log_monitor.py"):
+        assert unwanted not in running, unwanted
+    assert "raylet" not in after and "gcs_server" not in after and "ray::" not in after

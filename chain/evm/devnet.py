@@ -1,7 +1,11 @@
 """Local EVM devnets behind one API: a managed anvil process, or the embedded py-evm chain.
 
 Anvil is the real thing (JSON-RPC over HTTP, other processes can connect, state kept in a
-file so a restart continues the same chain). The embedded chain (eth-tester + py-evm) needs
+file so a restart continues the same chain). The state file is written only through
+:func:`dump_anvil_state` (``anvil_dumpState``, then a synced temp file renamed into place):
+anvil's own periodic dump neither syncs nor renames, so a crash while it writes could leave
+half a file. The finality committee dumps before it posts a certificate, which makes every
+final block durable; ``stop()`` dumps once more on the way out. The embedded chain (eth-tester + py-evm) needs
 nothing started and suits single-process use. Both expose the same deterministic, funded
 accounts (anvil's default mnemonic), so a test or demo runs unchanged on either.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import bisect
 import contextlib
 import os
 import platform
@@ -44,6 +49,45 @@ HARDFORK = "prague"
 
 class DevnetError(RuntimeError):
     """A devnet could not be started, reached or controlled."""
+
+
+def dump_anvil_state(w3: Any, path: Path) -> int:
+    """Write anvil's whole state (accounts, every block, every transaction) to ``path``
+    durably, in the format ``anvil --load-state`` reads; returns a height the dump includes.
+
+    The head is read before the dump is asked for, so every block up to it is in the file."""
+    import gzip
+
+    from prismesh.chain.localstate import atomic_write_bytes
+
+    head = int(w3.eth.block_number)
+    resp = w3.provider.make_request("anvil_dumpState", [])
+    if "error" in resp:
+        raise DevnetError(f"anvil_dumpState failed: {resp['error']}")
+    raw = bytes.fromhex(str(resp["result"]).removeprefix("0x"))
+    # The RPC answers gzip; --load-state reads plain JSON.
+    atomic_write_bytes(Path(path), gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+    return head
+
+
+class StateDumper:
+    """What the committee calls before it posts a certificate: anvil's state on disk, so no
+    final block is lost to a crash. Counts dumps and their time for the finality benchmark."""
+
+    def __init__(self, w3: Any, path: Path) -> None:
+        self.w3 = w3
+        self.path = Path(path)
+        self.count = 0
+        self.seconds = 0.0
+
+    def __call__(self, height: int) -> int:
+        start = time.perf_counter()
+        durable = dump_anvil_state(self.w3, self.path)
+        self.seconds += time.perf_counter() - start
+        self.count += 1
+        if durable < height:
+            raise DevnetError(f"anvil's head {durable} is below the height {height} to make durable")
+        return durable
 
 
 @lru_cache(maxsize=4)
@@ -206,7 +250,9 @@ def _stop_all() -> None:
 
 
 class AnvilDevnet(Devnet):
-    """A managed anvil process on 127.0.0.1; with ``state_file`` the chain survives restarts."""
+    """A managed anvil process on 127.0.0.1; with ``state_file`` the chain survives restarts:
+    it is loaded when it exists, and written by :meth:`dump_state` (the committee's dumps and
+    ``stop()``), never by anvil itself."""
 
     kind = "anvil"
 
@@ -242,7 +288,8 @@ class AnvilDevnet(Devnet):
             cmd += ["--block-time", str(block_time)]
         if self.state_file is not None:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            cmd += ["--state", str(self.state_file)]
+            if self.state_file.exists():
+                cmd += ["--load-state", str(self.state_file)]
         log_dir = self.state_file.parent if self.state_file else Path(tempfile.gettempdir())
         self.log_path = log_dir / f"anvil-{self.port}.log"
         self._log = self.log_path.open("wb")
@@ -268,8 +315,12 @@ class AnvilDevnet(Devnet):
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
+                where = ""
+                if self.state_file is not None and self.state_file.exists():
+                    where = (f" (loading {self.state_file}; if that file is damaged, move it "
+                             "aside or start afresh with --fresh)")
                 raise DevnetError(
-                    f"anvil exited with {self.proc.returncode} on port {self.port}: "
+                    f"anvil exited with {self.proc.returncode} on port {self.port}{where}: "
                     f"{self._log_tail()}"
                 )
             if self.healthy():
@@ -299,6 +350,12 @@ class AnvilDevnet(Devnet):
     def mine(self, n: int = 1) -> None:
         self._rpc("anvil_mine", [hex(n)])
 
+    def dump_state(self) -> int:
+        """Write the chain to ``state_file`` now (durably); returns a height it includes."""
+        if self.state_file is None:
+            raise DevnetError("this anvil has no state file")
+        return dump_anvil_state(self.w3, self.state_file)
+
     def increase_time(self, seconds: int) -> None:
         self._rpc("evm_increaseTime", [int(seconds)])
         self._rpc("evm_mine", [])
@@ -321,8 +378,12 @@ class AnvilDevnet(Devnet):
         return pid
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop anvil; SIGINT first so it writes ``state_file``, then SIGKILL if it hangs."""
-        proc, self.proc = getattr(self, "proc", None), None
+        """Stop anvil, writing ``state_file`` first; SIGINT, then SIGKILL if it hangs."""
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None and self.state_file is not None:
+            with contextlib.suppress(Exception):
+                self.dump_state()
+        self.proc = None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:
@@ -344,7 +405,8 @@ def start_anvil(
     num_accounts: int = DEFAULT_ACCOUNTS,
 ) -> AnvilDevnet:
     """Start anvil and wait until it answers. With ``state_file`` the chain is loaded from it
-    (when it exists) and dumped to it on ``stop()``, so a restart continues the same chain.
+    (when it exists) and dumped to it on ``stop()`` and by the committee before each
+    certificate, so a restart continues the same chain with every final block.
     Without ``port`` a free one is picked (retrying on a lost race)."""
     attempts = 1 if port is not None else 3
     last: Exception | None = None
@@ -393,6 +455,8 @@ class EmbeddedDevnet(Devnet):
         endpoints["net"]["version"] = static_return(str(chain_id))
         for name in ("call", "estimateGas"):
             endpoints["eth"][name] = _raw_revert_data(endpoints["eth"][name])
+        self.log_index = LogIndex(self.tester)
+        endpoints["eth"]["getLogs"] = lambda _tester, params: self.log_index.get_logs(**params[0])
         self.w3 = Web3(EthereumTesterProvider(self.tester, api_endpoints=endpoints))
         expected = {a.address for a in self.accounts}
         if not expected <= set(self.tester.get_accounts()):
@@ -413,6 +477,99 @@ class EmbeddedDevnet(Devnet):
 
     def stop(self) -> None:
         """Nothing runs outside the process; kept for the common API."""
+
+
+class LogIndex:
+    """The embedded chain's logs indexed by address and first topic, kept up to date from the
+    chain's head: a log query costs the logs it returns plus the blocks mined since the last
+    query, not the length of the range it names (eth-tester reads every block of the range and
+    every receipt in them). ``blocks_read`` counts the blocks read into the index; a revert to
+    a snapshot is noticed by the hash of the last block indexed and rebuilds the index."""
+
+    def __init__(self, tester: Any) -> None:
+        self.tester = tester
+        self.blocks_read = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._hashes: list[Any] = []  # hash of each indexed block, by number
+        self._by_address: dict[str, list[tuple[int, dict]]] = {}
+        self._by_topic: dict[tuple[str, str], list[tuple[int, dict]]] = {}
+
+    def _sync(self) -> int:
+        head = int(self.tester.get_block_by_number("latest")["number"])
+        if self._hashes:
+            last = len(self._hashes) - 1
+            if last > head or self.tester.get_block_by_number(last)["hash"] != self._hashes[-1]:
+                self._reset()
+        for number in range(len(self._hashes), head + 1):
+            block = self.tester.get_block_by_number(number)
+            self.blocks_read += 1
+            for tx_hash in block["transactions"]:
+                for entry in self.tester.get_transaction_receipt(tx_hash)["logs"]:
+                    entry = dict(entry)
+                    address = str(entry["address"]).lower()
+                    self._by_address.setdefault(address, []).append((number, entry))
+                    if entry["topics"]:
+                        key = (address, _hex(entry["topics"][0]))
+                        self._by_topic.setdefault(key, []).append((number, entry))
+            self._hashes.append(block["hash"])
+        return head
+
+    def get_logs(self, from_block: Any = None, to_block: Any = None, address: Any = None,
+                 topics: Any = None) -> list[dict]:
+        """``eth_getLogs`` over the index, with eth-tester's answer for the same filter."""
+        head = self._sync()
+        low = _block_number(from_block, head)
+        high = _block_number(to_block, head)
+        if address is None:
+            addresses = sorted(self._by_address)
+        else:
+            addresses = [str(a).lower() for a in (address if isinstance(address, (list, tuple)) else [address])]
+        topics = list(topics or [])
+        first = topics[0] if topics else None
+        found: list[tuple[int, int, dict]] = []
+        for addr in addresses:
+            if first is None:
+                lists = [self._by_address.get(addr, [])]
+            else:
+                wanted = first if isinstance(first, (list, tuple)) else [first]
+                lists = [self._by_topic.get((addr, _hex(t)), []) for t in wanted]
+            for entries in lists:
+                start = bisect.bisect_left(entries, low, key=lambda e: e[0])
+                for number, entry in entries[start:]:
+                    if number > high:
+                        break
+                    if _topics_match(entry["topics"], topics):
+                        found.append((number, int(entry["log_index"]), entry))
+        found.sort(key=lambda f: (f[0], f[1]))
+        return [entry for _, _, entry in found]
+
+
+def _hex(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return "0x" + bytes(value).hex()
+    return str(value).lower()
+
+
+def _block_number(value: Any, head: int) -> int:
+    if value is None or value in ("latest", "pending", "safe", "finalized"):
+        return head
+    if value == "earliest":
+        return 0
+    return int(value, 16) if isinstance(value, str) else int(value)
+
+
+def _topics_match(have: Any, want: list) -> bool:
+    if len(want) > len(have):
+        return False
+    for got, expected in zip(have, want, strict=False):
+        if expected is None:
+            continue
+        options = expected if isinstance(expected, (list, tuple)) else [expected]
+        if _hex(got) not in {_hex(o) for o in options}:
+            return False
+    return True
 
 
 def _look_up_transactions_by_index() -> None:

@@ -23,15 +23,23 @@ some block in ``(final height, h]`` carries a transaction that is not a call to 
 certified (a certificate for ``h`` finalizes every height ``<= h``), and with no other work the
 chain stops growing. Leaders keep proposing (empty nodes re-carry their parent's payload); beside
 anvil an idle leader waits ``idle_interval`` before proposing, so an idle devnet costs little.
+
+Final implies durable. With a ``durability`` hook (beside anvil: :class:`StateDumper`, which
+writes anvil's state file), a certificate is posted only once the chain's state containing its
+block is on disk, one dump per certificate. A devnet killed and restarted from that file holds
+every certified block; the certificate transaction itself may be lost with the blocks after
+the dump, and the committee certifies the same blocks again. :func:`supervise` runs the
+committee as a service: it waits out an unreachable RPC endpoint, notices a chain that lost
+blocks under it, and rebuilds itself from the gadget's final block, one log line per attempt.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +82,8 @@ from prismesh.chain.finality.transport import (
 )
 
 FAULT_KINDS = ("silent", "equivocate", "double_vote", "fork_vote", "byzantine", "twins")
+
+log = logging.getLogger("prismesh.committee")
 
 
 # --------------------------------------------------------------------------- ledgers
@@ -162,6 +172,20 @@ class Web3Ledger:
     def tip_extending(self, base: ChainRef) -> ChainRef:
         head = self.head()
         return head if self.extends(base, head) else base
+
+    def lost_history(self) -> str | None:
+        """Why the chain no longer matches the hashes cached here (a devnet restarted from an
+        older state, or replaced), or None when it does."""
+        if not self._hashes:
+            return None
+        top = max(self._hashes)
+        head = int(self.w3.eth.block_number)
+        if head < top:
+            return f"the chain's head {head} is below block {top} the committee has seen"
+        block = self.w3.eth.get_block(top)
+        if bytes(block["hash"]) != self._hashes[top]:
+            return f"block {top} changed its hash"
+        return None
 
     def block_needs_finality(self, height: int) -> bool:
         """Whether block ``height`` carries a transaction other than a call to the gadget."""
@@ -615,8 +639,11 @@ class Committee:
         base_timeout: float | None = None,
         busy_interval: float = 0.0,
         idle_interval: float = 0.5,
+        durability: Callable[[int], int] | None = None,
     ) -> None:
         self.w3 = w3
+        self.durability = durability
+        self.durable_height = -1
         self.client = FinalityGadgetClient(w3, gadget)
         self.keys = list(keys)
         on_chain = self.client.validators()
@@ -706,14 +733,29 @@ class Committee:
         cert = self.collector.best(self.final_height)
         if cert is None:
             return
+        if self.durability is not None and cert.height > self.durable_height:
+            # Final implies durable: the chain's state holding this block goes to disk before
+            # its certificate leaves the committee (one dump covers the head, so the next
+            # certificates up to it need none).
+            try:
+                self.durable_height = self.durability(cert.height)
+            except Exception as exc:
+                if not self.realtime:
+                    raise
+                self.submit_errors.append(exc)
+                return
         try:
             receipt = self.client.submit_certificate(cert, self.submitter)
         except GadgetRevert as exc:
             telemetry.error("committee", "committee", exc.error_name)
-            if exc.error_name == "UncheckableHeight":
-                # More than 256 blocks old: the gadget cannot check its hash any more. A later
-                # commit certifies a recent block, which finalizes this one too.
+            restored = exc.error_name == "BlockHashMismatch" and self.ledger.block_hash(cert.height) == cert.block_hash
+            if exc.error_name == "UncheckableHeight" or restored:
+                # The gadget cannot check this block's hash: more than 256 blocks old, or (the
+                # chain reports the hash but the EVM's BLOCKHASH disagrees) a block anvil
+                # restored from its state file, for which it answers BLOCKHASH wrongly. A
+                # certificate for a recent block mined since finalizes these too.
                 self.collector.prune(cert.height)
+                self._mine_if_idle(cert.height)
                 return
             if exc.error_name != "StaleHeight":
                 raise
@@ -732,6 +774,16 @@ class Committee:
         self.collector.prune(self.final_height)
         if telemetry.enabled():
             telemetry.certificate("committee", receipt, cert.height, int(self.w3.eth.block_number))
+
+    def _mine_if_idle(self, height: int) -> None:
+        """Beside anvil, mine one empty block when none follows ``height``, so that there is a
+        block the gadget can check to certify (nothing else may come for a while)."""
+        if not self.realtime or self.ledger.head().height > height:
+            return
+        try:
+            self.w3.provider.make_request("evm_mine", [])
+        except Exception as exc:  # noqa: BLE001 - a chain without evm_mine waits for real work
+            self.submit_errors.append(exc)
 
     # ----------------------------------------------------------------- in-process mode
 
@@ -842,14 +894,21 @@ def start_committee_thread(
     keys: Sequence[ValidatorKey] | None = None,
     submitter: Any = None,
     silent: Sequence[int] = (),
+    durability: Callable[[int], int] | None = None,
 ) -> Committee:
     """Start the committee beside anvil; ``devnet`` has ``.w3`` and ``.accounts``. Call ``.stop()``.
 
     The submitter defaults to validator 0's own account (dev account 16), which nothing else
-    sends from, so its nonces cannot race with other users of the devnet.
+    sends from, so its nonces cannot race with other users of the devnet. A devnet with a
+    ``state_file`` gets that file written before every certificate unless ``durability`` says
+    otherwise.
     """
     keys = list(keys) if keys is not None else devnet_validator_keys(devnet)
     submitter = submitter if submitter is not None else devnet.accounts[VALIDATOR_ACCOUNT_OFFSET]
+    if durability is None and getattr(devnet, "state_file", None) is not None:
+        from prismesh.chain.evm.devnet import StateDumper
+
+        durability = StateDumper(devnet.w3, devnet.state_file)
     committee = Committee(
         devnet.w3,
         gadget_address_from_manifest(manifest),
@@ -857,6 +916,7 @@ def start_committee_thread(
         submitter,
         silent=silent,
         realtime=True,
+        durability=durability,
     )
     committee.start_thread()
     return committee
@@ -875,58 +935,116 @@ def in_process_committee(
     return Committee(devnet.w3, gadget_address_from_manifest(manifest), keys, submitter)
 
 
+def supervise(
+    rpc_url: str,
+    manifest: Any,
+    stop: threading.Event,
+    *,
+    n: int = 4,
+    silent: Sequence[int] = (),
+    state_file: Any = None,
+    check_interval: float = 1.0,
+    on_final: Callable[[int], None] | None = None,
+) -> None:
+    """Run the committee beside anvil until ``stop`` is set, surviving the chain's faults.
+
+    An unreachable endpoint is waited out with back-off; a committee thread that failed, or a
+    chain that lost blocks under it (anvil killed and restarted from its state file), is
+    replaced by a fresh committee that starts from the gadget's final block. Each fault logs
+    one line (the traceback with ``PRISMESH_DEBUG``). With ``state_file`` every certificate
+    waits for anvil's state to be written there."""
+    from types import SimpleNamespace
+
+    from prismesh.chain.evm.devnet import StateDumper, dev_accounts, http_web3
+    from prismesh.chain.localstate import RetryDelay, debug_enabled, describe_error
+
+    retry = RetryDelay(check_interval, ceiling=30.0)
+    keys = devnet_validator_keys(n=n)
+    while not stop.is_set():
+        committee: Committee | None = None
+        try:
+            w3 = http_web3(rpc_url)
+            durability = StateDumper(w3, state_file) if state_file else None
+            devnet = SimpleNamespace(w3=w3, accounts=dev_accounts(VALIDATOR_ACCOUNT_OFFSET + n))
+            committee = Committee(
+                w3, gadget_address_from_manifest(manifest), keys,
+                devnet.accounts[VALIDATOR_ACCOUNT_OFFSET], silent=silent, realtime=True,
+                durability=durability,
+            )
+            committee.start_thread()
+            if retry.attempts:
+                log.info("committee resumed from final height %d", committee.final_height)
+            retry.reset()
+            last = committee.final_height
+            if on_final is not None:
+                on_final(last)
+            while not stop.wait(check_interval):
+                if committee.errors:
+                    raise committee.errors[0]
+                reason = committee.ledger.lost_history()
+                if reason:
+                    raise RuntimeError(f"{reason}: the devnet restarted from an older state; "
+                                       "restarting the committee from the gadget's final block")
+                if committee.final_height != last:
+                    last = committee.final_height
+                    if on_final is not None:
+                        on_final(last)
+        except Exception as exc:  # noqa: BLE001 - every fault is waited out, then retried
+            wait = retry.next()
+            log.warning("committee: %s; retrying in %.1f s (attempt %d)", describe_error(exc), wait,
+                        retry.attempts, exc_info=debug_enabled())
+            stop.wait(wait)
+        finally:
+            if committee is not None:
+                committee.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Process mode: ``python -m prismesh.chain.finality.committee --rpc URL --manifest PATH`` runs the committee
     beside an already running anvil (e.g. a detached ``prismesh devnet``) until interrupted."""
     import argparse
+    import os
     import signal
-    from types import SimpleNamespace
 
-    from prismesh.chain.evm.devnet import dev_accounts, http_web3
     from prismesh.chain.evm.manifest import load_manifest
+    from prismesh.chain.localstate import DEBUG_ENV
 
     parser = argparse.ArgumentParser(prog="python -m prismesh.chain.finality.committee", description=main.__doc__)
     parser.add_argument("--rpc", default="http://127.0.0.1:8545", help="anvil's JSON-RPC URL")
     parser.add_argument("--manifest", required=True, help="deployment manifest (JSON)")
     parser.add_argument("--validators", type=int, default=4, help="committee size n = 3f + 1")
     parser.add_argument("--silent", default="", help="comma-separated validator indices kept down")
+    parser.add_argument("--state", default=None,
+                        help="anvil's state file: written before every certificate (final implies durable)")
+    parser.add_argument("--debug", action="store_true", help="tracebacks in the retry log lines")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="print progress as text lines, or log it as one JSON object per line")
+                        help="log as text lines, or as one JSON object per line")
     telemetry.add_arguments(parser)
     args = parser.parse_args(argv)
-    say = functools.partial(print, flush=True)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
     if args.log_format == "json":
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(telemetry.JsonFormatter())
         logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-        say = logging.getLogger("prismesh.committee").info
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                            stream=sys.stdout, force=True)
     if args.metrics_port is not None:
         host = args.metrics_host or "127.0.0.1"
-        say(f"metrics on http://{host}:{telemetry.serve(args.metrics_port, host)}/metrics")
+        log.info("metrics on http://%s:%s/metrics", host, telemetry.serve(args.metrics_port, host))
     silent = [int(x) for x in args.silent.split(",") if x.strip()]
-    devnet = SimpleNamespace(w3=http_web3(args.rpc), accounts=dev_accounts(20))
-    committee = start_committee_thread(
-        devnet,
-        load_manifest(args.manifest),
-        keys=devnet_validator_keys(n=args.validators),
-        silent=silent,
-    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    say(f"committee of {args.validators} running against {args.rpc}; Ctrl-C stops it")
+    log.info("committee of %d beside %s%s; SIGTERM or Ctrl-C stops it", args.validators, args.rpc,
+             f", writing {args.state} before each certificate" if args.state else "")
+    started = time.monotonic()
     try:
-        last = -1
-        while not stop.wait(1.0):
-            if committee.errors:
-                raise RuntimeError("committee thread failed") from committee.errors[0]
-            if committee.final_height != last:
-                last = committee.final_height
-                say(f"final height {last}")
+        supervise(args.rpc, load_manifest(args.manifest), stop, n=args.validators, silent=silent,
+                  state_file=args.state, on_final=lambda h: log.info("final height %d", h))
     except KeyboardInterrupt:
         pass
-    finally:
-        committee.stop()
-        say(f"stopped at final height {committee.final_height}")
+    log.info("committee stopped after %.0f s", time.monotonic() - started)
     return 0
 
 

@@ -58,6 +58,27 @@ class CoordinatorStream:
     def final_height(self) -> int:
         return self.raw.final_height()
 
+    @property
+    def scanned_height(self) -> int:
+        """Every event up to this height has been delivered: what a readiness check may rely on
+        (a fresh ``final_height()`` can be newer than the events the daemon has seen)."""
+        return self.raw.scanned_height
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        return self.raw.cursor
+
+    @property
+    def behind(self) -> bool:
+        """The chain's final height is below this cursor (a devnet restarted from its durable
+        state, waiting for the committee to certify the same blocks again)."""
+        return self.raw.behind
+
+    def resync(self, height: int) -> None:
+        """Continue from block ``height``, forgetting everything delivered after it."""
+        self.raw.resync(height)
+        self._pending.clear()
+
 
 def open_final_stream(
     w3: Any,
@@ -66,9 +87,11 @@ def open_final_stream(
     cursor_path: Path | None,
     *,
     finality: bool = True,
+    recover_damaged: bool = False,
 ) -> CoordinatorStream:
     """The coordinator's ``names`` events, final per the manifest's gadget (unless ``finality``
-    is off), resuming from ``cursor_path``."""
+    is off), resuming from ``cursor_path`` (an unreadable one set aside with
+    ``recover_damaged``; ``stream.raw.damaged`` then says where it went)."""
     from prismesh.chain.finality.gadget import FinalityGadgetClient
 
     coordinator = Coordinator.read_only(manifest, w3)
@@ -87,6 +110,7 @@ def open_final_stream(
             cursor_path,
             finality,
             from_block=manifest.deploy_block,
+            recover_damaged=recover_damaged,
         )
 
     return CoordinatorStream(reopen(), reopen)

@@ -51,10 +51,13 @@ class EmbeddedStore(Store):
     def _put_block(self, cid: bytes, data: bytes) -> None:
         path = self.block_path(cid)
         with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_size == len(data):
+            # An existing block is kept only when it is intact: writing an object again is how
+            # a damaged or truncated block gets repaired.
+            if path.stat().st_size == len(data) and unixfs.verify_block(cid, path.read_bytes()):
                 return
-        if path.parent.name not in self._shards:
-            path.parent.mkdir(exist_ok=True)
+        if path.parent.name not in self._shards or not path.parent.is_dir():
+            # Created once per shard, and again if the store directory was deleted meanwhile.
+            path.parent.mkdir(parents=True, exist_ok=True)
             self._shards.add(path.parent.name)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         try:
@@ -75,6 +78,27 @@ class EmbeddedStore(Store):
 
     def _has_block(self, cid: bytes) -> bool:
         return self.block_path(cid).is_file()
+
+    def _delete_block(self, cid: bytes) -> None:
+        self.block_path(cid).unlink(missing_ok=True)
+
+    def check_all(self, *, repair: bool = False) -> tuple[int, list[Path]]:
+        """Re-hash every block file against the multihash it is named by; with ``repair``,
+        delete the damaged ones. Returns how many were checked and the damaged files."""
+        checked, damaged = 0, []
+        for path in sorted(self.blocks_dir.glob("*/*.data")):
+            key = path.name[: -len(".data")]
+            try:
+                mh = base64.b32decode(key + "=" * (-len(key) % 8))
+                ok = unixfs.verify_block(unixfs.make_cid(1, 0x55, mh), path.read_bytes())
+            except (ValueError, UnixFSError, OSError):
+                ok = False
+            checked += 1
+            if not ok:
+                damaged.append(path)
+                if repair:
+                    path.unlink(missing_ok=True)
+        return checked, damaged
 
     # -- adding
     def add_path(
@@ -117,6 +141,7 @@ class EmbeddedStore(Store):
         return {str(k): str(v.get("type", "recursive")) for k, v in raw.get("pins", {}).items()}
 
     def _update_pins(self, add: str | None = None, remove: str | None = None) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
         with _file_lock(self.root / ".pins.lock"):
             pins = self._load_pins()
             if add is not None:

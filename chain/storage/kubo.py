@@ -263,6 +263,11 @@ class KuboStore(Store):
             return False
         return True
 
+    def _delete_block(self, cid: bytes) -> None:
+        # Kubo refuses to drop a block under a pin: the reply names the pin to remove first.
+        name = unixfs.cid_to_str(cid)
+        self._json("block/rm", [("arg", name), ("force", "true")], cid=name)
+
     # -- adding
     def add_path(
         self,

@@ -22,7 +22,7 @@ import tempfile
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prismesh.chain.storage import unixfs
@@ -121,6 +121,12 @@ class Store(ABC):
     @abstractmethod
     def pins(self) -> dict[str, str]:
         """Pinned roots and their pin type (``recursive``)."""
+
+    def _delete_block(self, cid: bytes) -> None:
+        """Drop one block (a damaged one, so that adding the object again restores it)."""
+        raise StorageError(
+            f"{type(self).__name__} cannot drop single blocks", cid=unixfs.cid_to_str(cid)
+        )
 
     # -- shared logic
     def add_bytes(
@@ -283,6 +289,56 @@ class Store(ABC):
         """Fetch and re-hash every block of the DAG; return how many blocks were checked."""
         return sum(1 for _ in self.walk(cid))
 
+    def check(self, cid: str, *, repair: bool = False) -> CheckReport:
+        """Every block of the DAG under ``cid``, read and re-hashed, carrying on past bad ones.
+
+        Unlike :meth:`verify`, which stops at the first bad block, this lists every damaged and
+        missing block it can reach; with ``repair`` the damaged ones are dropped, so that adding
+        the same bytes again (``ipfs add``, or a daemon that holds them) writes them afresh."""
+        report = CheckReport(normalize_cid(cid))
+        stack = [_cid_bytes(cid)]
+        seen: set[bytes] = set()
+        while stack:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            name = unixfs.cid_to_str(current)
+            try:
+                data = self._read_block(current)
+            except BlockNotFound:
+                report.missing.append(name)
+                continue
+            report.checked += 1
+            try:
+                ok = unixfs.verify_block(current, data)
+                node = unixfs.decode_node(current, data) if ok else None
+            except UnixFSError:
+                ok, node = False, None
+            if not ok or node is None:
+                report.damaged.append(name)
+                if repair:
+                    self._delete_block(current)
+                    report.removed.append(name)
+                continue
+            stack.extend(link.cid for link in reversed(node.links))
+        return report
+
+
+@dataclass
+class CheckReport:
+    """What :meth:`Store.check` found under one root."""
+
+    cid: str
+    checked: int = 0
+    damaged: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged and not self.missing
+
 
 def _check_entry_name(name: str, parent: Node) -> None:
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
@@ -326,6 +382,61 @@ def add_adapter(store: Store, adapter_dir: str | os.PathLike[str], *, cid_versio
     path = Path(adapter_dir)
     _check_adapter_dir(path)
     return store.add_path(path, cid_version=cid_version, pin=True)
+
+
+def restore_held(store: Store, cid: str, local: str | os.PathLike[str] | bytes | None) -> bool:
+    """Make ``cid`` whole in ``store`` again from a local copy of its bytes, if one is held.
+
+    ``local`` is a file or directory whose content is ``cid`` (an adapter this daemon wrote, the
+    aggregate it computed) or the bytes of a single-file object (a task spec). Returns True when
+    the store now holds ``cid`` intact: it already did, or the damaged and missing blocks were
+    written again from the local copy. Returns False (touching nothing) when the local copy is
+    absent or is not ``cid``; a copy that is not what it claims is never added."""
+    try:
+        if store.check(cid).ok:
+            return True
+    except StorageError:
+        pass
+    if local is None:
+        return False
+    if isinstance(local, bytes):
+        if unixfs.cid_of_bytes(local) != normalize_cid(cid):
+            return False
+        store.check(cid, repair=True)
+        added = store.add_bytes(local)
+    else:
+        path = Path(local)
+        if not path.exists() or cid_of_path(path) != normalize_cid(cid):
+            return False
+        store.check(cid, repair=True)
+        added = store.add_path(path, pin=True)
+    return added == normalize_cid(cid) and store.check(cid).ok
+
+
+def cat_held(store: Store, cid: str, copy: str | os.PathLike[str]) -> tuple[bytes, bool]:
+    """A small single-file object (a task spec), verified, with a local copy kept at ``copy``.
+
+    The first read saves the bytes there; when the store later lost or damaged the object, it
+    is written back from the copy (the same CID: the bytes are checked against it). Returns the
+    bytes and whether the store had to be repaired; raises the store's error when neither the
+    store nor the copy holds it."""
+    copy = Path(copy)
+    try:
+        data = store.cat(cid)
+    except StorageError as exc:
+        try:
+            held = copy.read_bytes()
+        except OSError:
+            raise exc from None
+        if not restore_held(store, cid, held):
+            raise
+        return held, True
+    if not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_name(f".{copy.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, copy)
+    return data, False
 
 
 def fetch_adapter(store: Store, cid: str, dest: str | os.PathLike[str]) -> Path:

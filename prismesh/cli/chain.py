@@ -128,6 +128,8 @@ def register(subparsers: Any) -> None:
     c.add_argument("--rpc-url", default=os.environ.get("PRISMESH_RPC_URL", "http://127.0.0.1:8545"))
     c.add_argument("--manifest", type=Path, required=True, help="deployment manifest naming the gadget")
     c.add_argument("--validators", type=int, default=4, help="committee size n = 3f+1 (devnet keys)")
+    c.add_argument("--state", type=Path, default=None,
+                   help="anvil's state file, written before every certificate (final implies durable)")
     c.add_argument("--silent", default="", help="comma-separated validator indices kept down (fault drills)")
     add_daemon_output_arguments(c)
     c.set_defaults(func=cmd_committee)
@@ -257,15 +259,19 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     pid_file = _pid_file(state)
     if args.stop:
         _stop_detached(_committee_pid_file(state), quiet=True)
+        _dump_detached(pid_file, state)
         return _stop_detached(pid_file)
+    manifest_path = (args.manifest or default_manifest_path(args.chain_id)).resolve()
     if pid_file.exists():
         pid = int(pid_file.read_text().split()[0])
         if _alive(pid):
+            if args.detach and not args.fresh:
+                return _restart_committee(args, state, manifest_path, pid)
             raise CommandError(
                 f"a detached devnet (pid {pid}) already runs; stop it first with `prismesh devnet --stop`"
             )
         pid_file.unlink()
-    manifest_path = (args.manifest or default_manifest_path(args.chain_id)).resolve()
+        print(f"note: the detached anvil (pid {pid}) is gone; restarting it from {state}")
     if args.fresh:
         state.unlink(missing_ok=True)
         manifest_path.unlink(missing_ok=True)
@@ -313,15 +319,12 @@ def cmd_devnet(args: argparse.Namespace) -> int:
         if args.detach:
             pid = dev.detach()
             pid_file.write_text(f"{pid} {dev.port}\n")
-            if n_validators:
-                log_path = state.parent / "committee.log"
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "prismesh.chain.finality.committee", "--rpc", dev.rpc_url,
-                     "--manifest", str(manifest_path), "--validators", str(n_validators)],
-                    stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
-                )
-                _committee_pid_file(state).write_text(f"{proc.pid}\n")
-                print(f"finality: HotStuff committee of {n_validators} (pid {proc.pid}, log {log_path})")
+            running = _pid_from(_committee_pid_file(state))
+            if n_validators and running is not None and _alive(running):
+                # The committee outlived anvil: it waits for the chain and resumes by itself.
+                print(f"finality: HotStuff committee already running (pid {running})")
+            elif n_validators:
+                _spawn_committee(dev.rpc_url, manifest_path, n_validators, state)
             print(f"detached (pid {pid}); stop with `prismesh devnet --stop`")
             return 0
         if n_validators:
@@ -388,15 +391,73 @@ def cmd_committee(args: argparse.Namespace) -> int:
     argv += ["--log-format", args.log_format]
     if args.metrics_port is not None:
         argv += ["--metrics-port", str(args.metrics_port), "--metrics-host", args.metrics_host or "127.0.0.1"]
+    if args.state is not None:
+        argv += ["--state", str(args.state)]
+    if getattr(args, "debug", False):
+        argv.append("--debug")
     return int(committee_main(argv) or 0)
 
 
+def _spawn_committee(rpc_url: str, manifest_path: Path, n_validators: int, state: Path) -> int:
+    log_path = state.parent / "committee.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prismesh.chain.finality.committee", "--rpc", rpc_url,
+         "--manifest", str(manifest_path), "--validators", str(n_validators), "--state", str(state)],
+        stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    _committee_pid_file(state).write_text(f"{proc.pid}\n")
+    print(f"finality: HotStuff committee of {n_validators} (pid {proc.pid}, log {log_path})")
+    return proc.pid
+
+
+def _restart_committee(args: argparse.Namespace, state: Path, manifest_path: Path, anvil_pid: int) -> int:
+    """`prismesh devnet --detach` with anvil still running: bring back a committee that died."""
+    from prismesh.chain.evm.manifest import load_manifest
+
+    running = _pid_from(_committee_pid_file(state))
+    if running is not None and _alive(running):
+        raise CommandError(
+            f"a detached devnet (anvil pid {anvil_pid}, committee pid {running}) already runs; "
+            "stop it first with `prismesh devnet --stop`"
+        )
+    port = int(_pid_file(state).read_text().split()[1])
+    n_validators = _committee_size(args, load_manifest(manifest_path))
+    if not n_validators:
+        raise CommandError(f"a detached devnet (pid {anvil_pid}) already runs without a committee")
+    print(f"anvil already runs (pid {anvil_pid}); its committee is gone: starting a new one")
+    _spawn_committee(f"http://127.0.0.1:{port}", manifest_path, n_validators, state)
+    return 0
+
+
+def _pid_from(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+def _dump_detached(pid_file: Path, state: Path) -> None:
+    """Write the detached anvil's state durably before it is asked to stop."""
+    from prismesh.chain.evm.devnet import dump_anvil_state, http_web3
+
+    try:
+        port = int(pid_file.read_text().split()[1])
+        dump_anvil_state(http_web3(f"http://127.0.0.1:{port}", timeout=30), state)
+    except Exception as exc:  # noqa: BLE001 - the state of the last certificate is on disk anyway
+        print(f"note: could not write the final state ({type(exc).__name__}); "
+              "the state of the last certificate is kept", file=sys.stderr)
+
+
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a killed process left unreaped (a zombie) does not."""
     try:
         os.kill(pid, 0)
     except OSError:
         return False
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _stop_detached(pid_file: Path, quiet: bool = False) -> int:

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="treat the latest block as final (a deployment without a finality gadget)")
     p.add_argument("--descriptors", type=Path, default=None,
                    help="JSON list of institution descriptors; a hospital whose on-chain descriptor hash "
-                   "matches one is shown by its name")
+                   "matches one is shown by its name (with --out: the demo's own, when it kept them)")
     add_daemon_output_arguments(p, metrics=False)
     p.set_defaults(func=_dashboard)
 
@@ -68,6 +68,9 @@ def _dashboard(args: argparse.Namespace) -> int:
 
     with chain_from_args(args) as (manifest, w3, demo_store):
         store = open_store(args.store or demo_store or "embedded")
+        saved = args.out / "run" / "descriptors.json" if args.out is not None else None
+        if not descriptors and saved is not None and saved.is_file():
+            descriptors = load_descriptors(saved)
         dash = open_dashboard(
             w3, manifest, store,
             w3_for_audit=lambda: connect(manifest),
@@ -118,7 +121,7 @@ class _DemoDashboard:
         from prismesh.dashboard.service import open_dashboard
 
         rpc = fed.devnet.rpc_url
-        descriptors = [{"name": h.daemon.config.name, **h.daemon.config.descriptor} for h in fed.hospitals]
+        descriptors = fed.descriptors()
         dash = open_dashboard(http_web3(rpc), fed.manifest, open_store(fed.store_spec),
                               w3_for_audit=lambda: http_web3(rpc), finality=fed.finality,
                               poll_interval=0.25, descriptors=descriptors)

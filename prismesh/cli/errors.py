@@ -76,6 +76,8 @@ def explain(exc: BaseException) -> tuple[str, int]:
 # The project's own error types: their messages already name the file, field or object.
 _EXPECTED = {
     "ConfigError": "",
+    "ChainMismatch": "",
+    "StateDirLocked": "",
     "ManifestError": "",
     "TaskSpecError": "",
     "IdentityError": "",
@@ -89,24 +91,13 @@ _EXPECTED = {
     "DevnetError": "devnet: ",
     "AdapterFormatError": "",
     "CursorError": "",
+    "ChainDiverged": "",
     "GadgetRevert": "the finality gadget refused: ",
 }
 
 
 def _network_message(exc: BaseException) -> str | None:
     """Unreachable RPC endpoints and stores, from requests' and web3's exceptions."""
-    import requests
+    from prismesh.chain.localstate import network_message
 
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        url = getattr(getattr(exc, "request", None), "url", None) or "the endpoint"
-        return f"cannot reach {url}: connection refused or host down; is the devnet (or Kubo) running?"
-    if isinstance(exc, requests.exceptions.Timeout):
-        url = getattr(getattr(exc, "request", None), "url", None) or "the endpoint"
-        return f"{url} did not answer in time; check the URL and the network"
-    try:
-        from web3.exceptions import ProviderConnectionError
-    except ImportError:  # pragma: no cover
-        return None
-    if isinstance(exc, ProviderConnectionError):
-        return f"cannot reach the chain: {exc}"
-    return None
+    return network_message(exc)

@@ -76,9 +76,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stat.add_argument("cid", metavar="CID")
     stat.set_defaults(func=cmd_stat)
 
-    verify = sub.add_parser("verify", help="fetch and re-hash every block of a DAG")
-    verify.add_argument("cid", metavar="CID")
+    verify = sub.add_parser(
+        "verify", help="re-hash every block of a DAG (or of the whole embedded store with --all)",
+        description="Read every block under CID and check it against its hash, listing each "
+        "damaged or missing block. --repair drops the damaged ones so that adding the object "
+        "again (prismesh ipfs add, or a daemon that holds its bytes) writes them afresh.",
+    )
+    verify.add_argument("cid", metavar="CID", nargs="?", help="root of the DAG to check")
+    verify.add_argument("--all", action="store_true", help="every block of an embedded store")
+    verify.add_argument("--repair", action="store_true", help="drop damaged blocks")
     verify.set_defaults(func=cmd_verify)
+
+    spec = sub.add_parser(
+        "add-spec", help="add a task spec's canonical bytes (the CID a task carries on chain)",
+        description="Add the canonical bytes of a task spec JSON file, exactly what "
+        "`prismesh govern create-task` pins, so a lost or damaged spec is restored under the "
+        "same CID (a plain `ipfs add` of the pretty-printed file gives another one).",
+    )
+    spec.add_argument("spec", type=Path, metavar="SPEC", help="task spec JSON (see govern make-spec)")
+    spec.add_argument("-n", "--only-hash", action="store_true", help="only compute the CID")
+    spec.set_defaults(func=cmd_add_spec)
 
     pin = sub.add_parser("pin", help="pin add | rm | ls")
     pin_sub = pin.add_subparsers(dest="pin_command", metavar="COMMAND")
@@ -191,8 +208,44 @@ def cmd_stat(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    count = _store(args).verify(args.cid)
-    print(f"verified {args.cid}: {count} blocks ok")
+    from prismesh.chain.storage import EmbeddedStore
+
+    if (args.cid is None) == (not args.all):
+        raise UsageError("name a CID to check, or --all for every block of an embedded store")
+    store = _store(args)
+    if args.all:
+        if not isinstance(store, EmbeddedStore):
+            raise UsageError("--all checks an embedded store; for Kubo run `ipfs repo verify`")
+        checked, damaged = store.check_all(repair=args.repair)
+        for path in damaged:
+            print(f"{'removed' if args.repair else 'damaged'} {path}")
+        if damaged and not args.repair:
+            raise CommandError(f"{len(damaged)} of {checked} blocks are damaged; --repair drops them")
+        print(f"checked {checked} blocks: {len(damaged)} damaged" + (" (removed)" if damaged else ""))
+        return 0
+    report = store.check(args.cid, repair=args.repair)
+    for name in report.damaged:
+        print(f"{'removed' if name in report.removed else 'damaged'} {name}")
+    for name in report.missing:
+        print(f"missing {name}")
+    if report.ok:
+        print(f"verified {args.cid}: {report.checked} blocks ok")
+        return 0
+    bad = report.damaged + report.missing
+    what = (f"{len(report.damaged)} damaged and {len(report.missing)} missing block(s) "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+    hint = ("removed the damaged ones; add the object again to restore it" if report.removed
+            else "--repair drops damaged blocks so that adding the object again restores them")
+    raise CommandError(f"{report.cid}: {what}; {hint}")
+
+
+def cmd_add_spec(args: argparse.Namespace) -> int:
+    from prismesh.chain.taskspec import TaskSpec
+
+    if not args.spec.is_file():
+        raise CommandError(f"{args.spec}: no such file")
+    spec = TaskSpec.from_bytes(args.spec.read_bytes(), where=str(args.spec))
+    print(_store(args).add_bytes(spec.to_bytes(), only_hash=args.only_hash))
     return 0
 
 

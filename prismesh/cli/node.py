@@ -248,15 +248,15 @@ def cmd_node_check(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args) -> int:
-    import logging
+    from prismesh.cli.errors import CommandError
+    from prismesh.cli.output import daemon_output
+    from prismesh.node.daemon import DUPLICATE_IDENTITY_EXIT, DuplicateIdentity, run_node
 
     if args.config is None:
         raise UsageError("--config FILE is required (the node's TOML/JSON config)")
-
-    from prismesh.cli.output import configure_output
-
-    configure_output(args.verbose, level=logging.INFO, log_format=args.log_format)
-    from prismesh.node.daemon import run_node
-
-    return run_node(args.config, once=args.once, progress=not args.quiet, metrics_port=args.metrics_port,
-                    metrics_host=args.metrics_host)
+    daemon_output(args)
+    try:
+        return run_node(args.config, once=args.once, progress=not args.quiet, metrics_port=args.metrics_port,
+                        metrics_host=args.metrics_host)
+    except DuplicateIdentity as exc:
+        raise CommandError(str(exc), code=DUPLICATE_IDENTITY_EXIT) from None

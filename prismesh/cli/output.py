@@ -61,3 +61,14 @@ def configure_output(verbose: bool = False, *, level: int | None = None, log_for
             handler.setFormatter(JsonFormatter())
     elif log_format != "text":
         raise ValueError(f"log format must be 'text' or 'json', got {log_format!r}")
+
+
+def daemon_output(args: object) -> None:
+    """A daemon's output: INFO log lines (text or JSON), one per retry; ``--debug`` (or
+    ``PRISMESH_DEBUG=1``) adds the traceback to each of them."""
+    from prismesh.chain.localstate import DEBUG_ENV
+
+    if getattr(args, "debug", False):
+        os.environ[DEBUG_ENV] = "1"
+    configure_output(bool(getattr(args, "verbose", False)), level=logging.INFO,
+                     log_format=getattr(args, "log_format", "text"))

@@ -57,10 +57,6 @@ class AuditRunner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.version = 0
-        self._listeners: list[Callable[[], None]] = []
-
-    def on_change(self, callback: Callable[[], None]) -> None:
-        self._listeners.append(callback)
 
     def result(self, task_id: int) -> AuditResult | None:
         with self._lock:
@@ -84,12 +80,7 @@ class AuditRunner:
             self._queue.append(task_id)
             self.version += 1
         self._wake.set()
-        self._notify()
         return "queued"
-
-    def _notify(self) -> None:
-        for callback in self._listeners:
-            callback()
 
     def start(self) -> None:
         if self._thread is None:
@@ -119,7 +110,6 @@ class AuditRunner:
             block = self._current_block(task_id)
             self._results[task_id] = AuditResult(task_id, "running", block)
             self.version += 1
-        self._notify()
         started = time.perf_counter()
         try:
             report = self._run_audit(task_id)
@@ -133,7 +123,6 @@ class AuditRunner:
         with self._lock:
             self._results[task_id] = result
             self.version += 1
-        self._notify()
         return True
 
 

@@ -4,9 +4,10 @@ A :class:`ChainIndex` follows three contracts of a deployment. The Coordinator's
 Registry's events are taken only once their block is final (the FinalityGadget's height, read
 once per refresh so both contracts are seen at the same height); the gadget's own
 ``BlockFinalized`` certificates are read up to the head, since they are what makes blocks final.
-Each :meth:`ChainIndex.refresh` reads only the blocks after the previous one (the streams of
-:mod:`prismesh.chain.finality.events` keep the position), so a long chain is read once and no page
-request touches it. Gas comes from transaction receipts, fetched a bounded number per refresh.
+Each :meth:`ChainIndex.refresh` reads only the blocks after the last one it read (at most
+``batch_blocks`` of them, in one ``eth_getLogs`` for the three contracts), so a long chain is read
+once and no page request touches it. Gas and block times come from the blocks holding the rounds'
+transactions, a bounded number per refresh.
 
 Events are decoded from the ABIs in the manifest and applied by name; fields an event does not
 carry (a contribution score, an exclusion reason) stay ``None`` and the pages show them as not
@@ -19,7 +20,6 @@ import copy
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -339,13 +339,8 @@ class ChainIndex:
         self._aggregator_role: str | None = None
         self.token_symbol, self.token_decimals = "", 18
         self._token_read = False
-        self._listeners: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ refresh
-
-    def on_change(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (from the refreshing thread) whenever the model changed."""
-        self._listeners.append(callback)
 
     @property
     def caught_up(self) -> bool:
@@ -399,9 +394,6 @@ class ChainIndex:
             self.refreshed += 1
             if changed:
                 self.version += 1
-        if changed:
-            for callback in self._listeners:
-                callback()
         return changed
 
     def _read_constants(self) -> None:
@@ -600,7 +592,7 @@ class ChainIndex:
             self._gas_owner.add(tx)
             rnd.txs.append(tx)
             self._block_txs.setdefault(block, []).append(tx)
-        who = args.get("client") or args.get("recipient")
+        who = args.get("client") or args.get("recipient") or args.get("account")
         if who is not None:
             hospital = self.hospitals.get(_address(who))
             if hospital is not None:
@@ -677,6 +669,8 @@ class ChainIndex:
             rnd.failure = str(args.get("reason", ""))
             for c in rnd.clients.values():
                 c.included = False
+                if c.cid is not None and c.exclusion is None:
+                    c.exclusion = f"the round failed: {rnd.failure}"
         elif "reason" in args and args.get("client") is not None:  # an exclusion recorded on chain
             rnd.client(_address(args["client"])).exclusion = str(args["reason"])
         else:

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +61,6 @@ class ObjectChecker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.version = 0
-        self._listeners: list[Callable[[], None]] = []
-
-    def on_change(self, callback: Callable[[], None]) -> None:
-        self._listeners.append(callback)
 
     # ------------------------------------------------------------------ queries
 
@@ -154,9 +149,6 @@ class ObjectChecker:
                 if changed:
                     self.version += 1
             done += 1
-            if changed:
-                for callback in self._listeners:
-                    callback()
         return done
 
     def _verify(self, cid: str) -> ObjectStatus:

@@ -42,27 +42,28 @@ class Dashboard:
             name = d.get("name") or d.get("institution")
             if name:
                 self._by_hash["0x" + descriptor_hash(d).hex()] = str(name)
-        self.labels: dict[str, str] = {}
-        self._changed = threading.Condition()
+        self._labels: tuple[int, dict[str, str]] = (-1, {})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        for part in (index, checker, audits):
-            part.on_change(self._notify)
 
     @property
     def key(self) -> str:
         """Changes whenever anything a page shows may have changed."""
         return f"{self.index.version}.{self.checker.version}.{self.audits.version}"
 
-    def _notify(self) -> None:
-        if self._by_hash:
-            self.labels = {
+    @property
+    def labels(self) -> dict[str, str]:
+        """Hospital names by address, for those whose descriptor hash matches a given descriptor."""
+        version, labels = self._labels
+        if version != self.index.version and self._by_hash:
+            version = self.index.version
+            labels = {
                 h.address: self._by_hash[h.descriptor_hash]
                 for h in self.index.hospital_list()
                 if h.descriptor_hash in self._by_hash
             }
-        with self._changed:
-            self._changed.notify_all()
+            self._labels = (version, labels)
+        return labels
 
     def refresh(self) -> bool:
         """One refresh of the index; a failure is kept for the page header, not raised."""
@@ -76,7 +77,7 @@ class Dashboard:
             return False
         if self.error is not None:
             self.error = None
-            self._notify()
+            return True
         return changed
 
     def start(self) -> None:

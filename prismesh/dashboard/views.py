@@ -7,9 +7,12 @@ from the runner's, so building a page costs memory reads proportional to what th
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from eth_utils import to_checksum_address
 
 from prismesh.chain.evm.contracts import SCORE_SCALE
 from prismesh.dashboard.charts import bar_chart, line_chart
@@ -53,7 +56,8 @@ class Cell:
     status: str
     reward: int = 0
     score: float | None = None  # the contribution score as a fraction of the contract's scale
-    exclusion: str | None = None
+    exclusion: str | None = None  # the reason the chain records
+    derived_reason: str | None = None  # the reason the audit re-derived from the chain and the store
     accuracy: float | None = None
     cid: str | None = None
     num_samples: int | None = None
@@ -68,6 +72,28 @@ class HospitalRow:
     total_reward: int = 0
     included: int = 0
     excluded: int = 0
+
+
+def short_address(address: str) -> str:
+    return f"{address[:6]}…{address[-4:]}"
+
+
+SUBJECT = re.compile(r"round (\d+) (0x[0-9a-fA-F]{40})\b")
+
+
+def audit_reasons(result: Any) -> dict[tuple[int, str], str]:
+    """Why each update was left out, as the audit re-derived it: its findings about an update
+    that was rejected or excluded, by (round, client)."""
+    out: dict[tuple[int, str], str] = {}
+    if result is None or result.state != "done":
+        return out
+    for f in result.checks:
+        name = f.check.lower()
+        if ("exclu" in name or "reject" in name) and f.detail:
+            m = SUBJECT.search(f.subject)
+            if m:
+                out[(int(m.group(1)), to_checksum_address(m.group(2)))] = f.detail
+    return out
 
 
 class Views:
@@ -147,6 +173,8 @@ class Views:
             participants += [a for a in r.clients if a not in participants]
 
         timeline = [self._round_row(r) for r in shown]
+        result = self.dash.audits.result(task_id)
+        derived = audit_reasons(result)
         table = []
         for address in participants:
             row = HospitalRow(address, self.label(address))
@@ -158,7 +186,7 @@ class Views:
                     row.excluded += c.included is False and c.cid is not None
             for r in shown:
                 c = r.clients.get(address)
-                row.cells.append(self._cell(c) if c is not None else None)
+                row.cells.append(self._cell(c, derived.get((r.number, address))) if c is not None else None)
             table.append(row)
 
         per_client: dict[str, list[tuple[int, float]]] = {}
@@ -170,7 +198,7 @@ class Views:
             for address, c in sorted(r.clients.items(), key=lambda kv: participants.index(kv[0]) if kv[0] in participants else 0):
                 for metric, value in sorted(c.metrics.items()):
                     if metric == "accuracy":
-                        per_client.setdefault(self.label(address) or address, []).append((r.number, value))
+                        per_client.setdefault(self.label(address) or short_address(address), []).append((r.number, value))
                         accs.append(value)
                     elif len(other_metrics) < 500:
                         other_metrics.append((r.number, address, metric, value))
@@ -187,7 +215,6 @@ class Views:
             "gas": bar_chart(gas_bars, title="gas of the round's transactions", y_label="gas"),
             "bytes": bar_chart(upload_bars, title="bytes uploaded (verified updates' DAG sizes)", y_label="bytes"),
         }
-        result = self.dash.audits.result(task_id)
         objects = {
             "spec": spec_status,
             "initial": checker.status(task.params.get("initial_adapter_cid")),
@@ -252,8 +279,9 @@ class Views:
             "reveals": revealed,
         }
 
-    def _cell(self, c: ClientRound) -> Cell:
+    def _cell(self, c: ClientRound, derived_reason: str | None = None) -> Cell:
         return Cell(
+            derived_reason=derived_reason,
             status=c.status,
             reward=c.reward,
             score=c.score / SCORE_SCALE if c.score is not None else None,

@@ -58,6 +58,7 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
     the finished run can be re-opened and audited (:func:`reopen_chain`). ``observer(fed)`` is
     called once the federation is set up (the command line opens the dashboard there); what it
     returns has ``finished()`` called after the report and ``close()`` before the chain stops."""
+    from prismesh.aggregator.parallel import start_ray_in_background, stop_ray
     from prismesh.node.basemodel import ensure_base_model
     from prismesh.node.synthetic import make_benchmark
     from prismesh.node.trainer import TrainConfig, create_initial_adapter
@@ -69,7 +70,12 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
                     f"{chain} chain + HotStuff committee + contracts + store", "federated task",
                     *(["baselines: base model and single-client LoRA (same number of local epochs)"] if baselines else []),
                     "report"])
+    from prismesh.runs.accounting import Ledger, instrument, rounded, with_training
+
+    ledger = Ledger()
     t_start = time.perf_counter()
+    # The aggregator's Ray starts first, on a thread: it is ready long before round 1's reveals.
+    ray_started = start_ray_in_background(num_cpus=1)
     steps.next()
     base = ensure_base_model(progress=True)
     _say(f"      {base}")
@@ -83,12 +89,17 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         import shutil
 
         shutil.rmtree(run_dir)
-    fed = Federation(run_dir, finality=finality, chain=chain)
+    with ledger.part("chain"):
+        fed = Federation(run_dir, finality=finality, chain=chain)
     watching = None
     try:
         for c in clients:
             fed.add_hospital(c.name, c.train_path, c.test_path, base, device="cpu")
         fed.add_aggregator()
+        # Only the hashes of the hospitals' descriptors go on chain; kept here, they let
+        # `prismesh dashboard --out` name each hospital (after checking them against the hashes).
+        (run_dir / "descriptors.json").write_text(json.dumps(fed.descriptors(), indent=1) + "\n")
+        instrument(fed, ledger)
         if observer is not None:
             watching = observer(fed)
         fed.approve_all()
@@ -99,15 +110,21 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         )
         task_id = fed.create_task(spec, TaskSettings(num_rounds=rounds, min_participants=2), initial_adapter=initial)
         steps.next(f"task {task_id}: {rounds} rounds, strategy {strategy}; nodes train on final RoundOpened events")
-        printer = _RoundPrinter(fed, task_id, clients)
+        printer = _RoundPrinter(fed, task_id, ledger)
+        startup = ledger.cut("start-up", training=0.0)
         t_fed = time.perf_counter()
         state = fed.run_task(task_id, on_step=printer.poll)
         printer.poll()
+        tail = ledger.cut("tail", training=0.0)
         fed_seconds = time.perf_counter() - t_fed
         _say(f"      task finished: {state.status.name} in {fed_seconds:.1f} s")
-        report = collect_report(fed, task_id, clients, spec)
-        _add_round_timing(report, printer.accepted_at)
-        report["timing"] = {"federated_seconds": round(fed_seconds, 2)}
+        report = collect_report(fed, task_id, clients, spec, history=printer)
+        rows = [startup, *_with_round_training(report, printer.rows, with_training), tail]
+        report["timing"] = {
+            "startup_seconds": round(t_fed - t_start, 2),
+            "federated_seconds": round(fed_seconds, 2),
+            "rows": [rounded(r) for r in rows],
+        }
         report["run"] = _run_info(seed=seed, scale=scale, rounds=rounds, strategy=strategy, chain=chain)
         from prismesh.aggregator.audit import audit_task
 
@@ -129,6 +146,8 @@ def run_demo(out: Path, *, seed: int = 0, scale: float = 1.0, rounds: int = 3, s
         if watching is not None:
             watching.close()
         fed.close()
+        if ray_started:
+            stop_ray()
         if chain == "anvil":
             _say(f"the chain is kept in {fed.state_file}; re-check it any time with\n"
                  f"      prismesh audit --out {out} --task 1\n"
@@ -190,44 +209,59 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-class _RoundPrinter:
-    """Prints a line as each round's aggregate is accepted (live progress), reading only the
-    blocks it has not read yet."""
+HISTORY_EVENTS = ("RoundOpened", "UpdateRevealed", "AggregateAccepted", "MetricReported", "RewardEarned")
 
-    def __init__(self, fed: Any, task_id: int, clients: list) -> None:
-        self.fed, self.task_id = fed, task_id
-        self.coord = fed.coordinator()
-        self.next_block = fed.manifest.deploy_block
-        self.started = time.perf_counter()
-        self.accepted_at: dict[int, float] = {}
+
+class _RoundPrinter:
+    """Follows the task's history forward from the last block it read (an event stream with its
+    cursor in memory: each event once, nothing rescanned), keeps it for the report, prints a
+    line as each round's aggregate is accepted and closes that round's timing row."""
+
+    def __init__(self, fed: Any, task_id: int, ledger: Any) -> None:
+        from prismesh.chain.evm.contracts import Coordinator
+        from prismesh.chain.finality.coordinator_stream import CoordinatorStream
+        from prismesh.chain.finality.events import FinalEventStream
+
+        self.task_id, self.ledger = task_id, ledger
+        contract = Coordinator.read_only(fed.manifest, fed.w3).contract
+        # Progress follows the head; what the report keeps is re-checked by the audit anyway.
+        self.stream = CoordinatorStream(FinalEventStream(
+            fed.w3, contract, HISTORY_EVENTS, finality=False, from_block=fed.manifest.deploy_block, auto_ack=True,
+        ))
+        self.events: dict[str, list] = {name: [] for name in HISTORY_EVENTS}
+        self.rows: list[dict[str, Any]] = []
 
     def poll(self) -> None:
-        head = int(self.fed.w3.eth.block_number)
-        if head < self.next_block:
-            return
-        events = self.coord.get_events("AggregateAccepted", self.next_block, head, taskId=self.task_id)
-        self.next_block = head + 1
-        for ev in events:
-            self.accepted_at[ev.round] = time.perf_counter() - self.started
-            _say(f"      round {ev.round}: aggregate {ev.aggregate_cid} accepted in block {ev.block_number} "
-                 f"({len(ev.included)} clients included)")
+        for ev in self.stream.poll():
+            if getattr(ev, "task_id", None) != self.task_id:
+                continue
+            self.events[ev.event].append(ev)
+            if ev.event == "AggregateAccepted":
+                self.rows.append(self.ledger.cut(f"round {ev.round}"))
+                _say(f"      round {ev.round}: aggregate {ev.aggregate_cid} accepted in block {ev.block_number} "
+                     f"({len(ev.included)} clients included)")
 
 
 # ---------------------------------------------------------------------- report
 
 
-def collect_report(fed: Any, task_id: int, clients: list, spec: Any) -> dict[str, Any]:
-    """Read the task's whole history back from the chain and the store."""
+def collect_report(fed: Any, task_id: int, clients: list, spec: Any, history: Any = None) -> dict[str, Any]:
+    """The task's whole history from the chain and the store: the events ``history`` (a
+    :class:`_RoundPrinter`) already read, else read back from the deployment block."""
     from prismesh.node.evaluate import fairness
 
-    coord = fed.coordinator()
     start = fed.manifest.deploy_block
     by_addr = {h.daemon.address: h.name for h in fed.hospitals}
-    accepted = coord.get_events("AggregateAccepted", start, taskId=task_id)
-    opened = {ev.round: ev for ev in coord.get_events("RoundOpened", start, taskId=task_id)}
-    reveals = coord.get_events("UpdateRevealed", start, taskId=task_id)
-    metrics = coord.get_events("MetricReported", start, taskId=task_id)
-    rewards = coord.get_events("RewardEarned", start, taskId=task_id)
+    if history is not None:
+        events = history.events
+    else:
+        coord = fed.coordinator()
+        events = {name: coord.get_events(name, start, taskId=task_id) for name in HISTORY_EVENTS}
+    accepted = events["AggregateAccepted"]
+    opened = {ev.round: ev for ev in events["RoundOpened"]}
+    reveals = events["UpdateRevealed"]
+    metrics = events["MetricReported"]
+    rewards = events["RewardEarned"]
     finals = _final_heights(fed)
     rounds = []
     for ev in accepted:
@@ -292,23 +326,25 @@ def collect_report(fed: Any, task_id: int, clients: list, spec: Any) -> dict[str
     }
 
 
-def _add_round_timing(report: dict[str, Any], accepted_at: dict[int, float]) -> None:
-    """Wall time per round and what of it was local training. In this one-process demo the three
-    nodes share two cores and train one after another, so the overhead is the wall time minus
-    all local training (chain, finality, storage, aggregation, metric evaluation)."""
-    previous = 0.0
-    for row in report["rounds"]:
-        end = accepted_at.get(row["round"])
-        if end is None:
-            continue
-        wall = end - previous
-        previous = end
-        train = [t for t in row["train_seconds"].values() if t]
-        total = sum(train)
-        row["wall_seconds"] = round(wall, 2)
-        row["slowest_training_seconds"] = round(max(train, default=0.0), 2)
-        row["training_seconds_total"] = round(total, 2)
-        row["overhead_fraction"] = round(max(0.0, wall - total) / wall, 3) if wall > 0 else None
+def _with_round_training(report: dict[str, Any], rows: list[dict[str, Any]], with_training: Any) -> list[dict[str, Any]]:
+    """Each round's timing row with the clients' measured training seconds (all of them: in
+    this one-process demo the nodes share two cores and train one after another), copied
+    into the report's round rows too."""
+    by_round = {row["round"]: row for row in report["rounds"]}
+    out = []
+    for timing in rows:
+        rnd = int(timing["row"].split()[-1])
+        row = by_round.get(rnd)
+        train = [t for t in (row or {}).get("train_seconds", {}).values() if t]
+        timed = with_training(timing, float(sum(train)))
+        out.append(timed)
+        if row is not None:
+            wall = timed["wall_seconds"]
+            row["wall_seconds"] = round(wall, 2)
+            row["slowest_training_seconds"] = round(max(train, default=0.0), 2)
+            row["training_seconds_total"] = round(sum(train), 2)
+            row["overhead_fraction"] = round(max(0.0, wall - sum(train)) / wall, 3) if wall > 0 else None
+    return out
 
 
 def _final_heights(fed: Any) -> list[int]:
@@ -428,6 +464,21 @@ def write_report(out: Path, report: dict[str, Any], *, plots: bool, fed: Any, ta
         oh = row.get("overhead_fraction")
         md.append(f"| {row['round']} | {row.get('wall_seconds', '–')} | {row.get('slowest_training_seconds', '–')} | "
                   f"{row.get('training_seconds_total', '–')} | {'–' if oh is None else f'{100 * oh:.0f}%'} | {row['gas_used']} | {up} |")
+    rows = report.get("timing", {}).get("rows", [])
+    if rows:
+        from prismesh.runs.accounting import OVERHEAD_PARTS
+
+        parts = [*OVERHEAD_PARTS, "other"]
+        md += ["", "## Where the federated wall time went (s)", "",
+               f"Start-up (launch to round 1), each round (up to its aggregate's acceptance) and the tail "
+               f"(last metrics, claims); the rows add up to {report['timing']['startup_seconds']} s of start-up "
+               f"plus {report['timing']['federated_seconds']} s of federated rounds. Overhead is wall time minus "
+               "the clients' own training time.", "",
+               "| row | wall | training | overhead | " + " | ".join(parts) + " |",
+               "|---|" + "---:|" * (3 + len(parts))]
+        for row in rows:
+            md.append(f"| {row['row']} | {row['wall_seconds']:.2f} | {row['training_seconds']:.2f} | "
+                      f"{row['overhead_seconds']:.2f} | " + " | ".join(f"{row['overhead'][k]:.2f}" for k in parts) + " |")
     md += ["", f"Adapter tensors: {report['adapter_bytes']} B per update; full base model files: "
            f"{report['base_model_bytes']} B (what FedAvg of the whole model would move per client per round).", ""]
     (out / "report.md").write_text("\n".join(md) + "\n")

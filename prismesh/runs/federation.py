@@ -171,6 +171,8 @@ class Federation:
             store=self.store_spec,
             finality=self.finality,
             parallel=self.parallel,
+            # One host shared with the nodes' training; a round's small updates are one Ray task.
+            ray_num_cpus=1,
         )
         stream = make_stream(self.devnet, self.manifest, AGGREGATOR_EVENTS, state_dir / "cursor.json", self.finality)
         self.aggregator = AggregatorDaemon(
@@ -178,6 +180,10 @@ class Federation:
             store=self.store, store_spec=self.store_spec, stream=stream,
         )
         return self.aggregator
+
+    def descriptors(self) -> list[dict[str, Any]]:
+        """The institution descriptors the hospitals register (their keccak hashes go on chain)."""
+        return [{"name": h.daemon.config.name, **h.daemon.config.descriptor} for h in self.hospitals]
 
     def approve_all(self) -> None:
         """Each node registers itself; governance approves it (the institution vetting step)."""
@@ -270,6 +276,8 @@ class Federation:
         raise TimeoutError(f"task {task_id} did not finish within {timeout:.0f} s")
 
     def close(self) -> None:
+        if self.aggregator is not None:
+            self.aggregator.close()
         try:
             self.devnet.stop()
         except Exception:  # noqa: BLE001 - closing is best effort

@@ -1,0 +1,236 @@
+"""Federation overhead beside a plain loop doing the same learning, measured in one run.
+
+Two child processes, one after the other: the demo's federated work (``run_demo`` on anvil with
+its HotStuff committee, contracts, store, three node daemons and the Ray-backed aggregator),
+then a plain Python loop doing the same learning with the same functions and seeds: each client
+trains in turn from the global adapter (``train_lora``), the task's strategy merges the updates
+with the task's weights, each client evaluates the aggregate on its test set. Overhead is wall
+time minus the clients' own training time (the trainer's measured seconds). Printed: overhead
+per round over all rounds and over rounds 2+, both sides and their ratio; start-up (process
+start to round 1); peak PSS of each side's whole process tree (``/proc/*/smaps_rollup``); and
+whether the aggregates' CIDs and the accuracies match.
+
+    OMP_NUM_THREADS=1 python -m tests.benchmarks.bench_round_overhead [--rounds 3] [--scale 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+TARGETS = {"all_rounds": 1.5, "rounds_2plus": 1.1, "startup_vs_plain": 3.0, "startup_seconds": 25.0, "memory": 1.3}
+
+
+# ---------------------------------------------------------------------------- process tree memory
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def tree_pss_kib(root: int) -> int:
+    """Proportional set size of ``root`` and all its descendants, in KiB."""
+    kids, todo, total = _children(), [root], 0
+    while todo:
+        pid = todo.pop()
+        todo.extend(kids.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total
+
+
+def run_side(side: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Run one side in a child process; its result and the peak PSS of its process tree."""
+    result = work / f"{side}.json"
+    log = work / f"{side}.log"
+    cmd = [sys.executable, "-m", "tests.benchmarks.bench_round_overhead", "--side", side,
+           "--rounds", str(args.rounds), "--scale", str(args.scale), "--seed", str(args.seed),
+           "--work", str(work), "--spawned", repr(time.time())]
+    peak = 0
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.wait(0.25):
+                peak = max(peak, tree_pss_kib(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        rc = proc.wait()
+        done.set()
+        sampler.join()
+    if rc != 0:
+        raise SystemExit(f"the {side} side failed (exit {rc}); see {log}:\n" + log.read_text()[-3000:])
+    data = json.loads(result.read_text())
+    data["peak_pss_mib"] = peak / 1024
+    return data
+
+
+# ---------------------------------------------------------------------------- the two sides
+
+
+def federated_side(args: argparse.Namespace, spawned: float) -> dict[str, Any]:
+    from prismesh.runs.demo import run_demo
+
+    called = time.time()
+    report = run_demo(Path(args.work) / "federated", seed=args.seed, scale=args.scale, rounds=args.rounds,
+                      baselines=False, plots=False, chain="anvil")
+    rows = report["timing"]["rows"]
+    return {
+        "startup_seconds": (called - spawned) + rows[0]["wall_seconds"],
+        "rows": rows[1:],
+        "cids": [r["aggregate_cid"] for r in report["rounds"]],
+        "accuracy": [r["accuracy"] for r in report["rounds"]],
+    }
+
+
+def plain_side(args: argparse.Namespace, spawned: float) -> dict[str, Any]:
+    """The same learning as the demo's federation, in a loop: same functions, data, seeds."""
+    from prismesh.aggregator.adapters import load_adapter, save_adapter
+    from prismesh.aggregator.daemon import aggregation_base
+    from prismesh.aggregator.strategies import ClientUpdate, get_strategy
+    from prismesh.aggregator.weights import WeightRule
+    from prismesh.chain.evm.devnet import dev_accounts
+    from prismesh.chain.storage import cid_of_path
+    from prismesh.node.basemodel import ensure_base_model
+    from prismesh.node.data import load_jsonl
+    from prismesh.node.evaluate import Evaluator
+    from prismesh.node.synthetic import make_benchmark
+    from prismesh.node.trainer import TrainConfig, create_initial_adapter, train_lora
+    from prismesh.runs.demo import build_spec
+    from prismesh.runs.federation import FIRST_CLIENT, TaskSettings
+
+    work = Path(args.work) / "plain"
+    base = ensure_base_model(progress=False)
+    clients = make_benchmark(work / "data", seed=args.seed, scale=args.scale)
+    spec = build_spec(base, args.seed, "fedavg")
+    cfg = TrainConfig.from_dict({**spec.train_config(), "device": "cpu"})
+    initial = create_initial_adapter(base, work / "initial-adapter", cfg, base_model_name=spec.base_model_id)
+    # The federation's clients are devnet accounts; the aggregator orders updates by address.
+    address = {c.name: dev_accounts()[FIRST_CLIENT + i].address for i, c in enumerate(clients)}
+    rule = WeightRule("samples", TaskSettings().sample_cap)
+    strategy = get_strategy(spec.strategy, **spec.strategy_options)
+    data = {c.name: (load_jsonl(c.train_path), load_jsonl(c.test_path)) for c in clients}
+    evaluator = None
+    started = time.time()
+    rows, dirs, accuracy = [], [], []
+    global_dir = initial
+    t = time.perf_counter()
+    for r in range(1, args.rounds + 1):
+        updates, training = [], 0.0
+        for c in clients:
+            res = train_lora(base, data[c.name][0], work / f"r{r}-{c.name}", cfg, init_adapter=global_dir,
+                             progress=False, base_model_name=spec.base_model_id)
+            training += float(res.metrics.get("seconds", 0.0))
+            updates.append(ClientUpdate(address[c.name], rule.weight(min(int(res.num_samples), rule.sample_cap)),
+                                        load_adapter(res.adapter_dir)))
+        updates.sort(key=lambda u: u.client)
+        result = strategy.aggregate(updates, aggregation_base(spec, load_adapter(global_dir)))
+        global_dir = save_adapter(result.adapter, work / f"aggregate-r{r}")
+        if evaluator is None:
+            evaluator = Evaluator(base, device="cpu")
+        accuracy.append({c.name: evaluator.accuracy(global_dir, data[c.name][1]) for c in clients})
+        dirs.append(global_dir)
+        now = time.perf_counter()
+        rows.append({"row": f"round {r}", "wall_seconds": now - t, "training_seconds": training})
+        t = now
+    return {
+        "startup_seconds": started - spawned,
+        "rows": rows,
+        "cids": [cid_of_path(d) for d in dirs],
+        "accuracy": accuracy,
+    }
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def overheads(rows: list[dict[str, Any]], rounds: int) -> tuple[float, float]:
+    """Overhead per round over all rounds and over rounds 2+ (a tail row after the last round
+    counts with the last round: it holds that round's evaluation)."""
+    def per_round(selected: list[dict[str, Any]], n: int) -> float:
+        return sum(r["wall_seconds"] - r["training_seconds"] for r in selected) / n
+
+    later = [r for r in rows if r["row"] != "round 1"]
+    return per_round(rows, rounds), per_round(later, rounds - 1) if rounds > 1 else float("nan")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--side", choices=("federated", "plain"), help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rounds < 2:
+        p.error("--rounds must be at least 2 (rounds 2+ are reported separately)")
+    if args.side:
+        side = federated_side if args.side == "federated" else plain_side
+        result = side(args, args.spawned)
+        (Path(args.work) / f"{args.side}.json").write_text(json.dumps(result, indent=1))
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        args.work = tmp
+        print(f"load before: {os.getloadavg()[0]:.2f} (1 min), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
+              flush=True)
+        fed = run_side("federated", args, Path(tmp))
+        plain = run_side("plain", args, Path(tmp))
+        print(f"load after: {os.getloadavg()[0]:.2f} (1 min)")
+    f_all, f_later = overheads(fed["rows"], args.rounds)
+    p_all, p_later = overheads(plain["rows"], args.rounds)
+    cids_match = fed["cids"] == plain["cids"]
+    acc_match = all(
+        round(a[k], 4) == round(b[k], 4) for a, b in zip(fed["accuracy"], plain["accuracy"], strict=True) for k in b
+    )
+    print(f"\n{args.rounds} rounds, scale {args.scale}, seed {args.seed}")
+    print("| | federated (demo) | plain loop | ratio | target |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| overhead per round, all rounds (s) | {f_all:.2f} | {p_all:.2f} | {f_all / p_all:.2f}x | ≤ {TARGETS['all_rounds']}x |")
+    print(f"| overhead per round, rounds 2+ (s) | {f_later:.2f} | {p_later:.2f} | {f_later / p_later:.2f}x | ≤ {TARGETS['rounds_2plus']}x |")
+    print(f"| start-up to round 1 (s) | {fed['startup_seconds']:.1f} | {plain['startup_seconds']:.1f} | "
+          f"{fed['startup_seconds'] / plain['startup_seconds']:.2f}x | ≤ {TARGETS['startup_seconds']:.0f} s, aim {TARGETS['startup_vs_plain']}x |")
+    print(f"| peak PSS of the process tree (MiB) | {fed['peak_pss_mib']:.0f} | {plain['peak_pss_mib']:.0f} | "
+          f"{fed['peak_pss_mib'] / plain['peak_pss_mib']:.2f}x | ≤ {TARGETS['memory']}x |")
+    train_f = sum(r["training_seconds"] for r in fed["rows"])
+    train_p = sum(r["training_seconds"] for r in plain["rows"])
+    print(f"| clients' training, all rounds (s) | {train_f:.2f} | {train_p:.2f} | | |")
+    print("\nfederated rows (overhead split, s):")
+    for r in fed["rows"]:
+        split = ", ".join(f"{k} {v:.2f}" for k, v in r["overhead"].items())
+        print(f"  {r['row']:<8} wall {r['wall_seconds']:.2f}, training {r['training_seconds']:.2f}: {split}")
+    print(f"\naggregate CIDs match: {cids_match} ({', '.join(fed['cids'])})")
+    print(f"accuracies match to 4 decimals: {acc_match}")
+    return 0 if cids_match and acc_match else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""The demo report's timing rows: parts never overlap, rows add up to the federated wall time."""
+
+from __future__ import annotations
+
+import pytest
+
+from prismesh.runs.accounting import OVERHEAD_PARTS, Ledger, rounded, with_training
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_nested_parts_count_once_and_rows_add_up() -> None:
+    clock = Clock()
+    ledger = Ledger(clock)
+    with ledger.part("chain"):
+        clock.tick(2.0)  # deploying
+    clock.tick(1.0)  # unaccounted start-up work
+    startup = ledger.cut("start-up", training=0.0)
+    with ledger.part("training"):
+        clock.tick(5.0)
+        with ledger.part("storage"):
+            clock.tick(0.5)  # pinning the update, inside the node's round work
+    with ledger.part("finality"):
+        clock.tick(0.7)
+        with ledger.part("chain"):
+            clock.tick(0.3)  # the committee's own transactions count as finality
+    with ledger.part("aggregation"):
+        clock.tick(1.0)
+        with ledger.part("chain"):
+            clock.tick(0.2)
+    with ledger.part("evaluation"):
+        clock.tick(2.0)
+    round1 = with_training(ledger.cut("round 1"), 4.0)  # the trainer measured 4 of the 5 s
+    clock.tick(0.25)
+    tail = ledger.cut("tail", training=0.0)
+
+    assert startup["wall_seconds"] == 3.0 and startup["overhead"]["chain"] == 2.0
+    assert startup["overhead"]["other"] == pytest.approx(1.0)
+    assert round1["wall_seconds"] == pytest.approx(9.7)
+    assert round1["training_seconds"] == 4.0
+    split = round1["overhead"]
+    assert split["storage"] == pytest.approx(0.5)
+    assert split["finality"] == pytest.approx(1.0) and split["chain"] == pytest.approx(0.2)
+    assert split["aggregation"] == pytest.approx(1.0) and split["evaluation"] == pytest.approx(2.0)
+    assert split["other"] == pytest.approx(1.0)  # the second of training the trainer did not count
+    assert tail["wall_seconds"] == pytest.approx(0.25)
+    rows = [startup, round1, tail]
+    for row in rows:
+        assert set(row["overhead"]) == {*OVERHEAD_PARTS, "other"}
+        assert row["training_seconds"] + sum(row["overhead"].values()) == pytest.approx(row["wall_seconds"])
+        assert row["overhead_seconds"] == pytest.approx(row["wall_seconds"] - row["training_seconds"])
+    assert sum(r["wall_seconds"] for r in rows) == pytest.approx(clock.now - 100.0)
+    assert "parts" not in rounded(round1) and rounded(round1)["wall_seconds"] == 9.7
+
+
+def test_unknown_part_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown part 'network'"):
+        with Ledger().part("network"):
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_report_rows_add_up_to_the_federated_wall_time(tmp_path) -> None:
+    """A real (small) demo: start-up, every round and the tail add up to the run's wall time,
+    each row's training and overhead parts to the row; progress and report read each event
+    once."""
+    from prismesh.runs.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", scale=0.15, rounds=2, baselines=False, plots=False, chain="embedded")
+    timing = report["timing"]
+    rows = timing["rows"]
+    assert [r["row"] for r in rows] == ["start-up", "round 1", "round 2", "tail"]
+    total = timing["startup_seconds"] + timing["federated_seconds"]
+    assert sum(r["wall_seconds"] for r in rows) == pytest.approx(total, abs=0.05)
+    for row in rows:
+        parts = row["training_seconds"] + sum(row["overhead"].values())
+        assert parts == pytest.approx(row["wall_seconds"], abs=0.01), row
+        assert all(v >= 0 for k, v in row["overhead"].items() if k != "other"), row
+    for rnd, row in zip(report["rounds"], rows[1:3], strict=True):
+        assert row["training_seconds"] == pytest.approx(rnd["training_seconds_total"], abs=0.01)
+        assert row["training_seconds"] > 0 and row["overhead"]["aggregation"] > 0
+    assert rows[2]["overhead"]["evaluation"] > 0 and rows[3]["overhead"]["evaluation"] > 0
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert all(len(r["accuracy"]) == 3 for r in report["rounds"])
+    assert report["audit"]["ok"]
