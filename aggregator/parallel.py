@@ -120,11 +120,14 @@ class _Starter:
 
     def _run(self, address: str | None, num_cpus: int | None) -> None:
         try:
-            ensure_ray(address, num_cpus)
+            started = ensure_ray(address, num_cpus)
         except BaseException as exc:  # noqa: BLE001 - reported by the ensure_ray that waits
             self.error = exc
+            started = False
         finally:
             self.ready.set()
+        if started:
+            _warm_up_worker()
         self.release.wait()
 
     def wait(self) -> None:
@@ -167,6 +170,23 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         with _lean_head_node():
             ray.init(num_cpus=num_cpus, **kwargs)
         return True
+
+
+def _warm_up() -> bool:
+    from prismesh.chain.storage import fetch_adapter  # noqa: F401 - what StoreFetch imports
+
+    return True
+
+
+def _warm_up_worker() -> None:
+    """Have a local worker import the verification code now, during start-up, not in round 1
+    (the worker is idle until the first reveals anyway)."""
+    try:
+        import ray
+
+        ray.get(ray.remote(max_retries=0)(_warm_up).remote(), timeout=120)
+    except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs the first round time
+        log.debug("Ray worker warm-up failed: %s", exc)
 
 
 def start_ray_in_background(address: str | None = None, num_cpus: int | None = None) -> bool:

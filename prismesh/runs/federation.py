@@ -100,6 +100,7 @@ class Federation:
         self.store = open_store(self.store_spec)
         self.hospitals: list[Hospital] = []
         self.aggregator: Any = None
+        self._evaluators: dict[tuple[str, str], Any] = {}
 
     @property
     def state_file(self) -> Path:
@@ -156,9 +157,21 @@ class Federation:
             daemon = NodeDaemon(cfg, **kwargs)
         else:
             daemon = free_rider_node(free_rider)(cfg, **kwargs)
+        # The hospitals of this process take turns, so they share one loaded base model for
+        # evaluating aggregates instead of loading one each.
+        daemon.evaluator = lambda: self.shared_evaluator(base_model, device)
         hospital = Hospital(name, train_path, test_path, daemon, free_rider)
         self.hospitals.append(hospital)
         return hospital
+
+    def shared_evaluator(self, base_model: Path, device: str) -> Any:
+        """One ``Evaluator`` per base model and device for every hospital of this federation."""
+        key = (str(Path(base_model).resolve()), device)
+        if key not in self._evaluators:
+            from prismesh.node.evaluate import Evaluator
+
+            self._evaluators[key] = Evaluator(base_model, device=device)
+        return self._evaluators[key]
 
     def add_aggregator(self) -> Any:
         from prismesh.aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
@@ -234,12 +247,17 @@ class Federation:
         return self.committee.run_until_final()
 
     def step(self) -> int:
-        """One pass: finality, then every node, then the aggregator; returns actions taken."""
+        """One pass: finality, then every node, then the aggregator; returns actions taken.
+
+        One finality wait per step, plus one more only when the nodes mined something the
+        aggregator has to see final in the same step (their reveals)."""
         self.finalize()
+        head = int(self.w3.eth.block_number)
         actions = 0
         for h in self.hospitals:
             actions += h.daemon.step()
-        self.finalize()
+        if int(self.w3.eth.block_number) != head:
+            self.finalize()
         if self.aggregator is not None:
             actions += self.aggregator.step()
         return actions

@@ -10,7 +10,7 @@ per round over all rounds and over rounds 2+, both sides and their ratio; start-
 start to round 1); peak PSS of each side's whole process tree (``/proc/*/smaps_rollup``); and
 whether the aggregates' CIDs and the accuracies match.
 
-    OMP_NUM_THREADS=1 python -m tests.benchmarks.bench_round_overhead [--rounds 3] [--scale 1]
+    OMP_NUM_THREADS=1 python -m tests.benchmarks.bench_round_overhead [--rounds 3] [--scale 1] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,7 @@ def plain_side(args: argparse.Namespace, spawned: float) -> dict[str, Any]:
     from prismesh.node.evaluate import Evaluator
     from prismesh.node.synthetic import make_benchmark
     from prismesh.node.trainer import TrainConfig, create_initial_adapter, train_lora
+    from prismesh.runs.accounting import Ledger, rounded
     from prismesh.runs.demo import build_spec
     from prismesh.runs.federation import FIRST_CLIENT, TaskSettings
 
@@ -138,28 +140,29 @@ def plain_side(args: argparse.Namespace, spawned: float) -> dict[str, Any]:
     strategy = get_strategy(spec.strategy, **spec.strategy_options)
     data = {c.name: (load_jsonl(c.train_path), load_jsonl(c.test_path)) for c in clients}
     evaluator = None
+    ledger = Ledger()
     started = time.time()
     rows, dirs, accuracy = [], [], []
     global_dir = initial
-    t = time.perf_counter()
     for r in range(1, args.rounds + 1):
         updates, training = [], 0.0
         for c in clients:
-            res = train_lora(base, data[c.name][0], work / f"r{r}-{c.name}", cfg, init_adapter=global_dir,
-                             progress=False, base_model_name=spec.base_model_id)
+            with ledger.part("training"):
+                res = train_lora(base, data[c.name][0], work / f"r{r}-{c.name}", cfg, init_adapter=global_dir,
+                                 progress=False, base_model_name=spec.base_model_id)
             training += float(res.metrics.get("seconds", 0.0))
             updates.append(ClientUpdate(address[c.name], rule.weight(min(int(res.num_samples), rule.sample_cap)),
                                         load_adapter(res.adapter_dir)))
-        updates.sort(key=lambda u: u.client)
-        result = strategy.aggregate(updates, aggregation_base(spec, load_adapter(global_dir)))
-        global_dir = save_adapter(result.adapter, work / f"aggregate-r{r}")
-        if evaluator is None:
-            evaluator = Evaluator(base, device="cpu")
-        accuracy.append({c.name: evaluator.accuracy(global_dir, data[c.name][1]) for c in clients})
+        with ledger.part("aggregation"):
+            updates.sort(key=lambda u: u.client)
+            result = strategy.aggregate(updates, aggregation_base(spec, load_adapter(global_dir)))
+            global_dir = save_adapter(result.adapter, work / f"aggregate-r{r}")
+        with ledger.part("evaluation"):
+            if evaluator is None:
+                evaluator = Evaluator(base, device="cpu")
+            accuracy.append({c.name: evaluator.accuracy(global_dir, data[c.name][1]) for c in clients})
         dirs.append(global_dir)
-        now = time.perf_counter()
-        rows.append({"row": f"round {r}", "wall_seconds": now - t, "training_seconds": training})
-        t = now
+        rows.append(rounded(ledger.cut(f"round {r}", training=training)))
     return {
         "startup_seconds": started - spawned,
         "rows": rows,
@@ -186,50 +189,77 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=1, help="runs of each side (medians are printed)")
     p.add_argument("--side", choices=("federated", "plain"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rounds < 2:
         p.error("--rounds must be at least 2 (rounds 2+ are reported separately)")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     if args.side:
         side = federated_side if args.side == "federated" else plain_side
         result = side(args, args.spawned)
         (Path(args.work) / f"{args.side}.json").write_text(json.dumps(result, indent=1))
         return 0
 
+    runs: dict[str, list[dict[str, Any]]] = {"federated": [], "plain": []}
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         args.work = tmp
         print(f"load before: {os.getloadavg()[0]:.2f} (1 min), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
               flush=True)
-        fed = run_side("federated", args, Path(tmp))
-        plain = run_side("plain", args, Path(tmp))
+        for i in range(args.repeat):
+            # Alternate which side goes first, so a drifting load favours neither.
+            for side in ("federated", "plain") if i % 2 == 0 else ("plain", "federated"):
+                runs[side].append(run_side(side, args, Path(tmp)))
+                print(f"  run {i + 1} {side}: done, load {os.getloadavg()[0]:.2f}", flush=True)
         print(f"load after: {os.getloadavg()[0]:.2f} (1 min)")
-    f_all, f_later = overheads(fed["rows"], args.rounds)
-    p_all, p_later = overheads(plain["rows"], args.rounds)
-    cids_match = fed["cids"] == plain["cids"]
-    acc_match = all(
-        round(a[k], 4) == round(b[k], 4) for a, b in zip(fed["accuracy"], plain["accuracy"], strict=True) for k in b
-    )
-    print(f"\n{args.rounds} rounds, scale {args.scale}, seed {args.seed}")
+    figures = {side: [_figures(r, args.rounds) for r in results] for side, results in runs.items()}
+    med = {side: {k: statistics.median(f[k] for f in figs) for k in figs[0]} for side, figs in figures.items()}
+    fed, plain = med["federated"], med["plain"]
+    matches = [f["cids"] == q["cids"] and _same_accuracy(f["accuracy"], q["accuracy"])
+               for f in runs["federated"] for q in runs["plain"]]
+    label = "median of " + str(args.repeat) if args.repeat > 1 else "one run"
+    print(f"\n{args.rounds} rounds, scale {args.scale}, seed {args.seed}, {label} each")
     print("| | federated (demo) | plain loop | ratio | target |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| overhead per round, all rounds (s) | {f_all:.2f} | {p_all:.2f} | {f_all / p_all:.2f}x | ≤ {TARGETS['all_rounds']}x |")
-    print(f"| overhead per round, rounds 2+ (s) | {f_later:.2f} | {p_later:.2f} | {f_later / p_later:.2f}x | ≤ {TARGETS['rounds_2plus']}x |")
-    print(f"| start-up to round 1 (s) | {fed['startup_seconds']:.1f} | {plain['startup_seconds']:.1f} | "
-          f"{fed['startup_seconds'] / plain['startup_seconds']:.2f}x | ≤ {TARGETS['startup_seconds']:.0f} s, aim {TARGETS['startup_vs_plain']}x |")
-    print(f"| peak PSS of the process tree (MiB) | {fed['peak_pss_mib']:.0f} | {plain['peak_pss_mib']:.0f} | "
-          f"{fed['peak_pss_mib'] / plain['peak_pss_mib']:.2f}x | ≤ {TARGETS['memory']}x |")
-    train_f = sum(r["training_seconds"] for r in fed["rows"])
-    train_p = sum(r["training_seconds"] for r in plain["rows"])
-    print(f"| clients' training, all rounds (s) | {train_f:.2f} | {train_p:.2f} | | |")
-    print("\nfederated rows (overhead split, s):")
-    for r in fed["rows"]:
-        split = ", ".join(f"{k} {v:.2f}" for k, v in r["overhead"].items())
-        print(f"  {r['row']:<8} wall {r['wall_seconds']:.2f}, training {r['training_seconds']:.2f}: {split}")
-    print(f"\naggregate CIDs match: {cids_match} ({', '.join(fed['cids'])})")
-    print(f"accuracies match to 4 decimals: {acc_match}")
-    return 0 if cids_match and acc_match else 1
+    rows = (
+        ("overhead per round, all rounds (s)", "all", "{:.2f}", f"≤ {TARGETS['all_rounds']}x"),
+        ("overhead per round, rounds 2+ (s)", "later", "{:.2f}", f"≤ {TARGETS['rounds_2plus']}x"),
+        ("start-up to round 1 (s)", "startup", "{:.1f}",
+         f"≤ {TARGETS['startup_seconds']:.0f} s, aim {TARGETS['startup_vs_plain']}x"),
+        ("peak PSS of the process tree (MiB)", "pss", "{:.0f}", f"≤ {TARGETS['memory']}x"),
+        ("clients' training, all rounds (s)", "training", "{:.2f}", ""),
+    )
+    for title, key, fmt, target in rows:
+        ratio = f"{fed[key] / plain[key]:.2f}x" if plain[key] else "–"
+        print(f"| {title} | {fmt.format(fed[key])} | {fmt.format(plain[key])} | {ratio} | {target} |")
+    for name, side in (("federated", runs["federated"][-1]), ("plain loop", runs["plain"][-1])):
+        print(f"\n{name} rows of the last run (overhead split, s):")
+        for r in side["rows"]:
+            split = ", ".join(f"{k} {v:.2f}" for k, v in r["overhead"].items() if v or k == "other")
+            print(f"  {r['row']:<8} wall {r['wall_seconds']:.2f}, training {r['training_seconds']:.2f}: {split}")
+    print(f"\naggregate CIDs match: {all(matches)} ({', '.join(runs['federated'][-1]['cids'])})")
+    print(f"accuracies match to 4 decimals: {all(matches)}")
+    return 0 if all(matches) else 1
+
+
+def _figures(result: dict[str, Any], rounds: int) -> dict[str, float]:
+    all_rounds, later = overheads(result["rows"], rounds)
+    return {
+        "all": all_rounds,
+        "later": later,
+        "startup": result["startup_seconds"],
+        "pss": result["peak_pss_mib"],
+        "training": sum(r["training_seconds"] for r in result["rows"]),
+    }
+
+
+def _same_accuracy(a: list[dict[str, float]], b: list[dict[str, float]]) -> bool:
+    return len(a) == len(b) and all(
+        set(x) == set(y) and all(round(x[k], 4) == round(y[k], 4) for k in y) for x, y in zip(a, b, strict=True)
+    )
 
 
 if __name__ == "__main__":
