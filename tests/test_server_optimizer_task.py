@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from prismesh.aggregator.audit import audit_task
-from prismesh.aggregator.daemon import AggregatorConfig, AggregatorDaemon
+from prismesh.aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
 from prismesh.aggregator.history import (
     Contribution,
     replay_round,
@@ -22,7 +22,7 @@ from prismesh.aggregator.weights import WeightRule
 from prismesh.chain.evm.contracts import TaskStatus
 from prismesh.chain.storage import fetch_adapter
 from prismesh.node.trainer import TrainConfig, create_initial_adapter
-from prismesh.runs.federation import Federation, TaskSettings
+from prismesh.runs.federation import Federation, TaskSettings, make_stream
 from tests.conftest import tiny_federation_inputs
 from tests.test_federation import make_spec
 
@@ -62,7 +62,9 @@ def test_fedavgm_task_is_restart_safe_and_audited(tmp_path: Path) -> None:
             AggregatorConfig(manifest=tmp_path / "fed" / "manifest.json", keystore="dev:1",
                              state_dir=tmp_path / "other-aggregator", parallel=False, finality=False),
             w3=fed.w3, manifest=fed.manifest, account=fed.accounts[1], store=fed.store,
-            store_spec=fed.store_spec, stream=None,
+            store_spec=fed.store_spec,
+            stream=make_stream(fed.devnet, fed.manifest, AGGREGATOR_EVENTS, tmp_path / "other-aggregator" / "cursor.json",
+                               finality=False),
         )
         rec = {"global_cid": opened[3].global_adapter_cid,
                "reveals": {c: {"cid": reveals[(3, c)].cid, "sha256": bytes(reveals[(3, c)].sha256).hex(),
