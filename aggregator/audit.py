@@ -82,8 +82,8 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
     ``key`` is an auditor's X25519 private key, for tasks whose updates are sealed."""
     from prismesh.aggregator.adapters import load_adapter, save_adapter
     from prismesh.aggregator.contribution import published_before, score_updates
-    from prismesh.aggregator.daemon import aggregation_base
-    from prismesh.aggregator.strategies import get_strategy
+    from prismesh.aggregator.history import aggregation_base
+    from prismesh.aggregator.strategies import aggregate, get_strategy
     from prismesh.aggregator.verify import expected_lora_shapes
     from prismesh.aggregator.weights import WeightRule
     from prismesh.chain.evm.contracts import Coordinator, Registry
@@ -171,6 +171,8 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
                            "" if digest == bytes(ev.sha256) else f"stored {digest.hex()} != revealed {bytes(ev.sha256).hex()}")
 
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
+        state = None  # a server optimiser's state, rebuilt round by round as the daemon does
+        state_known = True
         lora_cfg = spec.lora.to_dict()
         try:
             expected = expected_lora_shapes(spec.model_config, lora_cfg)
@@ -183,6 +185,7 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
             missing = [c for c in acc.included if c not in reveals.get(r, {})]
             if missing:
                 report.add("included revealed", subject, False, f"included without a reveal: {missing}")
+                state_known = False
                 continue
             try:
                 store.verify(acc.aggregate_cid)
@@ -195,6 +198,10 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
                 for check in ("inclusion re-derived", "aggregate recomputed", "scores recomputed"):
                     report.skip(check, subject, "needs the revealed updates' plaintext (a recipient's key)")
                 continue
+            if strategy.stateful and not state_known:
+                report.add("aggregate recomputed", subject, False,
+                           f"{strategy.name}'s state cannot be rebuilt past an earlier round that failed its checks")
+                continue
             try:
                 global_cid = opened[r].global_adapter_cid if r in opened else ""
                 gdir = work / "global" / global_cid
@@ -205,13 +212,16 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
                 candidates, rejected = _verified_reveals(
                     reveals.get(r, {}), adapters, expected, lora_cfg, spec.norm_bound, raw, rule.weight, problems
                 )
-                result = strategy.aggregate(candidates, glob) if candidates else None
+                result = aggregate(strategy, candidates, glob, state) if candidates else None
+                if result is not None:
+                    state = result.state
                 excluded = dict(result.metrics.get("excluded", {})) if result is not None else {}
                 kept = [u for u in candidates if u.client not in excluded]
                 _audit_inclusion(report, r, sorted(acc.included), sorted(u.client for u in kept),
                                  {**rejected, **excluded}, reveals.get(r, {}))
                 if result is None:
                     report.add("aggregate recomputed", subject, False, "no revealed update passes the checks")
+                    state_known = False
                     continue
                 published = fetch_any_adapter(store, acc.aggregate_cid, work / "published-aggregate" / f"round{r}", key)
                 if privacy.central_dp:
@@ -226,6 +236,7 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
                 scored[r] = score_updates(kept, glob, known)
             except Exception as exc:  # noqa: BLE001 - recorded as a failed check
                 report.add("aggregate recomputed", subject, False, f"{type(exc).__name__}: {exc}")
+                state_known = False
                 continue
             if stored_kind(store, acc.aggregate_cid) == "directory":
                 cid = cid_of_path(out)

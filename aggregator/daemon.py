@@ -36,6 +36,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from prismesh.aggregator.history import (  # noqa: F401 - aggregation_base and config_only_adapter are re-exported
+    aggregation_base,
+    config_only_adapter,
+    server_state_before,
+)
 from prismesh.chain import telemetry
 from prismesh.chain.localstate import (
     RetryDelay,
@@ -465,7 +470,7 @@ class AggregatorDaemon:
             UpdateRef,
             fetch_and_verify,
         )
-        from prismesh.aggregator.strategies import get_strategy
+        from prismesh.aggregator.strategies import aggregate, get_strategy
         from prismesh.aggregator.verify import expected_lora_shapes
         from prismesh.aggregator.weights import WeightRule
         from prismesh.chain.privacy import BudgetExceeded, check_budget, client_epsilon
@@ -535,7 +540,10 @@ class AggregatorDaemon:
         updates = [replace(v.to_update(), num_samples=rule.weight(v.num_samples)) for v in verified]
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
         global_adapter = aggregation_base(spec, global_raw)
-        result = strategy.aggregate(updates, global_adapter)
+        # A server optimiser's state is rebuilt from the chain and the store, never kept here.
+        state = server_state_before(self.coordinator, self.manifest.deploy_block, self.store, spec, strategy,
+                                    task, rnd, work / "history")
+        result = aggregate(strategy, updates, global_adapter, state)
         excluded = dict(result.metrics.get("excluded", {}))
         for client, reason in sorted(excluded.items()):
             log.warning("task %d round %d: strategy %s excludes %s: %s", task, rnd, spec.strategy, client, reason)
@@ -740,32 +748,6 @@ def run_aggregator(config_path: Path, *, ray_address: str | None = None, once: b
     finally:
         parts.lock.release()
     return 0
-
-
-def aggregation_base(spec: Any, global_adapter: Any | None) -> Any:
-    """The adapter a round's aggregate takes its config from: the round's global adapter, or
-    the task's bare LoRA config in round 1; either way naming the task's base model, so the
-    aggregate's bytes never depend on a path someone's adapter happened to record."""
-    if global_adapter is None:
-        return config_only_adapter(spec)
-    from prismesh.aggregator.adapters import Adapter
-
-    return Adapter({**global_adapter.config, "base_model_name_or_path": spec.base_model_id}, global_adapter.tensors)
-
-
-def config_only_adapter(spec: Any) -> Any:
-    """The round's starting point when a task starts from the bare base model: no tensors, and
-    the task's own LoRA config, so the aggregate never inherits one client's local settings."""
-    from prismesh.aggregator.adapters import Adapter
-
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": spec.base_model_id,
-        "bias": "none",
-        **spec.lora.to_dict(),
-    }
-    return Adapter(config, {})
 
 
 def _jsonable(value: Any) -> Any:

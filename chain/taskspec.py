@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 SPEC_FORMAT = "prismesh-task/1"
+METRIC_SCORINGS = ("letter", "mean", "sum")  # the node evaluator's scorings
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -55,6 +56,7 @@ TRAIN_FIELDS: dict[str, tuple[str, Any]] = {
     # dp_noise_multiplier * dp_clip on each Poisson-sampled batch; 0 turns it off.
     "dp_noise_multiplier": ("a number >= 0 (0: no DP-SGD)", lambda v: _is_num(v) and v >= 0),
     "dp_clip": ("a number > 0 (per-example gradient norm bound)", lambda v: _is_num(v) and v > 0),
+    "prox_mu": ("a number >= 0 (FedProx's proximal weight; 0 = off)", lambda v: _is_num(v) and v >= 0),
 }
 
 
@@ -102,6 +104,9 @@ class TaskSpec:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     norm_bound: float = 1.0e4
     report_metrics: bool = True
+    # How nodes score the accuracy they report: "letter" (the option key after the answer cue,
+    # the MedQA standard), "mean" (length-normalised answer-line likelihood) or "sum".
+    metric_scoring: str = "letter"
     test_fraction: float = 0.2
     split_seed: int = 0
     privacy: dict[str, Any] = field(default_factory=dict)
@@ -147,6 +152,7 @@ class TaskSpec:
             raise TaskSpecError(
                 "field 'strategy' must be 'fedavg-exact' with client-level DP at the aggregator: the aggregate is "
                 f"the mean of the clipped updates in ΔW space plus noise, got {self.strategy!r}")
+        _require(self.metric_scoring in METRIC_SCORINGS, "metric_scoring", f"one of {METRIC_SCORINGS}")
         _require(self.format == SPEC_FORMAT, "format", f"{SPEC_FORMAT!r}")
 
     @property

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from prismesh.chain.taskspec import BUILD_INFO_NAME as _BUILD_INFO
 
-BASE_MODEL_VERSION = 1
+BASE_MODEL_VERSION = 2
 MODEL_NAME = "prismesh-tiny-qwen3"
 VOCAB_SIZE = 4096
 EOS = "<|endoftext|>"
@@ -98,25 +98,26 @@ def ensure_base_model(cache_dir: Path | None = None, seed: int = 0, progress: bo
     return target
 
 
-def _corpus(seed: int) -> tuple[list[tuple[str, str]], list[str]]:
-    """((prompt, target) documents to pretrain on, text to train the tokenizer on).
+def _corpus(seed: int) -> tuple[list[tuple[str, tuple[str, ...]]], list[str]]:
+    """((prompt, target parts) documents to pretrain on, text to train the tokenizer on).
 
-    The loss is taken on the target only: for exam questions the answer (which is what
-    builds the retrieval circuit), for type sentences the whole text.
+    The loss is taken on the target only: for exam questions the answer line (which is what
+    builds the retrieval and option-pointing circuits), for type sentences the whole text.
+    Target parts are tokenised separately, as the trainer does with an answer's key and text.
     """
-    from prismesh.node.data import format_completion, format_prompt
+    from prismesh.node.data import completion_parts, format_prompt
     from prismesh.node.synthetic import pretraining_mcqs, type_sentences
 
     mcqs = pretraining_mcqs(seed, PRETRAIN["n_mcqs"])
-    docs = [(format_prompt(m), format_completion(m)) for m in mcqs]
+    docs = [(format_prompt(m), completion_parts(m)) for m in mcqs]
     types = type_sentences()
     rng = random.Random(f"prismesh-types-{seed}")
     rng.shuffle(types)
     # Pack short type sentences a few to a document.
-    type_docs = [("", " " + " ".join(types[i : i + 6])) for i in range(0, len(types), 6)]
+    type_docs = [("", (" " + " ".join(types[i : i + 6]),)) for i in range(0, len(types), 6)]
     # Names are repeated for the tokenizer so that each becomes one token, as real entity
     # names mostly are in a large vocabulary.
-    return docs + type_docs, [p + c for p, c in docs[:300]] + [" " + t for t in types] * 4
+    return docs + type_docs, [p + "".join(c) for p, c in docs[:300]] + [" " + t for t in types] * 4
 
 
 def build_tokenizer(texts: list[str], out_dir: Path):
@@ -162,7 +163,7 @@ def build_base_model(out_dir: Path, seed: int = 0, progress: bool = False) -> No
     encoded = []
     for prompt, target in docs:
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        c = tokenizer(target, add_special_tokens=False)["input_ids"] + [eos_id]
+        c = [t for part in target for t in tokenizer(part, add_special_tokens=False)["input_ids"]] + [eos_id]
         encoded.append((p + c, len(p)))
     stats = _pretrain(model, encoded, pad_id, seed, progress)
     model.config.use_cache = True

@@ -500,7 +500,7 @@ class NodeDaemon:
 
         adapter = self.fetch_global(ev.aggregate_cid)
         _, test = self.local_data(spec)
-        acc = self.evaluator().accuracy(adapter, test)
+        acc = self.evaluator().accuracy(adapter, test, scoring=spec.metric_scoring)
         try:
             self.coordinator.report_metric(task, rnd, "accuracy", acc)
         except ContractRevert as exc:

@@ -233,8 +233,10 @@ def train_test_split(
     return train, test
 
 
-# Prompt templates: the exam's style and language. The completion is always
-# " " + answer text, so that entity names tokenise the same way in every template.
+# Prompt templates: the exam's style and language. The completion is the answer line
+# " <key>. <option text>": its key part (" C") is what option-letter scoring reads, the whole
+# line is what the option-likelihood scorings read, and the text keeps entity names tokenised the
+# same way in every template.
 _TEMPLATES: dict[tuple[str, str], tuple[str, str, str]] = {
     # (header, option line format, answer cue)
     ("medqa", "en"): ("Question: {q}\nOptions:\n", "{k}. {t}\n", "Answer:"),
@@ -242,6 +244,11 @@ _TEMPLATES: dict[tuple[str, str], tuple[str, str, str]] = {
     ("medmcqa", "en"): ("Q: {q}\n", "({k}) {t}\n", "Correct option:"),
     ("medmcqa", "zh"): ("题目：{q}\n", "({k}) {t}\n", "正确选项："),
 }
+
+
+def option_key(mcq: MCQ, option: str) -> str:
+    """How ``option`` is written in ``mcq``'s prompt: upper case for MedQA, lower for MedMCQA."""
+    return option.lower() if mcq.fmt == "medmcqa" else option
 
 
 def format_prompt(mcq: MCQ) -> str:
@@ -253,14 +260,31 @@ def format_prompt(mcq: MCQ) -> str:
         header, line, cue = _TEMPLATES[(mcq.fmt, mcq.language)]
     except KeyError:
         raise ValueError(f"{mcq.id}: no template for format {mcq.fmt!r} / language {mcq.language!r}") from None
-    key_style = (lambda k: k.lower()) if mcq.fmt == "medmcqa" else (lambda k: k)
     parts = [header.format(q=mcq.question)]
-    parts.extend(line.format(k=key_style(k), t=t) for k, t in mcq.options.items())
+    parts.extend(line.format(k=option_key(mcq, k), t=t) for k, t in mcq.options.items())
     parts.append(cue)
     return "".join(parts)
 
 
-def format_completion(mcq: MCQ, option: str | None = None) -> str:
-    """The scored continuation: a space and the option's text (the answer by default)."""
+def completion_parts(mcq: MCQ, option: str | None = None) -> tuple[str, str]:
+    """The answer line split into its key part and its text part: (" C", ". Ketozole").
+
+    Trainer and evaluator tokenise the two parts separately and concatenate them, so the key
+    is always the same token(s) whatever merges a tokenizer would make across the boundary.
+    """
     key = mcq.answer if option is None else option
-    return " " + mcq.options[key]
+    return " " + option_key(mcq, key), ". " + mcq.options[key]
+
+
+def format_completion(mcq: MCQ, option: str | None = None) -> str:
+    """The scored continuation: the answer line (the correct option's by default)."""
+    return "".join(completion_parts(mcq, option))
+
+
+def completion_ids(tokenizer, mcq: MCQ, option: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of the key part and of the text part of an answer line (no special tokens)."""
+    key, text = completion_parts(mcq, option)
+    return (
+        tokenizer(key, add_special_tokens=False)["input_ids"],
+        tokenizer(text, add_special_tokens=False)["input_ids"],
+    )

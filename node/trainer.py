@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prismesh.aggregator.adapters import canonical_config_json
-from prismesh.node.data import MCQ, format_completion, format_prompt
+from prismesh.node.data import MCQ, completion_ids, format_prompt
 
 DEFAULT_TARGET_MODULES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -58,6 +58,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     dp_noise_multiplier: float = 0.0  # > 0: DP-SGD (Opacus) with Poisson-sampled batches
     dp_clip: float = 1.0  # DP-SGD's bound on each example's gradient norm
+    prox_mu: float = 0.0  # FedProx: (mu/2)·||w − w_start||² on the LoRA weights; 0 = plain local training
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -76,6 +77,7 @@ class TrainConfig:
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0 disables clipping)"),
             (self.dp_noise_multiplier >= 0, "dp_noise_multiplier must be >= 0 (0: no DP-SGD)"),
             (self.dp_clip > 0, "dp_clip must be > 0"),
+            (math.isfinite(self.prox_mu) and self.prox_mu >= 0, "prox_mu must be a number >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -163,13 +165,14 @@ def load_base(base_model: Path, device: str, bf16: bool):
 
 
 def encode_example(tokenizer, mcq: MCQ, max_length: int) -> tuple[list[int], int]:
-    """Token ids of prompt + answer + EOS and the prompt length (loss is on the rest).
+    """Token ids of prompt + answer line + EOS and the prompt length (loss is on the rest).
 
-    Prompt and completion are tokenised separately and concatenated, exactly as the evaluator
-    scores options; an over-long prompt is cut from the left so the options and cue survive.
+    Prompt, answer key and answer text are tokenised separately and concatenated, exactly as
+    the evaluator scores options; an over-long prompt is cut from the left so the options and cue survive.
     """
     prompt = tokenizer(format_prompt(mcq), add_special_tokens=True)["input_ids"]
-    completion = tokenizer(format_completion(mcq), add_special_tokens=False)["input_ids"]
+    key, text = completion_ids(tokenizer, mcq)
+    completion = key + text
     if tokenizer.eos_token_id is not None:
         completion = completion + [tokenizer.eos_token_id]
     room = max_length - len(completion)
@@ -313,7 +316,8 @@ def train_lora(
 
     Starts from ``init_adapter`` (the round's global adapter) when given, else from a fresh
     LoRA seeded by ``config.seed`` (so clients sharing a seed share the initial A matrices).
-    AdamW with linear decay over all optimizer steps; loss on the answer tokens only. The
+    AdamW with linear decay over all optimizer steps; loss on the answer tokens only, plus
+    FedProx's proximal term towards the starting weights when ``config.prox_mu`` > 0. The
     adapter records ``base_model_name`` (default: the model directory's name) as its base model.
 
     With ``config.dp_noise_multiplier > 0`` the loop is DP-SGD (see ``_dp_sgd``); its noise
@@ -343,6 +347,8 @@ def train_lora(
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in params)
+        # FedProx's proximal centre: the weights this round starts from (the global adapter).
+        anchor = [p.detach().clone() for p in params] if config.prox_mu > 0 else None
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         micro_per_epoch = math.ceil(len(encoded) / config.batch_size)
         steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
@@ -379,6 +385,11 @@ def train_lora(
                 epoch_sum += loss.detach()
                 in_window += 1
                 if in_window == config.grad_accum or micro == micro_per_epoch - 1:
+                    if anchor is not None:  # gradient of (mu/2)·||w − w0||², once per step
+                        with torch.no_grad():
+                            for p, p0 in zip(params, anchor, strict=True):
+                                pull = (p.detach() - p0) * config.prox_mu
+                                p.grad = pull if p.grad is None else p.grad.add_(pull)
                     if config.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                     opt.step()

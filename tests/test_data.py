@@ -10,6 +10,7 @@ import pytest
 from prismesh.node.data import (
     MCQ,
     DataFormatError,
+    completion_parts,
     format_completion,
     format_prompt,
     load_jsonl,
@@ -113,8 +114,11 @@ def test_prompt_templates_per_format_and_language(tmp_path):
         "Q: Drug of choice for absence seizures is:\n(a) Phenytoin\n(b) Ethosuximide\n"
         "(c) Carbamazepine\n(d) Phenobarbitone\nCorrect option:"
     )
-    assert format_completion(en) == " Nitrofurantoin"
-    assert format_completion(zh, "B") == " 腹部B超"
+    # The answer line: the option's key as the prompt writes it, then its text.
+    assert format_completion(en) == " C. Nitrofurantoin"
+    assert format_completion(zh, "B") == " B. 腹部B超"
+    assert format_completion(mc) == " b. Ethosuximide"
+    assert completion_parts(mc, "D") == (" d", ". Phenobarbitone")
 
 
 def test_write_jsonl_round_trips_both_formats(tmp_path):

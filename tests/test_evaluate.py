@@ -7,7 +7,7 @@ import math
 import pytest
 
 from prismesh.node import basemodel
-from prismesh.node.data import MCQ, format_completion, format_prompt
+from prismesh.node.data import MCQ, completion_ids, format_completion, format_prompt
 from prismesh.node.evaluate import (
     Evaluator,
     cross_dataset_matrix,
@@ -60,24 +60,47 @@ def tiny(tmp_path_factory):
 
 def test_option_loglik_accuracy_rises_after_training(tiny):
     model, adapter, data = tiny
-    ev = Evaluator(model)
+    ev = Evaluator(model, scoring="sum")
     base_acc = ev.accuracy(None, data)
     tuned = ev.accuracy(adapter, data)
     assert tuned >= 0.9 > base_acc + 0.2
     assert ev.accuracy(None, data) == base_acc  # the adapter was unloaded again
-    assert evaluate(model, adapter, data) == tuned
-    # Scores agree with a direct computation for one example.
+    assert evaluate(model, adapter, data, scoring="sum") == tuned
+    # Every scoring agrees with a direct computation for one example.
     import torch
 
     m = data[0]
-    scores = ev.option_scores(ev.model, [m])[0]
     tok = ev.tokenizer
     prompt = tok(format_prompt(m))["input_ids"]
-    opt = tok(format_completion(m, "B"), add_special_tokens=False)["input_ids"]
+    key, text = completion_ids(tok, m, "B")
     with torch.no_grad():
-        logp = torch.log_softmax(ev.model(torch.tensor([prompt + opt])).logits[0], -1)
-    direct = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(opt))
-    assert scores[1] == pytest.approx(direct, abs=1e-4)
+        logp = torch.log_softmax(ev.model(torch.tensor([prompt + key + text])).logits[0], -1)
+    per_token = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(key + text)]
+    want = {"letter": sum(per_token[: len(key)]), "sum": sum(per_token), "mean": sum(per_token) / len(per_token)}
+    every = ev.all_scores(ev.model, [m])
+    for scoring, value in want.items():
+        assert ev.option_scores(ev.model, [m], scoring=scoring)[0][1] == pytest.approx(value, abs=1e-4)
+        assert every[scoring][0][1] == pytest.approx(value, abs=1e-4)
+    # The one-pass-per-question letter path equals reading the key off the full answer line.
+    fast, full = ev.letter_scores(ev.model, data), ev.all_scores(ev.model, data)["letter"]
+    for a, b in zip(fast, full, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_scorings_are_named_and_checked(tiny):
+    """Likelihood scorings read what training taught (the answer's text); letter scoring needs a
+    model that points from the answer to its key, which a one-layer random model does not learn."""
+    model, adapter, data = tiny
+    ev = Evaluator(model)
+    assert ev.scoring == "letter"  # the MedQA standard is the default
+    flags = ev.correct(adapter, {"d": data}, scorings=("letter", "sum", "mean"))
+    assert set(flags) == {"letter", "sum", "mean"} and len(flags["letter"]["d"]) == len(data)
+    for scoring in ("sum", "mean"):
+        assert sum(flags[scoring]["d"]) / len(data) >= 0.9
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        Evaluator(model, scoring="bytes")
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        ev.accuracy(None, data, scoring="median")
 
 
 def test_cross_dataset_matrix_and_markdown(tiny):

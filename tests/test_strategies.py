@@ -288,7 +288,7 @@ def test_bad_updates_are_refused_with_the_client_named(updates):
     wrong = Adapter(a.config, {**a.tensors, key: np.zeros((3, 3), np.float32)})
     with pytest.raises(ValueError, match=f"0xwrong: tensor {key}"):
         get_strategy("fedavg-exact").aggregate([updates[0], ClientUpdate("0xwrong", 5, wrong)])
-    with pytest.raises(ValueError, match="unknown aggregation strategy 'nope'; known: clipped-fedavg, fedavg"):
+    with pytest.raises(ValueError, match="unknown aggregation strategy 'nope'; known: .*fedavg"):
         get_strategy("nope")
     with pytest.raises(ValueError, match="bad options"):
         get_strategy("fedavg", momentum=0.9)

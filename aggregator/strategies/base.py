@@ -4,6 +4,16 @@ Modelled on Flower's ``Strategy``: the daemon only calls ``strategy.aggregate(up
 so a task names its strategy (``get_strategy(name, **options)``) and new ones register
 themselves with ``@register_strategy``.
 
+Two optional capabilities, both off by default:
+
+* ``stateful``: a server optimiser carries state from round to round. Its ``aggregate`` takes
+  ``state=`` (the state after the previous accepted round, ``None`` at the start) and returns
+  the new state in ``AggregateResult.state``. The state is never trusted from anyone's disk: the
+  daemon and the audit both rebuild it by replaying the task's accepted rounds from the chain
+  and the store (:mod:`prismesh.aggregator.history`); :func:`aggregate` calls either kind.
+* ``client_train_settings()``: training settings the strategy needs every client to use (FedProx's
+  proximal weight); they belong in the task spec's ``train`` section (:func:`client_settings`).
+
 Every strategy is deterministic: updates are ordered by client id before any arithmetic, weights
 and sums are float64, and the result is cast back to the clients' dtype, so the same inputs in
 any order give a byte-identical aggregate and therefore the same CID.
@@ -32,16 +42,22 @@ class ClientUpdate:
 
 @dataclass(frozen=True)
 class AggregateResult:
-    """The aggregated adapter and what the strategy measured (weights used, errors, ...)."""
+    """The aggregated adapter, what the strategy measured (weights used, errors, ...) and, for a
+    stateful strategy, its state after this round."""
 
     adapter: Adapter
     metrics: dict[str, Any] = field(default_factory=dict)
+    state: Any = None
 
 
 class Strategy(ABC):
     """Aggregation rule. Subclasses set ``name`` and implement :meth:`aggregate`."""
 
     name: ClassVar[str] = ""
+    stateful: ClassVar[bool] = False  # True: aggregate() takes state= and returns result.state
+    # True: the result's LoRA factors are a fresh factorisation (not comparable tensor by tensor
+    # with the global adapter's), so a server optimiser on the factors cannot wrap it.
+    refactorizes: ClassVar[bool] = False
 
     @abstractmethod
     def aggregate(
@@ -56,6 +72,27 @@ class Strategy(ABC):
     def options(self) -> dict[str, Any]:
         """The strategy's settings, recorded in the metrics so a result can be re-derived."""
         return {}
+
+    def client_train_settings(self) -> dict[str, Any]:
+        """Training settings every client must use with this strategy (none by default)."""
+        return {}
+
+
+def aggregate(
+    strategy: Strategy,
+    updates: Sequence[ClientUpdate],
+    global_adapter: Adapter | None = None,
+    state: Any = None,
+) -> AggregateResult:
+    """Run one round of ``strategy``, handing a stateful one the state of the previous round."""
+    if strategy.stateful:
+        return strategy.aggregate(updates, global_adapter, state=state)  # type: ignore[call-arg]
+    return strategy.aggregate(updates, global_adapter)
+
+
+def client_settings(name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The training settings strategy ``name`` (with ``options``) requires of every client."""
+    return get_strategy(name, **(options or {})).client_train_settings()
 
 
 def prepare_updates(

@@ -64,6 +64,8 @@ def truncated_svd(
 class _Coordinatewise(Strategy):
     """A weighted statistic over clients of each coordinate of the updates, in ΔW space."""
 
+    refactorizes = True  # the result is a truncated ΔW, not in the global adapter's basis
+
     def __init__(self, split: str = "balanced") -> None:
         if split not in ("balanced", "B"):
             raise ValueError(f"split must be 'balanced' or 'B', got {split!r}")

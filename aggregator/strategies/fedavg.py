@@ -135,19 +135,8 @@ def _combine_module(
     b_cat = np.concatenate(b_parts, axis=1)
     a_cat = np.concatenate(a_parts, axis=0)
     r, _ = out_spec.rank_alpha(m)
-    scale = out_spec.scaling(m)
-    u_, s_, v_ = lowrank_svd(b_cat, a_cat, r)
-    k = u_.shape[1]
-    head, tail = s_[:k], s_[k:]
-    if split == "balanced":
-        root = np.sqrt(head / scale)
-        b_new, a_new = u_ * root, root[:, None] * v_.T
-    else:
-        b_new, a_new = u_ * (head / scale), v_.T.copy()
-    if k < r:  # fewer singular directions than the rank: pad with zero directions
-        b_new = np.pad(b_new, ((0, 0), (0, r - k)))
-        a_new = np.pad(a_new, ((0, r - k), (0, 0)))
-    errors[m] = (float(np.sum(tail**2)), float(np.sum(s_**2)))
+    b_new, a_new, tail_sq, norm_sq = refactorise(b_cat, a_cat, r, out_spec.scaling(m), split)
+    errors[m] = (tail_sq, norm_sq)
     dtype_b = ordered[0].adapter.tensors[m + LORA_B_SUFFIX].dtype
     dtype_a = ordered[0].adapter.tensors[m + LORA_A_SUFFIX].dtype
     out[m + LORA_B_SUFFIX] = b_new.astype(dtype_b)
@@ -179,21 +168,51 @@ class FedAvgExact(Strategy):
     """
 
     name = "fedavg-exact"
+    refactorizes = True
 
-    def __init__(self, split: str = "balanced") -> None:
+    def __init__(self, split: str = "balanced", server_lr: float = 1.0) -> None:
         if split not in ("balanced", "B"):
             raise ValueError(f"split must be 'balanced' or 'B', got {split!r}")
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"server_lr must be a positive number, got {server_lr}")
         self.split = split
+        self.server_lr = float(server_lr)
 
     def options(self) -> dict[str, Any]:
-        return {"split": self.split}
+        return {"split": self.split, "server_lr": self.server_lr}
 
     def aggregate(
         self, updates: Sequence[ClientUpdate], global_adapter: Adapter | None = None
     ) -> AggregateResult:
         ordered, w = prepare_updates(updates)
+        if self.server_lr != 1.0 and (global_adapter is None or not global_adapter.tensors):
+            raise ValueError("fedavg-exact with server_lr != 1 needs the round's global adapter")
         config = _output_config(ordered, global_adapter)
-        tensors, errors = combine_exact(ordered, w, None, config, self.split)
+        # With a server learning rate η the target is ΔW_g + η·(Σ w_i ΔW_i − ΔW_g): the clients'
+        # coefficients become η·w_i and the global keeps 1 − η (combine_exact's global term).
+        glob = global_adapter if self.server_lr != 1.0 else None
+        tensors, errors = combine_exact(ordered, self.server_lr * w, glob, config, self.split)
         metrics = _weights_metrics(self, ordered, w)
         metrics.update(truncation_metrics(errors))
         return AggregateResult(Adapter(config, tensors), metrics)
+
+
+def refactorise(b_cat: np.ndarray, a_cat: np.ndarray, r: int, scale: float,
+                split: str = "balanced") -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Rank-r factors (B', A') with scale·B'·A' the best approximation of ``b_cat @ a_cat`` (a sum
+    of low-rank terms, never formed densely), the squared tail and the squared norm of the target.
+
+    ``split="balanced"`` gives both factors √S; ``"B"`` puts S on B' and keeps A' orthonormal.
+    """
+    u_, s_, v_ = lowrank_svd(b_cat, a_cat, r)
+    k = u_.shape[1]
+    head, tail = s_[:k], s_[k:]
+    if split == "balanced":
+        root = np.sqrt(head / scale)
+        b_new, a_new = u_ * root, root[:, None] * v_.T
+    else:
+        b_new, a_new = u_ * (head / scale), v_.T.copy()
+    if k < r:  # fewer singular directions than the rank: pad with zero directions
+        b_new = np.pad(b_new, ((0, 0), (0, r - k)))
+        a_new = np.pad(a_new, ((0, r - k), (0, 0)))
+    return b_new, a_new, float(np.sum(tail**2)), float(np.sum(s_**2))

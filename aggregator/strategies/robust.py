@@ -91,6 +91,8 @@ class RobustStrategy(Strategy):
     ``split`` (how the re-factorised ΔW is split between B and A, as in ``fedavg-exact``).
     """
 
+    refactorizes = True  # the result is re-factorised ΔW (combine_exact), not in the global's basis
+
     def __init__(self, max_weight: float | None = 2.0, split: str = "balanced") -> None:
         self.max_weight = _check_positive("max_weight", max_weight, allow_none=True)
         if split not in ("balanced", "B"):

@@ -74,9 +74,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-report-metrics", action="store_true",
                    help="nodes do not evaluate and report each aggregate's accuracy")
     p.add_argument("--strategy", default=None,
-                   help="aggregation strategy (default: the task spec's default, clipped-fedavg; see docs/robustness.md)")
+                   help="aggregation strategy (default: the task spec's default, clipped-fedavg; see docs/robustness.md "
+                        "and docs/learning.md)")
     p.add_argument("--strategy-options", default="{}",
-                   help="the strategy's options as JSON, e.g. '{\"clip\": 1.5}'")
+                   help='the strategy\'s options as JSON, e.g. \'{"clip": 1.5}\', or \'{"inner": "fairavg", "lr": 2.0}\' '
+                        "for fedavgm; training settings the strategy needs of clients (FedProx's prox_mu) are added to --train")
+    p.add_argument("--metric-scoring", choices=("letter", "mean", "sum"), default="letter",
+                   help="how nodes score the accuracy they report (default letter, the MedQA standard)")
     p.add_argument("--norm-bound", type=float, default=1.0e4,
                    help="hard cap on each module's per-round update ||ΔW||_F (default 1e4; the default "
                         "strategy also bounds updates relative to the round's median)")
@@ -221,13 +225,18 @@ def _make_spec(args: argparse.Namespace) -> int:
         raise UsageError(f"--strategy-options is not JSON: {exc}") from None
     if not isinstance(strategy_options, dict):
         raise UsageError("--strategy-options must be a JSON object, e.g. '{\"clip\": 1.5}'")
-    from prismesh.aggregator.strategies import get_strategy
+    from prismesh.aggregator.strategies import client_settings, get_strategy
 
     strategy = args.strategy or TaskSpec.__dataclass_fields__["strategy"].default
     try:
         get_strategy(strategy, **strategy_options)
+        required = client_settings(strategy, strategy_options)
     except ValueError as exc:
         raise UsageError(f"--strategy: {exc}") from None
+    for key, value in required.items():
+        if key in train and train[key] != value:
+            raise UsageError(f"--train {key}={train[key]!r} contradicts strategy {strategy}, which needs {value!r}")
+        train[key] = value
     try:
         lora = {"r": args.rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout}
         if args.target_modules is not None:
@@ -240,6 +249,7 @@ def _make_spec(args: argparse.Namespace) -> int:
             train=train,
             strategy=strategy,
             strategy_options=strategy_options,
+            metric_scoring=args.metric_scoring,
             norm_bound=args.norm_bound,
             report_metrics=not args.no_report_metrics,
             privacy=privacy,

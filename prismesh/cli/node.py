@@ -75,6 +75,9 @@ def register(subparsers) -> None:
                    help="test files; each is named NAME, else by its folder and file name where "
                    "file names repeat (out/bench/medqa-en/test.jsonl -> medqa-en)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--scoring", choices=("letter", "mean", "sum"), default=None,
+                   help="letter (the MedQA standard; default for a --base-model directory), mean "
+                        "(length-normalised; default for the stand-in) or sum")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("matrix", help="cross-dataset matrix (paper Table 2) as JSON + Markdown")
@@ -87,6 +90,8 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=1, help="local epochs of the trained single-client rows")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--scoring", choices=("letter", "mean", "sum"), default=None,
+                   help="as for evaluate (default: mean for the stand-in, letter otherwise)")
     p.set_defaults(func=cmd_matrix)
 
 
@@ -99,6 +104,13 @@ def _base(arg: str, progress: bool = True) -> Path:
     if not (path / "config.json").is_file():
         raise UsageError(f"--base-model {arg}: not a Hugging Face model directory (no config.json)")
     return path
+
+
+def _scoring(args: argparse.Namespace) -> str:
+    """The stand-in cannot point at option letters (docs/learning.md): it is scored by mean."""
+    from prismesh.node.synthetic import BENCHMARK_SCORING
+
+    return args.scoring or (BENCHMARK_SCORING if args.base_model == "auto" else "letter")
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -181,9 +193,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from prismesh.node.evaluate import Evaluator, fairness
 
     test_sets = {name: load_jsonl(path) for name, path in _named_files(args.data).items()}
-    ev = Evaluator(_base(args.base_model))
+    ev = Evaluator(_base(args.base_model), scoring=_scoring(args))
     acc = ev.accuracies(args.adapter, test_sets, args.batch_size)
-    print(json.dumps({"accuracy": acc, **fairness(acc)}, indent=2))
+    print(json.dumps({"accuracy": acc, **fairness(acc), "scoring": ev.scoring}, indent=2))
     return 0
 
 
@@ -214,7 +226,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
                              config, progress=not args.no_progress)
             rows[f"+ LoRA ({c['name']})"] = res.adapter_dir
             summary[c["name"]] = {"num_samples": res.num_samples, **res.metrics}
-    matrix = cross_dataset_matrix(Evaluator(base), rows, tests)
+    matrix = cross_dataset_matrix(Evaluator(base, scoring=_scoring(args)), rows, tests)
+    matrix["scoring"] = _scoring(args)
     matrix["training"] = summary
     (out / "matrix.json").write_text(json.dumps(matrix, indent=2) + "\n")
     md = render_markdown(matrix, title="Cross-dataset accuracy (%)")

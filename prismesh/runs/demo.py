@@ -24,11 +24,17 @@ HOSPITAL_ORDER = ("hospital-a", "hospital-b", "hospital-c")
 def build_spec(base_model: Path, seed: int, strategy: str = "fedavg", privacy: dict | None = None) -> Any:
     """The demo task's hyper-parameter file: the benchmark's tuned LoRA and training settings
     (and its privacy settings, see docs/privacy.md)."""
+    from prismesh.aggregator.strategies import client_settings
     from prismesh.chain.taskspec import LoraSpec, TaskSpec, model_fingerprint
-    from prismesh.node.synthetic import BENCHMARK_TRAIN_CONFIG
+    from prismesh.node.synthetic import BENCHMARK_SCORING, BENCHMARK_TRAIN_CONFIG
+    from prismesh.runs.experiment import STRATEGY_CONFIGS
     from prismesh.runs.federation import model_config_of
 
-    train = dict(BENCHMARK_TRAIN_CONFIG)
+    # A configuration name of the experiment (``fedavgm-fair``, ``fedavgm`` ...) brings its options.
+    chosen = STRATEGY_CONFIGS.get(strategy, {"strategy": strategy})
+    options = {k: v for k, v in chosen.items() if k != "strategy"}
+    strategy = chosen["strategy"]
+    train = {**BENCHMARK_TRAIN_CONFIG, **client_settings(strategy, options)}
     rank, alpha = train.pop("rank", 8), train.pop("alpha", 16)
     dropout = train.pop("dropout", 0.1)
     return TaskSpec(
@@ -38,8 +44,10 @@ def build_spec(base_model: Path, seed: int, strategy: str = "fedavg", privacy: d
         model_config=model_config_of(base_model),
         train={**train, "seed": seed},
         strategy=strategy,
+        strategy_options=options,
         report_metrics=True,
         privacy=privacy or {},
+        metric_scoring=BENCHMARK_SCORING,
     )
 
 
@@ -413,13 +421,13 @@ def compute_baselines(base: Path, clients: list, initial: Path, spec: Any, round
 
     ev = Evaluator(base, device="cpu")
     tests = {c.name: load_jsonl(c.test_path) for c in clients}
-    base_acc = {name: ev.accuracy(None, t) for name, t in tests.items()}
+    base_acc = {name: ev.accuracy(None, t, scoring=spec.metric_scoring) for name, t in tests.items()}
     single: dict[str, float] = {}
     cfg = TrainConfig.from_dict({**spec.train_config(), "device": "cpu"})
     with tempfile.TemporaryDirectory() as tmp:
         for c in clients:
             adapter = single_client(base, load_jsonl(c.train_path), cfg, rounds, Path(tmp), c.name, initial)
-            single[c.name] = ev.accuracy(adapter, tests[c.name])
+            single[c.name] = ev.accuracy(adapter, tests[c.name], scoring=spec.metric_scoring)
             _say(f"      single-client LoRA {c.name}: {single[c.name]:.3f} on its own test set")
     return {
         "base": base_acc,

@@ -106,3 +106,60 @@ def plot_update_pca(fed: Any, task_id: int, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_experiment_curves(summary: dict[str, Any], path: Path, metric: str = "h_mean") -> Path:
+    """The experiment's curves: ``metric`` after each round, mean over seeds with its 95% band,
+    for the pooled upper bound, the single-client LoRAs and every federated strategy."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    for label, row in summary["models"].items():
+        curve = row.get("curve") or []
+        if not curve:
+            continue
+        xs = list(range(1, len(curve) + 1))
+        mean = [p[metric]["mean"] for p in curve]
+        style = {"linestyle": "--", "linewidth": 1} if label.startswith("single:") else {"linewidth": 2 if label == summary.get("headline") else 1.3}
+        if label == "pooled":
+            style = {"color": "black", "linewidth": 2}
+        line = ax.plot(xs, mean, marker="o", markersize=3, label=label.replace("fed:", "federated: ").replace("single:", "single: "), **style)[0]
+        lo = [p[metric]["lo"] for p in curve]
+        hi = [p[metric]["hi"] for p in curve]
+        if all(v is not None for v in lo + hi):
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
+    ax.set_xlabel("round (one local epoch each)")
+    ax.set_ylabel({"h_mean": "H-mean", "min_acc": "Min-Acc", "macro_acc": "Macro-Acc"}[metric])
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{ax.get_ylabel()} over rounds (mean over seeds, 95% band)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_new_site(summary: dict[str, Any], path: Path) -> Path:
+    """New-site accuracy against its number of examples, from the global adapter and from base."""
+    plt = _pyplot()
+    sizes = sorted(summary["new_site"], key=int)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for key, name in (("from_global", "from the global adapter"), ("from_base", "from the base model")):
+        pts = [(int(k), summary["new_site"][k].get(key)) for k in sizes if summary["new_site"][k].get(key)]
+        if not pts:
+            continue
+        xs = [x for x, _ in pts]
+        line = ax.plot(xs, [p["mean"] for _, p in pts], marker="o", label=name)[0]
+        if all(p["lo"] is not None for _, p in pts):
+            ax.fill_between(xs, [p["lo"] for _, p in pts], [p["hi"] for _, p in pts], color=line.get_color(), alpha=0.15)
+    ax.set_xscale("symlog", linthresh=16)
+    ax.set_xticks([int(k) for k in sizes])
+    ax.set_xticklabels(sizes)
+    ax.set_xlabel("the new site's training examples")
+    ax.set_ylabel("accuracy on its test set")
+    ax.set_ylim(0, 1)
+    ax.set_title("New-site adaptation (mean over seeds, 95% band)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
