@@ -710,19 +710,10 @@ def run_aggregator(config_path: Path, *, ray_address: str | None = None, once: b
     from prismesh.aggregator.parallel import ensure_ray
     from prismesh.chain.finality.coordinator_stream import open_final_stream
     from prismesh.chain.localstate import Stopped, retry_until
-    from prismesh.chain.startup import open_daemon
+    from prismesh.chain.startup import open_daemon, stop_on_signals, with_metrics
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            signal.signal(sig, lambda *_: stop.set())
-        except ValueError:  # not the main thread
-            pass
-    cfg = AggregatorConfig.load(config_path)
-    if metrics_port is not None:
-        cfg = replace(cfg, metrics_port=metrics_port)
-    if metrics_host is not None:
-        cfg = replace(cfg, metrics_host=metrics_host)
+    stop = stop_on_signals()
+    cfg = with_metrics(AggregatorConfig.load(config_path), metrics_port, metrics_host)
     if cfg.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, telemetry.serve(cfg.metrics_port, cfg.metrics_host))
     try:

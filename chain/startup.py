@@ -48,6 +48,28 @@ class DaemonParts:
         self.store = store
 
 
+def stop_on_signals() -> threading.Event:
+    """An event SIGTERM and SIGINT set, so a daemon's loop ends and it shuts down cleanly (signals
+    can only be caught on the main thread; elsewhere the event is returned unhooked)."""
+    import signal
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, lambda *_: stop.set())
+        except ValueError:  # not the main thread
+            pass
+    return stop
+
+
+def with_metrics(config: Any, port: int | None, host: str | None) -> Any:
+    """``config`` with the command line's metrics port and host, where given, over the file's."""
+    from dataclasses import replace
+
+    given = {k: v for k, v in (("metrics_port", port), ("metrics_host", host)) if v is not None}
+    return replace(config, **given) if given else config
+
+
 def open_daemon(role: str, label: str, config: Any, *, stop: threading.Event, log: logging.Logger) -> DaemonParts:
     """The start-up every daemon shares, in the order that fails fastest.
 

@@ -936,19 +936,10 @@ def run_node(config_path: Path, *, once: bool = False, progress: bool = True, me
     with one line naming the file and field, only on what waiting cannot fix."""
     from prismesh.chain.finality.coordinator_stream import open_final_stream
     from prismesh.chain.localstate import Stopped
-    from prismesh.chain.startup import open_daemon
+    from prismesh.chain.startup import open_daemon, stop_on_signals, with_metrics
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            signal.signal(sig, lambda *_: stop.set())
-        except ValueError:  # not the main thread
-            pass
-    config = NodeConfig.load(config_path)
-    if metrics_port is not None:
-        config = replace(config, metrics_port=metrics_port)
-    if metrics_host is not None:
-        config = replace(config, metrics_host=metrics_host)
+    stop = stop_on_signals()
+    config = with_metrics(NodeConfig.load(config_path), metrics_port, metrics_host)
     try:
         parts = open_daemon("node", config.name, config, stop=stop, log=log)
     except Stopped:
