@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.prismesh-installed
 NPM_STAMP := node_modules/.prismesh-installed
 OUT    ?= out/demo
 
-.PHONY: setup demo test lint clean figures
+.PHONY: setup demo test test-faults lint clean figures
 
 setup: $(STAMP) $(NPM_STAMP)
 	@$(BIN)/python -m prismesh.chain.evm.toolchain install-bridge
@@ -32,7 +32,11 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not campaign"
+
+# The seeded 30-run fault campaign (SIGKILL of node, aggregator, committee or anvil mid-round).
+test-faults: setup
+	$(BIN)/python -m pytest -q -m campaign
 
 # The figures docs/ quotes, regenerated from a run (the demo's report, the gas report).
 figures: setup

@@ -173,6 +173,7 @@ def _wait_one_stops(cluster: Cluster, a, b) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.campaign
 def test_fault_campaign(cluster: Cluster) -> None:
     runs = int(os.environ.get("PRISMESH_FAULT_RUNS", "30"))
     results = run_campaign(cluster, runs, SEED)
