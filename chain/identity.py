@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
 from prismesh.chain.evm.devnet import dev_accounts
+from prismesh.chain.localstate import atomic_write_bytes
 
 PASSWORD_ENV = "PRISMESH_KEYSTORE_PASSWORD"
 
@@ -70,16 +70,7 @@ def save_keystore(
         blob = Account.encrypt(account.key, password)
     else:
         blob = Account.encrypt(account.key, password, kdf="pbkdf2", iterations=iterations)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(blob, fh)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, json.dumps(blob).encode(), mode=0o600)
     return path
 
 

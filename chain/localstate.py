@@ -175,9 +175,10 @@ def atomic_write_json(path: Path, data: Any, **dump_kwargs: Any) -> None:
     atomic_write_bytes(path, json.dumps(data, sort_keys=True, **dump_kwargs).encode())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to a synced temp file, rename it over ``path`` and sync the directory, so
-    after a crash ``path`` holds either its old or its new bytes, and the rename is on disk."""
+    after a crash ``path`` holds either its old or its new bytes, and the rename is on disk.
+    ``mode`` (e.g. ``0o600`` for a key file) is set before the file takes its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -185,6 +186,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

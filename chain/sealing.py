@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prismesh.chain.localstate import atomic_write_bytes
+
 MAGIC = b"PRISMESH-SEALED/1\n"
 FORMAT = "prismesh-sealed/1"
 SUITE_NAME = "HPKE-base(X25519, HKDF-SHA256, AES-256-GCM) key wrap; AES-256-GCM payload"
@@ -408,16 +410,7 @@ def save_box_key(private_key: Any, path: str | os.PathLike[str], password: str) 
     pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.BestAvailableEncryption(password.encode()))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, pem, mode=0o600)
     return path
 
 
