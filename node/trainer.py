@@ -407,15 +407,23 @@ def train_lora(
         peft_model.eval()
         adapter_dir = save_adapter(peft_model, out_dir, base_model_name or Path(base_model).name)
 
+    metrics = _run_metrics(step_losses, tokens, seconds, load_seconds, n_trainable, device, bf16, init_adapter)
+    metrics["epoch_losses"] = [round(x, 4) for x in epoch_losses]
+    metrics["tokens_per_s"] = round(tokens / seconds, 1) if seconds > 0 else None
+    return TrainResult(adapter_dir=adapter_dir, num_samples=len(examples), metrics=metrics)
+
+
+def _run_metrics(step_losses: list[float], tokens: int, seconds: float, load_seconds: float, n_trainable: int,
+                 device: str, bf16: bool, init_adapter: object) -> dict[str, object]:
+    """What every training run reports: losses at the start and end (means of up to 5 steps),
+    a downsampled loss curve, tokens, time and where it started from."""
     k = min(5, len(step_losses))
-    metrics = {
+    return {
         "first_loss": round(sum(step_losses[:k]) / k, 4),
         "final_loss": round(sum(step_losses[-k:]) / k, 4),
-        "epoch_losses": [round(x, 4) for x in epoch_losses],
         "loss_curve": _downsample([round(x, 4) for x in step_losses], 50),
         "optimizer_steps": len(step_losses),
         "train_tokens": tokens,
-        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
         "seconds": round(seconds, 3),
         "load_seconds": round(load_seconds, 3),
         "trainable_parameters": n_trainable,
@@ -423,7 +431,6 @@ def train_lora(
         "bf16": bf16,
         "started_from": str(init_adapter) if init_adapter is not None else None,
     }
-    return TrainResult(adapter_dir=adapter_dir, num_samples=len(examples), metrics=metrics)
 
 
 def _dp_sgd(model, tokenizer, encoded: list, out_dir: Path, config: TrainConfig, init_adapter: Path | None,
@@ -497,22 +504,9 @@ def _dp_sgd(model, tokenizer, encoded: list, out_dir: Path, config: TrainConfig,
         peft_model.eval()
         gsm.remove_hooks()
         adapter_dir = save_adapter(peft_model, out_dir, base_model_name)
-    k = min(5, len(step_losses))
-    metrics = {
-        "first_loss": round(sum(step_losses[:k]) / k, 4),
-        "final_loss": round(sum(step_losses[-k:]) / k, 4),
-        "loss_curve": _downsample([round(x, 4) for x in step_losses], 50),
-        "optimizer_steps": len(step_losses),
-        "train_tokens": tokens,
-        "seconds": round(seconds, 3),
-        "load_seconds": round(load_seconds, 3),
-        "trainable_parameters": n_trainable,
-        "device": device,
-        "bf16": bf16,
-        "started_from": str(init_adapter) if init_adapter is not None else None,
-        "dp_sgd": {"noise_multiplier": config.dp_noise_multiplier, "clip": config.dp_clip, "sample_rate": rate,
-                   "steps": total_steps, "mean_batch": round(sum(sizes) / len(sizes), 3)},
-    }
+    metrics = _run_metrics(step_losses, tokens, seconds, load_seconds, n_trainable, device, bf16, init_adapter)
+    metrics["dp_sgd"] = {"noise_multiplier": config.dp_noise_multiplier, "clip": config.dp_clip, "sample_rate": rate,
+                         "steps": total_steps, "mean_batch": round(sum(sizes) / len(sizes), 3)}
     return TrainResult(adapter_dir=adapter_dir, num_samples=n, metrics=metrics)
 
 
