@@ -203,28 +203,27 @@ def _add_auditor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_option(flag: str, text: str, object_example: str | None = None) -> Any:
+    """The JSON value of ``flag``; with ``object_example``, it must be an object (the example
+    is shown in the error)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag} is not JSON: {exc}") from None
+    if object_example is not None and not isinstance(value, dict):
+        raise UsageError(f"{flag} must be a JSON object, e.g. '{object_example}'")
+    return value
+
+
 def _make_spec(args: argparse.Namespace) -> int:
     from prismesh.chain.taskspec import LoraSpec, TaskSpec, TaskSpecError, model_fingerprint
 
     cfg_path = args.base_model / "config.json"
     if not cfg_path.is_file():
         raise UsageError(f"--base-model {args.base_model} is not a Hugging Face model directory (no config.json)")
-    try:
-        train = json.loads(args.train)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--train is not JSON: {exc}") from None
-    if not isinstance(train, dict):
-        raise UsageError("--train must be a JSON object, e.g. '{\"lr\": 1e-3}'")
-    try:
-        privacy = json.loads(args.privacy)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--privacy is not JSON: {exc}") from None
-    try:
-        strategy_options = json.loads(args.strategy_options)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--strategy-options is not JSON: {exc}") from None
-    if not isinstance(strategy_options, dict):
-        raise UsageError("--strategy-options must be a JSON object, e.g. '{\"clip\": 1.5}'")
+    train = _json_option("--train", args.train, '{"lr": 1e-3}')
+    privacy = _json_option("--privacy", args.privacy)
+    strategy_options = _json_option("--strategy-options", args.strategy_options, '{"clip": 1.5}')
     from prismesh.aggregator.strategies import client_settings, get_strategy
 
     strategy = args.strategy or TaskSpec.__dataclass_fields__["strategy"].default
