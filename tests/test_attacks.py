@@ -14,15 +14,15 @@ from prismesh.aggregator.adapters import Adapter, load_adapter
 from prismesh.aggregator.updates import module_update_norms, update_gram
 from prismesh.aggregator.verify import expected_lora_shapes, verify_adapter
 from prismesh.chain.evm.contracts import TaskStatus
-from prismesh.chain.taskspec import LoraSpec, TaskSpec, model_fingerprint
+from prismesh.chain.taskspec import TaskSpec
 from prismesh.node.data import load_jsonl, write_jsonl
 from prismesh.node.trainer import TrainConfig, create_initial_adapter, train_lora
 from prismesh.runs.attacks import ATTACKS, MAX_SAMPLES, Attack, attacker_data, craft
-from prismesh.runs.federation import Federation, TaskSettings, model_config_of
+from prismesh.runs.federation import Federation, TaskSettings
 from tests.conftest import tiny_federation_inputs
+from tests.test_federation import make_spec
 
 pytestmark = pytest.mark.timeout(900)
-TARGETS = ("q_proj", "v_proj")
 BOUND = 50.0
 
 
@@ -32,16 +32,7 @@ def bench(tmp_path_factory) -> tuple[Path, list]:
 
 
 def spec_for(base: Path, strategy: str = "clipped-fedavg") -> TaskSpec:
-    return TaskSpec(
-        base_model_id="test/tiny-qwen3",
-        base_model_sha256=model_fingerprint(base),
-        lora=LoraSpec(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS),
-        model_config=model_config_of(base),
-        train={"lr": 1e-3, "max_length": 96, "seed": 0},
-        strategy=strategy,
-        norm_bound=BOUND,
-        report_metrics=False,
-    )
+    return make_spec(base, strategy, norm_bound=BOUND)
 
 
 @pytest.fixture(scope="module")
