@@ -386,6 +386,98 @@ def test_anvil_killed_keeps_every_certified_block(tmp_path: Path) -> None:
         dev.stop()
 
 
+def _dump(w3) -> dict:
+    import gzip
+
+    raw = bytes.fromhex(w3.provider.make_request("anvil_dumpState", [])["result"][2:])
+    return json.loads(gzip.decompress(raw))
+
+
+def _tear(dump: dict) -> dict:
+    """What anvil answers when a block is mined while it dumps: the accounts already hold the
+    new block's effects, the block list and the transaction records do not."""
+    torn = json.loads(json.dumps(dump))
+    last = max(torn["blocks"], key=lambda b: int(b["header"]["number"], 16))
+    torn["blocks"].remove(last)
+    hashes = {e["transaction"]["hash"] for e in last["transactions"]}
+    torn["transactions"] = [t for t in torn["transactions"] if t["info"]["transaction_hash"] not in hashes]
+    torn["best_block_number"] -= 1
+    return torn
+
+
+def test_a_torn_anvil_dump_is_recognised(tmp_path: Path) -> None:
+    """The three ways a dump can tear (accounts ahead of the blocks, a block without its
+    transaction records, records without their block) are each named; a whole dump passes."""
+    from prismesh.chain.evm.devnet import anvil_dump_inconsistency, start_anvil
+
+    dev = start_anvil()
+    try:
+        for i in range(3):
+            dev.w3.eth.send_transaction({"from": dev.accounts[i].address, "to": dev.accounts[5].address, "value": 1})
+        whole = _dump(dev.w3)
+    finally:
+        dev.stop()
+    assert anvil_dump_inconsistency(whole) is None
+    assert "nonce 1 but 0 transaction(s)" in anvil_dump_inconsistency(_tear(whole))
+    no_records = json.loads(json.dumps(whole))
+    no_records["transactions"].pop()
+    assert "1 transaction(s) of its blocks have no record" in anvil_dump_inconsistency(no_records)
+    no_block = json.loads(json.dumps(whole))
+    no_block["blocks"] = [b for b in no_block["blocks"] if int(b["header"]["number"], 16) < 3]
+    no_block["best_block_number"] = 2
+    assert "1 record(s) belong to no block" in anvil_dump_inconsistency(no_block)
+    gap = json.loads(json.dumps(whole))
+    gap["blocks"] = [b for b in gap["blocks"] if int(b["header"]["number"], 16) != 1]
+    assert "without a gap" in anvil_dump_inconsistency(gap)
+
+
+def test_a_torn_dump_is_taken_again_and_its_reload_keeps_every_log(tmp_path: Path) -> None:
+    """anvil answers a torn dump first (as it does when a block is mined mid-dump): the state
+    file written is the whole one, and anvil restarted from it has the commit's block, its
+    receipt and its log, so no event is lost while its effect stays in contract storage."""
+    import gzip
+
+    from prismesh.chain.evm.deploy import deploy_to_devnet
+    from prismesh.chain.evm.devnet import anvil_dump_inconsistency, dump_anvil_state, start_anvil
+    from prismesh.chain.evm.contracts import Registry
+    from prismesh.chain.identity import descriptor_hash
+
+    state = tmp_path / "anvil-state.json"
+    dev = start_anvil(state_file=state)
+    try:
+        manifest = deploy_to_devnet(dev, validators=[dev.accounts[0].address],
+                                    aggregators=[dev.accounts[1].address], manifest_path=tmp_path / "m.json")
+        receipt = Registry(manifest, dev.w3, dev.accounts[2]).register(descriptor_hash({"i": 1}))
+        real = dev.w3.provider.make_request
+        asked: list[str] = []
+
+        def tearing_once(method, params):
+            answer = real(method, params)
+            if method == "anvil_dumpState":
+                asked.append(method)
+                if len(asked) == 1:
+                    whole = json.loads(gzip.decompress(bytes.fromhex(answer["result"][2:])))
+                    torn = json.dumps(_tear(whole)).encode()
+                    answer = {**answer, "result": "0x" + gzip.compress(torn).hex()}
+            return answer
+
+        dev.w3.provider.make_request = tearing_once
+        assert dump_anvil_state(dev.w3, state) == receipt["blockNumber"]
+        assert len(asked) == 2
+        dev.w3.provider.make_request = real
+        assert anvil_dump_inconsistency(json.loads(state.read_text())) is None
+        dev.proc.kill()
+        dev.proc.wait()
+        dev.proc = None
+        dev = start_anvil(state_file=state, port=dev.port)
+        logs = dev.w3.eth.get_logs({"fromBlock": receipt["blockNumber"], "toBlock": receipt["blockNumber"]})
+        assert [bytes(log["transactionHash"]) for log in logs] == [bytes(receipt["transactionHash"])] * len(logs)
+        assert logs, "the registration's event did not survive the restart"
+        assert dev.w3.eth.get_transaction_receipt(receipt["transactionHash"])["status"] == 1
+    finally:
+        dev.stop()
+
+
 # ------------------------------------------------------------------ daemons, in-process
 
 

@@ -16,6 +16,8 @@ import ast
 import atexit
 import bisect
 import contextlib
+import gzip
+import json
 import os
 import platform
 import shutil
@@ -51,23 +53,72 @@ class DevnetError(RuntimeError):
     """A devnet could not be started, reached or controlled."""
 
 
-def dump_anvil_state(w3: Any, path: Path) -> int:
+def _num(value: Any) -> int:
+    return int(value, 16) if isinstance(value, str) else int(value)
+
+
+def anvil_dump_inconsistency(dump: dict[str, Any]) -> str | None:
+    """Why an ``anvil_dumpState`` answer is not one moment of the chain, or None when it is.
+
+    anvil copies its blocks, its transactions and its accounts under separate locks, so a block
+    mined while it dumps can leave the accounts ahead of the blocks. Loaded back, such a file
+    keeps a transaction's effects (a commitment in contract storage) but not the transaction,
+    its receipt or its logs, and the next block reuses the lost block's number."""
+    blocks = dump.get("blocks") or []
+    if not blocks:
+        return "the dump holds no blocks"
+    best = _num(dump["best_block_number"])
+    numbers = sorted(_num(b["header"]["number"]) for b in blocks)
+    if numbers[-1] != best or numbers != list(range(numbers[0], best + 1)):
+        return f"its blocks {numbers[0]}..{numbers[-1]} do not end at its head {best} without a gap"
+    in_blocks = {
+        str(entry["transaction"]["hash"]).lower() for b in blocks for entry in b["transactions"]
+    }
+    transactions = dump.get("transactions") or []
+    recorded = {str(t["info"]["transaction_hash"]).lower() for t in transactions}
+    if in_blocks != recorded:
+        return (f"{len(in_blocks - recorded)} transaction(s) of its blocks have no record and "
+                f"{len(recorded - in_blocks)} record(s) belong to no block")
+    sent: dict[str, int] = {}
+    for t in transactions:
+        sender = str(t["info"]["from"]).lower()
+        sent[sender] = sent.get(sender, 0) + 1
+    for address, account in (dump.get("accounts") or {}).items():
+        if account.get("code", "0x") not in ("0x", "", None):
+            continue  # contract nonces count creations, not transactions
+        nonce, count = _num(account.get("nonce", 0)), sent.get(address.lower(), 0)
+        if nonce != count:
+            return (f"account {address} has nonce {nonce} but {count} transaction(s) in the "
+                    "blocks: its state is ahead of (or behind) the blocks")
+    return None
+
+
+def dump_anvil_state(w3: Any, path: Path, attempts: int = 20) -> int:
     """Write anvil's whole state (accounts, every block, every transaction) to ``path``
-    durably, in the format ``anvil --load-state`` reads; returns a height the dump includes.
+    durably, in the format ``anvil --load-state`` reads; returns the height it holds.
 
-    The head is read before the dump is asked for, so every block up to it is in the file."""
-    import gzip
-
+    A dump taken while a block was mined can be torn (:func:`anvil_dump_inconsistency`), so it
+    is taken again until it is whole; two identical dumps in a row are whole by definition
+    (nothing moved between them), which keeps a state changed by hand from blocking finality."""
     from prismesh.chain.localstate import atomic_write_bytes
 
-    head = int(w3.eth.block_number)
-    resp = w3.provider.make_request("anvil_dumpState", [])
-    if "error" in resp:
-        raise DevnetError(f"anvil_dumpState failed: {resp['error']}")
-    raw = bytes.fromhex(str(resp["result"]).removeprefix("0x"))
-    # The RPC answers gzip; --load-state reads plain JSON.
-    atomic_write_bytes(Path(path), gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
-    return head
+    previous: bytes | None = None
+    for attempt in range(attempts):
+        resp = w3.provider.make_request("anvil_dumpState", [])
+        if "error" in resp:
+            raise DevnetError(f"anvil_dumpState failed: {resp['error']}")
+        raw = bytes.fromhex(str(resp["result"]).removeprefix("0x"))
+        # The RPC answers gzip; --load-state reads plain JSON.
+        text = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        dump = json.loads(text)
+        if anvil_dump_inconsistency(dump) is None or text == previous:
+            atomic_write_bytes(Path(path), text)
+            return _num(dump["best_block_number"])
+        previous = text
+        time.sleep(min(0.01 * (attempt + 1), 0.1))
+    raise DevnetError(
+        f"anvil_dumpState gave {attempts} torn dumps in a row: {anvil_dump_inconsistency(dump)}"
+    )
 
 
 class StateDumper:
