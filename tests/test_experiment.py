@@ -58,14 +58,15 @@ def test_protocol_on_the_synthetic_benchmark_over_two_seeds(tiny_model, tmp_path
     plan = Plan(out=tmp_path / "exp", seeds=[0, 1], rounds=1,
                 strategies={k: STRATEGY_CONFIGS[k] for k in ("fedavg", "fedavgm-fair")},
                 train={"lr": 3e-3, "rank": 2, "alpha": 4, "max_length": 96}, base_model=base, scale=0.05,
-                new_site_sizes=(0, 4), device="cpu", eval_limit=12, command="test")
+                new_site_sizes=(0, 4), device="cpu", eval_limit=12, personalise=1, command="test")
     out = run_experiment(plan, resume=False)
     summary = out["summary"]
     results = [json.loads((tmp_path / "exp" / f"seed-{s}" / "result.json").read_text()) for s in (0, 1)]
     res = results[0]
     # Every row the protocol promises, a curve point per round, all three scorings at the end.
     assert set(res["models"]) == {"base", "single:medqa-cn", "single:medqa-en", "single:medmcqa-in",
-                                  "pooled", "fed:fedavg", "fed:fedavgm-fair"}
+                                  "pooled", "fed:fedavg", "fed:fedavgm-fair", "personal:fedavg",
+                                  "personal:fedavgm-fair"}
     for label, mod in res["models"].items():
         assert len(mod["curve"]) == (0 if label == "base" else 1)
         assert set(mod["final"]) == {"letter", "sum", "mean"}
@@ -73,6 +74,10 @@ def test_protocol_on_the_synthetic_benchmark_over_two_seeds(tiny_model, tmp_path
     # The pooled model trained on every client's examples, the clients on their own.
     assert res["strategies"]["fedavgm-fair"]["options"]["inner"] == "fairavg"
     assert res["strategies"]["fedavgm-fair"]["rounds"][0]["metrics"]["weights"]
+    # Each client's fine-tuned copy is scored on its own test set, all of it, once.
+    for name, stats in res["models"]["personal:fedavgm-fair"]["final"]["mean"].items():
+        assert stats["n"] == res["clients"][name]["n_eval"]
+    assert res["strategies"]["fedavgm-fair"]["personalise"] == 1
     # Own/shared parts add up to the test sets; the new site was adapted from both starts.
     stats = res["models"]["fed:fedavg"]["final"]["letter"]["medqa-en"]
     assert sum(n for _, n in stats["parts"].values()) == stats["n"] == res["clients"]["medqa-en"]["n_eval"]
@@ -91,9 +96,11 @@ def test_protocol_on_the_synthetic_benchmark_over_two_seeds(tiny_model, tmp_path
         assert p["gap"]["fed:fedavgm-fair"]["smallest"] in ("medqa-cn", "medqa-en", "medmcqa-in")
     d = summary["paired"]["fed:fedavgm-fair"]["vs_fedavg_h_mean"]
     assert d["n"] == 2 and d["wins"] + d["ties"] + d["losses"] == 2
-    assert set(summary["targets"]) >= {"no_negative_transfer", "smallest_client_reaches_others"}
+    assert set(summary["targets"]) >= {"no_negative_transfer", "no_negative_transfer_personalised",
+                                       "smallest_client_reaches_others"}
+    assert set(summary["gap_closed"]["personal:fedavgm-fair"]["own_change"]) == set(res["clients"])
     report = (tmp_path / "exp" / "report.md").read_text()
-    for needle in ("Pooled-data LoRA (upper bound)", "Gap closed", "New-site adaptation", "chance (1 / options)", "## Targets"):
+    for needle in ("Pooled-data LoRA (upper bound)", "Gap closed", "Federated (fedavgm-fair) + local fine-tuning", "New-site adaptation", "chance (1 / options)", "## Targets"):
         assert needle in report
     # A second run reads the seeds back instead of recomputing them.
     again = run_experiment(plan, resume=True)
@@ -161,6 +168,7 @@ def test_cli_runs_the_paper_preset_on_a_model_directory_and_jsonl_files(tiny_mod
         (["--strategy", 'x={"strategy": "fedavgm", "momentum": 2}'], "strategy x: momentum"),
         (["--set", "prox_mu=-1"], "prox_mu"),
         (["--seeds", "1,1"], "distinct"),
+        (["--personalise", "-1"], "--personalise must be >= 0 epochs"),
         (["--base-model", "."], "not a Hugging Face model directory"),
     ],
 )

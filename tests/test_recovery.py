@@ -437,9 +437,9 @@ def test_a_torn_dump_is_taken_again_and_its_reload_keeps_every_log(tmp_path: Pat
     receipt and its log, so no event is lost while its effect stays in contract storage."""
     import gzip
 
+    from prismesh.chain.evm.contracts import Registry
     from prismesh.chain.evm.deploy import deploy_to_devnet
     from prismesh.chain.evm.devnet import anvil_dump_inconsistency, dump_anvil_state, start_anvil
-    from prismesh.chain.evm.contracts import Registry
     from prismesh.chain.identity import descriptor_hash
 
     state = tmp_path / "anvil-state.json"

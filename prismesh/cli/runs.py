@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-site-sizes", default="0,16,64,256", help="its training-set sizes (default 0,16,64,256)")
     p.add_argument("--new-site-from", default=None, help="the strategy whose final adapter it starts from (default: the first)")
     p.add_argument("--no-new-site", action="store_true", help="skip new-site adaptation")
+    p.add_argument("--personalise", type=int, default=None, metavar="EPOCHS",
+                   help="after the federation each client fine-tunes the global adapter on its own data for "
+                        "EPOCHS epochs and is also scored with that model (default: the preset's; 0: off)")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="evaluate on test (reported figures) or val (choosing settings); default test")
     p.add_argument("--scoring", choices=("letter", "sum", "mean"), default=None,
@@ -158,6 +161,8 @@ def _experiment(args: argparse.Namespace) -> int:
     rounds = args.rounds if args.rounds is not None else preset.rounds
     if rounds < 1:
         raise UsageError(f"--rounds must be >= 1, got {rounds}")
+    if args.personalise is not None and args.personalise < 0:
+        raise UsageError(f"--personalise must be >= 0 epochs, got {args.personalise}")
     names = [n.strip() for n in args.strategies.split(",") if n.strip()] if args.strategies else list(preset.strategies)
     strategies = {}
     for n in names:
@@ -205,6 +210,7 @@ def _experiment(args: argparse.Namespace) -> int:
         base_model=args.base_model, data=data, new_site=new_site, new_site_sizes=tuple(sizes),
         new_site_from=args.new_site_from, split=args.split, scale=args.scale, scoring=args.scoring or ("letter" if args.base_model else preset.scoring),
         device=args.device, eval_limit=args.eval_limit, attack=args.attack, malicious=args.malicious,
+        personalise=preset.personalise if args.personalise is None else args.personalise,
         command=command_line(), notes=[preset.note],
     )
     run_experiment(plan, resume=not args.fresh)

@@ -53,6 +53,8 @@ STRATEGY_CONFIGS: dict[str, dict[str, Any]] = {
     "fedavgm-fair": {"strategy": "fedavgm", "inner": "fairavg", "lr": 2.0, "momentum": 0.5},
 }
 HEADLINE_STRATEGY = "fedavgm-fair"
+# Local fine-tuning epochs from the final global adapter (chosen on validation, docs/learning.md).
+PERSONALISE_EPOCHS = 1
 NEW_SITE_SIZES = (0, 16, 64, 256)
 
 
@@ -66,6 +68,7 @@ class Preset:
     strategies: tuple[str, ...]
     scoring: str = "letter"
     note: str = ""
+    personalise: int = 0
 
 
 def presets() -> dict[str, Preset]:
@@ -75,6 +78,7 @@ def presets() -> dict[str, Preset]:
         "synthetic": Preset(
             "synthetic", dict(BENCHMARK_TRAIN_CONFIG), rounds=10,
             strategies=("fedavg", "fedprox", "fairavg", "fedavgm", "fedadam", "fedavgm-fair"), scoring=BENCHMARK_SCORING,
+            personalise=PERSONALISE_EPOCHS,
             note="the stand-in model on the synthetic benchmark; settings chosen on its validation split; "
                  "scored by length-normalised likelihood, as the stand-in cannot point at option letters",
         ),
@@ -125,6 +129,7 @@ class Plan:
     eval_limit: int | None = None
     attack: str | None = None
     malicious: int = 1
+    personalise: int = 0
     command: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -403,10 +408,15 @@ def run_seed(plan: Plan, seed: int, previous: dict[str, Any] | None = None) -> d
         finals: dict[str, Path] = {}
         for label, spec in plan.strategies.items():
             needed_for_site = site_wanted and not site_reusable and label == source
+            personal = f"personal:{label}"
+            needed_for_personal = plan.personalise > 0 and not (
+                personal in old_models and old_strategies.get(label, {}).get("personalise") == plan.personalise)
             attacked = f"{label} + {threat.kind} x{malicious}" if threat is not None else None
-            if (old_strategies.get(label, {}).get("spec") == spec and not needed_for_site
+            if (old_strategies.get(label, {}).get("spec") == spec and not needed_for_site and not needed_for_personal
                     and (attacked is None or f"fed:{attacked}" in old_models) and reused(f"fed:{label}")):
                 strategy_info[label] = old_strategies[label]
+                if plan.personalise > 0:
+                    reused(personal)
                 if attacked is not None and reused(f"fed:{attacked}"):
                     strategy_info[attacked] = old_strategies[attacked]
                 continue
@@ -425,6 +435,14 @@ def run_seed(plan: Plan, seed: int, previous: dict[str, Any] | None = None) -> d
                                                 "metrics": h["strategy_metrics"]} for h in hist]}
             timing[f"fed:{label}"] = round(time.perf_counter() - t, 1)
             final(f"fed:{label}", final_dir)
+            if plan.personalise > 0:
+                t = time.perf_counter()
+                _say(f"seed {seed}: {label}, each client fine-tunes the global adapter for {plan.personalise} epoch(s)")
+                models[personal] = personalise(base, clients, config, plan.personalise, final_dir, work, label, ev,
+                                               scorings, plan.scoring)
+                strategy_info[label]["personalise"] = plan.personalise
+                timing[personal] = round(time.perf_counter() - t, 1)
+                save()
             if threat is not None:
                 # The same strategy with malicious hospitals added; scored on the honest test sets.
                 t = time.perf_counter()
@@ -447,6 +465,29 @@ def run_seed(plan: Plan, seed: int, previous: dict[str, Any] | None = None) -> d
     result["complete"] = True
     save()
     return result
+
+
+def personalise(base: Path, clients: dict[str, ClientData], config: Any, epochs: int, global_dir: Path,
+                work: Path, label: str, ev: Any, scorings: tuple[str, ...], scoring: str) -> dict[str, Any]:
+    """Each client's deployed model: the final global adapter fine-tuned on its own data for
+    ``epochs`` one-epoch rounds (local adaptation), scored on that client's evaluation set only.
+    The model entry has the shape of any other (one stats entry per client), its curve one point
+    per epoch."""
+    curve: list[dict] = [{} for _ in range(epochs)]
+    final: dict[str, dict] = {s: {} for s in scorings}
+    for name, c in clients.items():
+        own = {name: c.eval}
+
+        def on_epoch(r: int, adapter: Path, name: str = name, own: dict = own) -> None:
+            curve[r - 1][name] = score(ev, adapter, own, (scoring,))[scoring][name]
+
+        adapter = single_client(base, c.train, config, epochs, work, f"personal-{label}-{name}", global_dir, on_epoch)
+        for s, per in score(ev, adapter, own, scorings).items():
+            final[s][name] = per[name]
+    for r, point in enumerate(curve, 1):
+        fair = _fair(point)
+        _say(f"      personal:{label} epoch {r}: Min-Acc {100 * fair['min_acc']:.1f}, H-mean {100 * fair['h_mean']:.1f}")
+    return {"curve": curve, "final": final}
 
 
 def adapt_new_site(plan: Plan, base: Path, config: Any, ev: Any, site: ClientData, global_dir: Path | None,
@@ -505,7 +546,7 @@ def seed_metrics(res: dict, headline: str) -> dict[str, Any]:
     best_h = max(singles, key=lambda k: (m["models"][k]["h_mean"], m["models"][k]["min_acc"]))
     m["best_single"] = {"min_acc": best_min, "h_mean": best_h}
     m["gap"] = {}
-    for label in (k for k in m["models"] if k.startswith("fed:")):
+    for label in (k for k in m["models"] if k.startswith(FEDERATED)):
         f = m["models"][label]
         g = {}
         for metric, best in (("min_acc", best_min), ("h_mean", best_h)):
@@ -536,6 +577,10 @@ def seed_metrics(res: dict, headline: str) -> dict[str, Any]:
                     entry[f"{start}_federation"] = part_acc(stats, [o for o in stats["parts"] if o != name])
     m["headline"] = headline
     return m
+
+
+# Model labels that come out of a federation: its global adapter, and each client's fine-tuned copy.
+FEDERATED = ("fed:", "personal:")
 
 
 def _owner_acc(per_client: dict, test_sets: list[str], owner: str) -> float:
@@ -588,7 +633,7 @@ def summarize(results: list[dict], plan: Plan) -> dict[str, Any]:
         k: over(lambda s, k=k: s["models"][s["best_single"][k]][k]) for k in ("min_acc", "h_mean")
     }
     out["gap_closed"] = {}
-    for label in (k for k in labels if k.startswith("fed:")):
+    for label in (k for k in labels if k.startswith(FEDERATED)):
         g: dict[str, Any] = {}
         for metric in ("min_acc", "h_mean"):
             g[metric] = over(lambda s, label=label, metric=metric: s["gap"][label][metric])
@@ -608,7 +653,7 @@ def summarize(results: list[dict], plan: Plan) -> dict[str, Any]:
         out["gap_closed"][label] = g
     out["paired"] = {}
     ref = "fed:fedavg" if "fed:fedavg" in labels else None
-    for label in (k for k in labels if k.startswith("fed:")):
+    for label in (k for k in labels if k.startswith(FEDERATED)):
         comp = {}
         for metric in ("min_acc", "h_mean"):
             vals = [s["models"][label][metric] for s in per_seed]
@@ -651,6 +696,10 @@ def targets(summary: dict, owned: bool) -> dict[str, Any]:
     if owned and g.get("own_change"):
         worst = min(v["mean"] for v in g["own_change"].values() if v is not None)
         out["no_negative_transfer"] = {"met": worst >= -0.02, "worst_own_change": worst}
+    personal = summary["gap_closed"].get(d.replace("fed:", "personal:", 1), {})
+    if owned and personal.get("own_change"):
+        worst = min(v["mean"] for v in personal["own_change"].values() if v is not None)
+        out["no_negative_transfer_personalised"] = {"met": worst >= -0.02, "worst_own_change": worst}
     if owned and g.get("smallest_ratio"):
         out["smallest_client_reaches_others"] = {"met": g["smallest_ratio"]["mean"] >= 0.7,
                                                  "ratio": g["smallest_ratio"]["mean"]}
@@ -673,6 +722,8 @@ def _label(label: str) -> str:
     if label == "pooled":
         return "Pooled-data LoRA (upper bound)"
     kind, _, name = label.partition(":")
+    if kind == "personal":
+        return f"Federated ({name}) + local fine-tuning"
     return f"LoRA ({name} only)" if kind == "single" else f"Federated ({name})"
 
 
@@ -747,7 +798,7 @@ def render_report(summary: dict, plan: Plan, results: list[dict]) -> str:
               "| model | " + " | ".join(f"round {i + 1}" for i in range(plan.rounds)) + " |",
               "|---|" + "---:|" * plan.rounds]
     for label, row in models.items():
-        if row["curve"]:
+        if row["curve"] and not label.startswith("personal:"):
             cells = [f"{100 * p['min_acc']['mean']:.1f} / {100 * p['h_mean']['mean']:.1f}" for p in row["curve"]]
             lines.append(f"| {_label(label)} | " + " | ".join(cells) + " |")
     if "new_site" in summary:

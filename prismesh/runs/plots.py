@@ -115,7 +115,7 @@ def plot_experiment_curves(summary: dict[str, Any], path: Path, metric: str = "h
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     for label, row in summary["models"].items():
         curve = row.get("curve") or []
-        if not curve:
+        if not curve or label.startswith("personal:"):  # its points are local epochs, not rounds
             continue
         xs = list(range(1, len(curve) + 1))
         mean = [p[metric]["mean"] for p in curve]
