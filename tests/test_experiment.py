@@ -58,7 +58,8 @@ def test_protocol_on_the_synthetic_benchmark_over_two_seeds(tiny_model, tmp_path
     plan = Plan(out=tmp_path / "exp", seeds=[0, 1], rounds=1,
                 strategies={k: STRATEGY_CONFIGS[k] for k in ("fedavg", "fedavgm-fair")},
                 train={"lr": 3e-3, "rank": 2, "alpha": 4, "max_length": 96}, base_model=base, scale=0.05,
-                new_site_sizes=(0, 4), device="cpu", eval_limit=12, personalise=1, command="test")
+                new_site_sizes=(0, 4), device="cpu", eval_limit=12, personalise=1, personalise_mu=3.0,
+                command="test")
     out = run_experiment(plan, resume=False)
     summary = out["summary"]
     results = [json.loads((tmp_path / "exp" / f"seed-{s}" / "result.json").read_text()) for s in (0, 1)]
@@ -77,7 +78,7 @@ def test_protocol_on_the_synthetic_benchmark_over_two_seeds(tiny_model, tmp_path
     # Each client's fine-tuned copy is scored on its own test set, all of it, once.
     for name, stats in res["models"]["personal:fedavgm-fair"]["final"]["mean"].items():
         assert stats["n"] == res["clients"][name]["n_eval"]
-    assert res["strategies"]["fedavgm-fair"]["personalise"] == 1
+    assert res["strategies"]["fedavgm-fair"]["personalise"] == [1, 3.0]
     # Own/shared parts add up to the test sets; the new site was adapted from both starts.
     stats = res["models"]["fed:fedavg"]["final"]["letter"]["medqa-en"]
     assert sum(n for _, n in stats["parts"].values()) == stats["n"] == res["clients"]["medqa-en"]["n_eval"]
@@ -169,6 +170,7 @@ def test_cli_runs_the_paper_preset_on_a_model_directory_and_jsonl_files(tiny_mod
         (["--set", "prox_mu=-1"], "prox_mu"),
         (["--seeds", "1,1"], "distinct"),
         (["--personalise", "-1"], "--personalise must be >= 0 epochs"),
+        (["--personalise-mu", "nan"], "--personalise-mu must be a number >= 0"),
         (["--base-model", "."], "not a Hugging Face model directory"),
     ],
 )

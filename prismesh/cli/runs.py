@@ -69,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--personalise", type=int, default=None, metavar="EPOCHS",
                    help="after the federation each client fine-tunes the global adapter on its own data for "
                         "EPOCHS epochs and is also scored with that model (default: the preset's; 0: off)")
+    p.add_argument("--personalise-mu", type=float, default=None, metavar="MU",
+                   help="proximal pull towards the global adapter while fine-tuning (default: the preset's)")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="evaluate on test (reported figures) or val (choosing settings); default test")
     p.add_argument("--scoring", choices=("letter", "sum", "mean"), default=None,
@@ -163,6 +165,8 @@ def _experiment(args: argparse.Namespace) -> int:
         raise UsageError(f"--rounds must be >= 1, got {rounds}")
     if args.personalise is not None and args.personalise < 0:
         raise UsageError(f"--personalise must be >= 0 epochs, got {args.personalise}")
+    if args.personalise_mu is not None and not args.personalise_mu >= 0:
+        raise UsageError(f"--personalise-mu must be a number >= 0, got {args.personalise_mu}")
     names = [n.strip() for n in args.strategies.split(",") if n.strip()] if args.strategies else list(preset.strategies)
     strategies = {}
     for n in names:
@@ -211,6 +215,7 @@ def _experiment(args: argparse.Namespace) -> int:
         new_site_from=args.new_site_from, split=args.split, scale=args.scale, scoring=args.scoring or ("letter" if args.base_model else preset.scoring),
         device=args.device, eval_limit=args.eval_limit, attack=args.attack, malicious=args.malicious,
         personalise=preset.personalise if args.personalise is None else args.personalise,
+        personalise_mu=preset.personalise_mu if args.personalise_mu is None else args.personalise_mu,
         command=command_line(), notes=[preset.note],
     )
     run_experiment(plan, resume=not args.fresh)

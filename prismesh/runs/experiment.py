@@ -53,8 +53,10 @@ STRATEGY_CONFIGS: dict[str, dict[str, Any]] = {
     "fedavgm-fair": {"strategy": "fedavgm", "inner": "fairavg", "lr": 2.0, "momentum": 0.5},
 }
 HEADLINE_STRATEGY = "fedavgm-fair"
-# Local fine-tuning epochs from the final global adapter (chosen on validation, docs/learning.md).
+# Local fine-tuning from the final global adapter: epochs, and the proximal pull towards the global
+# adapter that keeps what the federation taught (chosen on validation, docs/learning.md).
 PERSONALISE_EPOCHS = 1
+PERSONALISE_MU = 3.0
 NEW_SITE_SIZES = (0, 16, 64, 256)
 
 
@@ -69,6 +71,7 @@ class Preset:
     scoring: str = "letter"
     note: str = ""
     personalise: int = 0
+    personalise_mu: float = 0.0
 
 
 def presets() -> dict[str, Preset]:
@@ -78,7 +81,7 @@ def presets() -> dict[str, Preset]:
         "synthetic": Preset(
             "synthetic", dict(BENCHMARK_TRAIN_CONFIG), rounds=10,
             strategies=("fedavg", "fedprox", "fairavg", "fedavgm", "fedadam", "fedavgm-fair"), scoring=BENCHMARK_SCORING,
-            personalise=PERSONALISE_EPOCHS,
+            personalise=PERSONALISE_EPOCHS, personalise_mu=PERSONALISE_MU,
             note="the stand-in model on the synthetic benchmark; settings chosen on its validation split; "
                  "scored by length-normalised likelihood, as the stand-in cannot point at option letters",
         ),
@@ -130,6 +133,7 @@ class Plan:
     attack: str | None = None
     malicious: int = 1
     personalise: int = 0
+    personalise_mu: float = 0.0
     command: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -409,8 +413,9 @@ def run_seed(plan: Plan, seed: int, previous: dict[str, Any] | None = None) -> d
         for label, spec in plan.strategies.items():
             needed_for_site = site_wanted and not site_reusable and label == source
             personal = f"personal:{label}"
+            personal_key = [plan.personalise, plan.personalise_mu]
             needed_for_personal = plan.personalise > 0 and not (
-                personal in old_models and old_strategies.get(label, {}).get("personalise") == plan.personalise)
+                personal in old_models and old_strategies.get(label, {}).get("personalise") == personal_key)
             attacked = f"{label} + {threat.kind} x{malicious}" if threat is not None else None
             if (old_strategies.get(label, {}).get("spec") == spec and not needed_for_site and not needed_for_personal
                     and (attacked is None or f"fed:{attacked}" in old_models) and reused(f"fed:{label}")):
@@ -437,10 +442,12 @@ def run_seed(plan: Plan, seed: int, previous: dict[str, Any] | None = None) -> d
             final(f"fed:{label}", final_dir)
             if plan.personalise > 0:
                 t = time.perf_counter()
-                _say(f"seed {seed}: {label}, each client fine-tunes the global adapter for {plan.personalise} epoch(s)")
-                models[personal] = personalise(base, clients, config, plan.personalise, final_dir, work, label, ev,
+                _say(f"seed {seed}: {label}, each client fine-tunes the global adapter for {plan.personalise} "
+                     f"epoch(s), proximal mu {plan.personalise_mu:g}")
+                local = TrainConfig.from_dict({**config.to_dict(), "prox_mu": plan.personalise_mu})
+                models[personal] = personalise(base, clients, local, plan.personalise, final_dir, work, label, ev,
                                                scorings, plan.scoring)
-                strategy_info[label]["personalise"] = plan.personalise
+                strategy_info[label]["personalise"] = personal_key
                 timing[personal] = round(time.perf_counter() - t, 1)
                 save()
             if threat is not None:
@@ -470,7 +477,8 @@ def run_seed(plan: Plan, seed: int, previous: dict[str, Any] | None = None) -> d
 def personalise(base: Path, clients: dict[str, ClientData], config: Any, epochs: int, global_dir: Path,
                 work: Path, label: str, ev: Any, scorings: tuple[str, ...], scoring: str) -> dict[str, Any]:
     """Each client's deployed model: the final global adapter fine-tuned on its own data for
-    ``epochs`` one-epoch rounds (local adaptation), scored on that client's evaluation set only.
+    ``epochs`` one-epoch rounds (local adaptation; ``config.prox_mu`` pulls it towards the global
+    adapter, as in Ditto), scored on that client's evaluation set only.
     The model entry has the shape of any other (one stats entry per client), its curve one point
     per epoch."""
     curve: list[dict] = [{} for _ in range(epochs)]
