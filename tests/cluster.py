@@ -629,12 +629,17 @@ def run_once(cluster: Cluster, run: int, rng: random.Random, component: str | No
 
 
 def run_campaign(cluster: Cluster, runs: int, seed: int, *, plan: list[tuple[str, str]] | None = None,
-                 on_result: Callable[[RunResult], None] | None = None) -> list[RunResult]:
-    """``runs`` seeded runs (or the given ``plan`` of (component, phase) pairs)."""
+                 on_result: Callable[[RunResult], None] | None = None,
+                 components: tuple[str, ...] = COMPONENTS) -> list[RunResult]:
+    """``runs`` seeded runs killing one of ``components`` (or the given ``plan`` of
+    (component, phase) pairs)."""
+    unknown = set(components) - set(COMPONENTS)
+    if unknown or not components:
+        raise ValueError(f"components must be some of {', '.join(COMPONENTS)}, got {', '.join(components) or 'none'}")
     rng = random.Random(seed)
     results = []
     for i in range(runs):
-        component, phase = plan[i] if plan else (rng.choice(COMPONENTS), rng.choice(PHASES))
+        component, phase = plan[i] if plan else (rng.choice(components), rng.choice(PHASES))
         try:
             res = run_once(cluster, i, rng, component, phase)
         except ClusterError as exc:
