@@ -386,13 +386,6 @@ def test_anvil_killed_keeps_every_certified_block(tmp_path: Path) -> None:
         dev.stop()
 
 
-def _dump(w3) -> dict:
-    import gzip
-
-    raw = bytes.fromhex(w3.provider.make_request("anvil_dumpState", [])["result"][2:])
-    return json.loads(gzip.decompress(raw))
-
-
 def _tear(dump: dict) -> dict:
     """What anvil answers when a block is mined while it dumps: the accounts already hold the
     new block's effects, the block list and the transaction records do not."""
@@ -408,13 +401,13 @@ def _tear(dump: dict) -> dict:
 def test_a_torn_anvil_dump_is_recognised(tmp_path: Path) -> None:
     """The three ways a dump can tear (accounts ahead of the blocks, a block without its
     transaction records, records without their block) are each named; a whole dump passes."""
-    from prismesh.chain.evm.devnet import anvil_dump_inconsistency, start_anvil
+    from prismesh.chain.evm.devnet import anvil_dump_inconsistency, request_anvil_dump, start_anvil
 
     dev = start_anvil()
     try:
         for i in range(3):
             dev.w3.eth.send_transaction({"from": dev.accounts[i].address, "to": dev.accounts[5].address, "value": 1})
-        whole = _dump(dev.w3)
+        whole = json.loads(request_anvil_dump(dev.w3))
     finally:
         dev.stop()
     assert anvil_dump_inconsistency(whole) is None

@@ -93,6 +93,16 @@ def anvil_dump_inconsistency(dump: dict[str, Any]) -> str | None:
     return None
 
 
+def request_anvil_dump(w3: Any) -> bytes:
+    """anvil's whole state as ``anvil_dumpState`` answers it, as the plain JSON ``--load-state``
+    reads (the RPC answers gzip)."""
+    resp = w3.provider.make_request("anvil_dumpState", [])
+    if "error" in resp:
+        raise DevnetError(f"anvil_dumpState failed: {resp['error']}")
+    raw = bytes.fromhex(str(resp["result"]).removeprefix("0x"))
+    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+
+
 def dump_anvil_state(w3: Any, path: Path, attempts: int = 20) -> int:
     """Write anvil's whole state (accounts, every block, every transaction) to ``path``
     durably, in the format ``anvil --load-state`` reads; returns the height it holds.
@@ -103,22 +113,17 @@ def dump_anvil_state(w3: Any, path: Path, attempts: int = 20) -> int:
     from prismesh.chain.localstate import atomic_write_bytes
 
     previous: bytes | None = None
+    reason: str | None = None
     for attempt in range(attempts):
-        resp = w3.provider.make_request("anvil_dumpState", [])
-        if "error" in resp:
-            raise DevnetError(f"anvil_dumpState failed: {resp['error']}")
-        raw = bytes.fromhex(str(resp["result"]).removeprefix("0x"))
-        # The RPC answers gzip; --load-state reads plain JSON.
-        text = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        text = request_anvil_dump(w3)
         dump = json.loads(text)
-        if anvil_dump_inconsistency(dump) is None or text == previous:
+        reason = anvil_dump_inconsistency(dump)
+        if reason is None or text == previous:
             atomic_write_bytes(Path(path), text)
             return _num(dump["best_block_number"])
         previous = text
         time.sleep(min(0.01 * (attempt + 1), 0.1))
-    raise DevnetError(
-        f"anvil_dumpState gave {attempts} torn dumps in a row: {anvil_dump_inconsistency(dump)}"
-    )
+    raise DevnetError(f"anvil_dumpState gave {attempts} torn dumps in a row: {reason}")
 
 
 class StateDumper:

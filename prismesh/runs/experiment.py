@@ -487,11 +487,13 @@ def personalise(base: Path, clients: dict[str, ClientData], config: Any, epochs:
         own = {name: c.eval}
 
         def on_epoch(r: int, adapter: Path, name: str = name, own: dict = own) -> None:
-            curve[r - 1][name] = score(ev, adapter, own, (scoring,))[scoring][name]
+            if r < epochs:  # the last epoch's point is the final score below
+                curve[r - 1][name] = score(ev, adapter, own, (scoring,))[scoring][name]
 
         adapter = single_client(base, c.train, config, epochs, work, f"personal-{label}-{name}", global_dir, on_epoch)
         for s, per in score(ev, adapter, own, scorings).items():
             final[s][name] = per[name]
+        curve[-1][name] = final[scoring][name]
     for r, point in enumerate(curve, 1):
         fair = _fair(point)
         _say(f"      personal:{label} epoch {r}: Min-Acc {100 * fair['min_acc']:.1f}, H-mean {100 * fair['h_mean']:.1f}")
@@ -701,13 +703,11 @@ def targets(summary: dict, owned: bool) -> dict[str, Any]:
     if all(v is not None for v in vals):
         out["gap_closed_60"] = {"met": all(v["mean"] >= 0.6 for v in vals),
                                 "min_acc": vals[0]["mean"], "h_mean": vals[1]["mean"]}
-    if owned and g.get("own_change"):
-        worst = min(v["mean"] for v in g["own_change"].values() if v is not None)
-        out["no_negative_transfer"] = {"met": worst >= -0.02, "worst_own_change": worst}
     personal = summary["gap_closed"].get(d.replace("fed:", "personal:", 1), {})
-    if owned and personal.get("own_change"):
-        worst = min(v["mean"] for v in personal["own_change"].values() if v is not None)
-        out["no_negative_transfer_personalised"] = {"met": worst >= -0.02, "worst_own_change": worst}
+    for name, gap in (("no_negative_transfer", g), ("no_negative_transfer_personalised", personal)):
+        if owned and gap.get("own_change"):
+            worst = min(v["mean"] for v in gap["own_change"].values() if v is not None)
+            out[name] = {"met": worst >= -0.02, "worst_own_change": worst}
     if owned and g.get("smallest_ratio"):
         out["smallest_client_reaches_others"] = {"met": g["smallest_ratio"]["mean"] >= 0.7,
                                                  "ratio": g["smallest_ratio"]["mean"]}

@@ -12,14 +12,18 @@ Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m tests.benchmarks.bench_dump_race [-
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from prismesh.chain.evm.devnet import anvil_dump_inconsistency, dump_anvil_state, start_anvil
+from prismesh.chain.evm.devnet import (
+    anvil_dump_inconsistency,
+    dump_anvil_state,
+    request_anvil_dump,
+    start_anvil,
+)
 
 
 def main() -> int:
@@ -54,8 +58,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "state.json"
             for _ in range(args.dumps):
-                raw = bytes.fromhex(real("anvil_dumpState", [])["result"][2:])
-                torn_raw += anvil_dump_inconsistency(json.loads(gzip.decompress(raw))) is not None
+                torn_raw += anvil_dump_inconsistency(json.loads(request_anvil_dump(w3))) is not None
                 w3.provider.make_request = counted  # type: ignore[method-assign]
                 start = time.perf_counter()
                 dump_anvil_state(w3, path)
