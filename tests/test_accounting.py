@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from prismesh.runs.accounting import OVERHEAD_PARTS, Ledger, rounded, with_training
+from prismesh.runs.accounting import (
+    OVERHEAD_PARTS,
+    Ledger,
+    evaluation_with_its_round,
+    make_row,
+    rounded,
+    with_training,
+)
 
 
 class Clock:
@@ -66,6 +73,27 @@ def test_unknown_part_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown part 'network'"):
         with Ledger().part("network"):
             pass
+
+
+def test_each_evaluation_moves_to_the_round_whose_aggregate_it_scored() -> None:
+    """Round 1's row closes at its aggregate; its evaluation happens in round 2's row, the last
+    round's in the tail. Moved back, rows still add up and only evaluation seconds move."""
+    def row(label: str, wall: float, evaluation: float, chain: float) -> dict:
+        return make_row(label, wall, {"training": 4.0, "evaluation": evaluation, "chain": chain}, 4.0)
+
+    rows = [row("round 1", 5.0, 0.0, 0.5), row("round 2", 7.5, 2.0, 0.5), row("round 3", 7.0, 1.5, 0.4),
+            make_row("tail", 1.75, {"evaluation": 1.25, "chain": 0.1}, 0.0)]
+    moved = evaluation_with_its_round(rows)
+
+    assert [r["overhead"]["evaluation"] for r in moved] == [2.0, 1.5, 1.25, 0.0]
+    assert [r["wall_seconds"] for r in moved] == pytest.approx([7.0, 7.0, 6.75, 0.5])
+    assert sum(r["wall_seconds"] for r in moved) == pytest.approx(sum(r["wall_seconds"] for r in rows))
+    for before, after in zip(rows, moved, strict=True):
+        assert after["training_seconds"] == before["training_seconds"]
+        assert after["overhead"]["chain"] == before["overhead"]["chain"]
+        assert after["overhead"]["other"] == before["overhead"]["other"]
+        assert after["training_seconds"] + sum(after["overhead"].values()) == pytest.approx(after["wall_seconds"])
+        assert after["overhead_seconds"] == pytest.approx(after["wall_seconds"] - after["training_seconds"])
 
 
 @pytest.mark.slow
