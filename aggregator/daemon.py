@@ -129,6 +129,8 @@ class AggregatorDaemon:
         self._behind_logged = False
         telemetry.actor(account.address, "aggregator", "aggregator")
         self._box_key: Any = None
+        self._params: dict[int, Any] = {}
+        self._specs: dict[int, Any] = {}
         self._owns_ray = False
         if config.parallel:
             # Ray starts now, on a thread, while the first round's clients train.
@@ -164,6 +166,8 @@ class AggregatorDaemon:
             if rec.get("status") != "done":
                 rec["status"] = "open"
         self.state.save()
+        self._params.clear()
+        self._specs.clear()
         self.stream.resync(safe_height)
         log.error("resynchronised from block %d; %d round record(s) of the lost history set aside: %s",
                   safe_height, len(dropped), ", ".join(dropped) or "none")
@@ -366,7 +370,7 @@ class AggregatorDaemon:
             rec["status"] = "done"
             self.state.save()
             return None
-        params = self.coordinator.get_task_params(task)
+        params = self.task_params(task)
         if rec.get("aggregate_cid") and not self._restore_aggregate(rec):
             rec.pop("aggregate_cid")
         if not rec.get("aggregate_cid"):
@@ -437,11 +441,22 @@ class AggregatorDaemon:
         ctx = SealContext(self.manifest.chain_id, self.coordinator.address, task, rnd, self.account.address, "aggregate")
         return add_sealed(self.store, seal_dir(out_dir, recipients, ctx))
 
+    def task_params(self, task: int) -> Any:
+        """A task's on-chain parameters, read once: the contract writes them only when the task
+        is created (a resync forgets them with the history)."""
+        params = self._params.get(task)
+        if params is None:
+            params = self._params[task] = self.coordinator.get_task_params(task)
+        return params
+
     def _spec(self, task: int) -> Any:
         from prismesh.chain.taskspec import TaskSpec
 
-        cid = self.coordinator.get_task_params(task).hyper_params_cid
-        return TaskSpec.from_bytes(self.store.cat(cid), where=f"hyper-parameter file {cid}")
+        spec = self._specs.get(task)
+        if spec is None:
+            cid = self.task_params(task).hyper_params_cid
+            spec = self._specs[task] = TaskSpec.from_bytes(self.store.cat(cid), where=f"hyper-parameter file {cid}")
+        return spec
 
     def _claim_fees_if_done(self, task: int) -> None:
         """Mint the fees this aggregator earned once a task it aggregated is complete (a claim a
@@ -601,7 +616,7 @@ class AggregatorDaemon:
     def _keep_spec(self, task: int) -> None:
         """Keep a copy of the task spec from the start, so a store that loses it later is
         repaired from here (the aggregation needs it at the end of every round)."""
-        params = self.coordinator.get_task_params(task)
+        params = self.task_params(task)
         held_spec_bytes(self.store, params.hyper_params_cid, self.config.state_dir / "specs", log, "aggregator")
 
     def _restore_aggregate(self, rec: dict) -> bool:

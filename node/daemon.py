@@ -153,6 +153,7 @@ class NodeDaemon:
         self._stop = stop or threading.Event()
         self._specs: dict[int, Any] = {}
         self._spec_cids: dict[int, str] = {}
+        self._params: dict[int, Any] = {}
         self._data: tuple[list, list] | None = None
         self._data_key: str | None = None
         self._evaluator: Any = None
@@ -188,6 +189,7 @@ class NodeDaemon:
         self.state.save()
         self._specs.clear()
         self._spec_cids.clear()
+        self._params.clear()
         self.stream.resync(safe_height)
         log.error("%s: resynchronised from block %d; %d round record(s) of the lost history set aside: %s",
                   self.config.name, safe_height, len(dropped), ", ".join(dropped) or "none")
@@ -461,7 +463,7 @@ class NodeDaemon:
             self._record_round(key, {"stage": "closed", "opened_block": ev.block_number,
                                      "reason": f"the round was {phase.name} when this node handled its opening"})
             return 0
-        params = self.coordinator.get_task_params(task)
+        params = self.task_params(task)
         spec = self.task_spec(task, params.hyper_params_cid)
         log.info("%s: task %d round %d opened (global %s)", self.config.name, task, rnd, ev.global_adapter_cid or "fresh")
         rec = self._train_and_pin(task, rnd, ev.global_adapter_cid, spec, rec)
@@ -492,7 +494,7 @@ class NodeDaemon:
         reports = self.state.section("metrics")
         if key in reports:
             return 0
-        params = self.coordinator.get_task_params(task)
+        params = self.task_params(task)
         spec = self.task_spec(task, params.hyper_params_cid)
         if not spec.report_metrics:
             return 0
@@ -572,7 +574,7 @@ class NodeDaemon:
             cid = self._pin_update(task, rnd, result.adapter_dir, privacy, keep=out.with_suffix(".sealed"))
         except SealError as exc:
             return self._miss(task, rnd, f"cannot seal the update: {exc}")
-        cap = self.coordinator.get_task_params(task).sample_cap
+        cap = self.task_params(task).sample_cap
         rec = {
             "stage": "pinned",
             "cid": cid,
@@ -875,6 +877,15 @@ class NodeDaemon:
                                 self.config.name, key, rec["cid"])
 
     # ------------------------------------------------------------------ local resources
+
+    def task_params(self, task_id: int) -> Any:
+        """A task's on-chain parameters, read once: the contract writes them only when the task
+        is created, and this node asks only about tasks whose final events it handles (a
+        resync forgets them with the history)."""
+        params = self._params.get(task_id)
+        if params is None:
+            params = self._params[task_id] = self.coordinator.get_task_params(task_id)
+        return params
 
     def task_spec(self, task_id: int, cid: str) -> Any:
         from prismesh.chain.taskspec import TaskSpec

@@ -17,7 +17,7 @@ from prismesh.chain.evm.contracts import (
     revert_class,
 )
 from prismesh.chain.evm.toolchain import compile_contracts
-from tests.conftest import ChainEnv
+from tests.conftest import ChainEnv, open_task
 
 CLIENTS = {"Registry": Registry, "Coordinator": Coordinator, "RewardToken": RewardToken}
 # ABI names whose Python method reads better under another name.
@@ -83,3 +83,47 @@ def test_concurrent_senders_share_one_account(chain_env: ChainEnv) -> None:
         )
     assert all(r["status"] == 1 for r in receipts)
     assert all(gov.is_aggregator(a.address) for a in targets)
+
+
+def _sample_args(entry: dict, addresses: list[str], task: int) -> list:
+    """Arguments of each ABI input type: a live address, the open task (round 1), a role id."""
+    values = {"address": addresses, "uint256": [task], "uint32": [1], "string": ["accuracy"],
+              "bytes32": [b"\x00" * 32], "bytes4": [bytes.fromhex("01ffc9a7")]}
+    args = []
+    for i, p in enumerate(entry["inputs"]):
+        choices = values[p["type"]]
+        args.append(choices[i % len(choices)])
+    return args
+
+
+@pytest.mark.parametrize("env", ["chain_env", "embedded_env"])
+def test_direct_reads_return_what_web3s_contract_call_returns(env: str, request: pytest.FixtureRequest) -> None:
+    """Every view function, read through the client's own encoder (``_call``), gives exactly
+    web3's answer (structs, lists, checksummed addresses, bytes, enums as ints) on anvil and on
+    the embedded chain, and a read web3 refuses is refused too."""
+    chain_env: ChainEnv = request.getfixturevalue(env)
+    clients = chain_env.clients[:2]
+    task = open_task(chain_env, clients)
+    addresses = [clients[0].address, chain_env.governance.address]
+    checked = 0
+    for name, cls in CLIENTS.items():
+        client = cls.read_only(chain_env.manifest, chain_env.w3)
+        for entry in client.abi:
+            if entry["type"] != "function" or entry["stateMutability"] not in ("view", "pure"):
+                continue
+            args = _sample_args(entry, addresses, task)
+            try:
+                expected = getattr(client.contract.functions, entry["name"])(*args).call()
+            except Exception:  # noqa: BLE001 - a read web3 refuses must fail here too
+                with pytest.raises(Exception):  # noqa: B017
+                    client._call(entry["name"], *args)
+                continue
+            assert entry["name"] in client._views, f"{name}.{entry['name']} is not read directly"
+            got = client._call(entry["name"], *args)
+            assert got == expected and type(got) is type(expected), f"{name}.{entry['name']}{tuple(args)}"
+            checked += 1
+    assert checked >= 30
+    coord = chain_env.coordinator()
+    assert coord.is_participant(task, clients[0].address) and coord.get_task_params(task).num_rounds >= 1
+    with pytest.raises(Exception, match="feesOwed"):  # a wrong argument count is named by web3
+        coord._call("feesOwed", task, clients[0].address)

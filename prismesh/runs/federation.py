@@ -364,7 +364,7 @@ def free_rider_node(kind: str) -> type:
             tensors = self._fake_tensors(task, rnd, global_cid)
             cid, sha = self._pin(task, rnd, global_cid, tensors)
             rec = {"stage": "pinned", "cid": cid, "sha256": sha, "free_rider": kind,
-                   "num_samples": int(self.coordinator.get_task_params(task).sample_cap)}
+                   "num_samples": int(self.task_params(task).sample_cap)}
             self.state.section("rounds")[f"{task}:{rnd}"] = rec
             self.state.save()
             log.info("%s: task %d round %d: free rider (%s) pinned %s", self.config.name, task, rnd, kind, cid)
