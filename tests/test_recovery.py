@@ -471,6 +471,55 @@ def test_a_torn_dump_is_taken_again_and_its_reload_keeps_every_log(tmp_path: Pat
         dev.stop()
 
 
+def test_a_chain_busier_than_its_dumps_holds_mining_for_a_whole_one(tmp_path: Path) -> None:
+    """Blocks mined faster than a dump is taken (every answer torn): after three torn answers
+    mining is held while the dump is taken again. A transaction sent meanwhile waits in the
+    pool and is mined as soon as mining resumes; the file written is whole and ends at the head
+    of the held chain."""
+    import gzip
+
+    from prismesh.chain.evm.devnet import anvil_dump_inconsistency, dump_anvil_state, start_anvil
+
+    dev = start_anvil()
+    try:
+        w3 = dev.w3
+        for i in range(3):
+            w3.eth.send_transaction({"from": dev.accounts[i].address, "to": dev.accounts[5].address, "value": 1})
+        real = w3.provider.make_request
+        calls: list[tuple[str, list]] = []
+        sent: list[str] = []
+
+        def busy(method, params):
+            calls.append((method, params))
+            held = ("evm_setAutomine", [False]) in calls
+            if method == "anvil_dumpState" and held and not sent:
+                tx = real("eth_sendTransaction", [{"from": dev.accounts[6].address, "to": dev.accounts[5].address,
+                                                   "value": "0x1"}])
+                sent.append(tx["result"])
+            if method == "anvil_dumpState" and not held:  # a block mined during every dump
+                real("eth_sendTransaction", [{"from": dev.accounts[7].address, "to": dev.accounts[5].address,
+                                              "value": "0x1"}])
+            answer = real(method, params)
+            if method == "anvil_dumpState" and not held:
+                whole = json.loads(gzip.decompress(bytes.fromhex(answer["result"][2:])))
+                answer = {**answer, "result": "0x" + gzip.compress(json.dumps(_tear(whole)).encode()).hex()}
+            return answer
+
+        w3.provider.make_request = busy
+        height = dump_anvil_state(w3, tmp_path / "state.json")
+        w3.provider.make_request = real
+        methods = [m for m, _ in calls]
+        assert methods.count("anvil_dumpState") >= 4 and methods[:3] == ["anvil_dumpState"] * 3
+        assert calls[-1] == ("evm_setAutomine", [True])
+        assert height == 6 and real("anvil_getAutomine", [])["result"] is True  # 3 + a block per torn dump
+        dumped = json.loads((tmp_path / "state.json").read_text())
+        assert anvil_dump_inconsistency(dumped) is None and dumped["best_block_number"] == height
+        receipt = w3.eth.wait_for_transaction_receipt(sent[0], timeout=10)
+        assert receipt["status"] == 1 and receipt["blockNumber"] == height + 1
+    finally:
+        dev.stop()
+
+
 # ------------------------------------------------------------------ daemons, in-process
 
 

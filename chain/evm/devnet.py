@@ -96,34 +96,68 @@ def anvil_dump_inconsistency(dump: dict[str, Any]) -> str | None:
 def request_anvil_dump(w3: Any) -> bytes:
     """anvil's whole state as ``anvil_dumpState`` answers it, as the plain JSON ``--load-state``
     reads (the RPC answers gzip)."""
-    resp = w3.provider.make_request("anvil_dumpState", [])
-    if "error" in resp:
-        raise DevnetError(f"anvil_dumpState failed: {resp['error']}")
-    raw = bytes.fromhex(str(resp["result"]).removeprefix("0x"))
+    raw = bytes.fromhex(str(_anvil_rpc(w3, "anvil_dumpState")).removeprefix("0x"))
     return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
 
 
-def dump_anvil_state(w3: Any, path: Path, attempts: int = 20) -> int:
+def _anvil_rpc(w3: Any, method: str, params: list[Any] | None = None) -> Any:
+    resp = w3.provider.make_request(method, params or [])
+    if "error" in resp:
+        raise DevnetError(f"{method} failed: {resp['error']}")
+    return resp["result"]
+
+
+@contextlib.contextmanager
+def _mining_held(w3: Any) -> Any:
+    """An automining anvil mines nothing meanwhile: transactions sent wait in its pool and are
+    mined when automining resumes (at once). A no-op for an anvil that is not automining."""
+    held = bool(_anvil_rpc(w3, "anvil_getAutomine"))
+    if held:
+        _anvil_rpc(w3, "evm_setAutomine", [False])
+    try:
+        yield
+    finally:
+        if held:
+            _anvil_rpc(w3, "evm_setAutomine", [True])
+
+
+def dump_anvil_state(w3: Any, path: Path, attempts: int = 20, unheld: int = 3) -> int:
     """Write anvil's whole state (accounts, every block, every transaction) to ``path``
     durably, in the format ``anvil --load-state`` reads; returns the height it holds.
 
     A dump taken while a block was mined can be torn (:func:`anvil_dump_inconsistency`), so it
     is taken again until it is whole; two identical dumps in a row are whole by definition
-    (nothing moved between them), which keeps a state changed by hand from blocking finality."""
+    (nothing moved between them), which keeps a state changed by hand from blocking finality.
+    After ``unheld`` torn dumps in a row (blocks come faster than a dump is taken) mining is
+    held while it is taken again, so a busy chain delays its transactions by a few dumps
+    instead of leaving its blocks without a durable copy."""
     from prismesh.chain.localstate import atomic_write_bytes
 
+    found = _whole_dump(w3, min(unheld, attempts))
+    if isinstance(found, str) and attempts > unheld:
+        with _mining_held(w3):
+            found = _whole_dump(w3, attempts - unheld)
+    if isinstance(found, str):
+        raise DevnetError(f"anvil_dumpState gave {attempts} torn dumps in a row: {found}")
+    text, dump = found
+    atomic_write_bytes(Path(path), text)
+    return _num(dump["best_block_number"])
+
+
+def _whole_dump(w3: Any, tries: int) -> tuple[bytes, dict[str, Any]] | str:
+    """A whole dump (its text and its parse) within ``tries`` requests, or why the last was
+    torn. Two identical dumps in a row count as whole."""
     previous: bytes | None = None
-    reason: str | None = None
-    for attempt in range(attempts):
+    reason = "no dump requested"
+    for attempt in range(tries):
         text = request_anvil_dump(w3)
         dump = json.loads(text)
-        reason = anvil_dump_inconsistency(dump)
-        if reason is None or text == previous:
-            atomic_write_bytes(Path(path), text)
-            return _num(dump["best_block_number"])
+        reason = anvil_dump_inconsistency(dump) or ""
+        if not reason or text == previous:
+            return text, dump
         previous = text
         time.sleep(min(0.01 * (attempt + 1), 0.1))
-    raise DevnetError(f"anvil_dumpState gave {attempts} torn dumps in a row: {reason}")
+    return reason
 
 
 class StateDumper:

@@ -3,8 +3,9 @@
 Four threads send transfers to one real anvil as fast as it mines them while the main thread
 dumps ``--dumps`` times, twice per step: once raw (the answer checked with
 ``anvil_dump_inconsistency`` and thrown away) and once through ``dump_anvil_state`` (which asks
-again until the dump is whole, then writes it). Prints the torn raw answers, the requests the
-checked dumps needed, the torn files written (must be 0) and the milliseconds per dump.
+again until the dump is whole, holding mining after three torn answers, then writes it). Prints
+the block rate, the torn raw answers, the requests the checked dumps needed, how many held
+mining, the torn files written (must be 0) and the milliseconds per dump.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m tests.benchmarks.bench_dump_race [--dumps 100]``
 """
@@ -41,12 +42,13 @@ def main() -> int:
             w3.eth.send_transaction({"from": sender, "to": to, "value": 1})
 
     threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(args.senders)]
-    requests = 0
+    requests = held = 0
     real = w3.provider.make_request
 
     def counted(method, params):  # type: ignore[no-untyped-def]
-        nonlocal requests
+        nonlocal requests, held
         requests += method == "anvil_dumpState"
+        held += method == "evm_setAutomine" and params == [False]
         return real(method, params)
 
     torn_raw = torn_written = 0
@@ -55,6 +57,7 @@ def main() -> int:
         for t in threads:
             t.start()
         time.sleep(1.0)
+        first, started = w3.eth.block_number, time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "state.json"
             for _ in range(args.dumps):
@@ -66,14 +69,16 @@ def main() -> int:
                 w3.provider.make_request = real  # type: ignore[method-assign]
                 torn_written += anvil_dump_inconsistency(json.loads(path.read_text())) is not None
             head = w3.eth.block_number
+            rate = (head - first) / (time.perf_counter() - started)
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=10)
         dev.stop()
-    print(f"{args.dumps} dumps of a chain growing to block {head} ({args.senders} senders)")
+    print(f"{args.dumps} dumps of a chain growing to block {head} ({args.senders} senders, {rate:.0f} blocks/s)")
     print(f"raw anvil_dumpState answers torn:          {torn_raw} of {args.dumps}")
     print(f"checked dumps: requests / dumps            {requests} / {args.dumps} = {requests / args.dumps:.2f}")
+    print(f"checked dumps with mining held:            {held} of {args.dumps}")
     print(f"checked dumps written torn:                {torn_written}")
     print(f"ms per checked dump (mean):                {1000 * seconds / args.dumps:.1f}")
     return 1 if torn_written else 0
