@@ -164,3 +164,13 @@ def test_refuses_a_certificate_older_than_blockhash_can_check(chain_env: ChainEn
     recent, recent_hash = _block(chain_env)  # a recent block still finalizes, and everything below
     gadget.submit_certificate(_cert(chain_env, keys[:3], recent, recent_hash), chain_env.governance)
     assert gadget.finalized_height() == recent > old
+
+
+def test_a_client_pointed_at_no_gadget_says_so(chain_env: ChainEnv) -> None:
+    """The height read encodes its call directly; at an address without the gadget's code it
+    still fails with web3's message naming the problem, not a decoding error."""
+    from web3.exceptions import BadFunctionCallOutput
+
+    assert _gadget(chain_env).finalized_height() >= 0
+    with pytest.raises(BadFunctionCallOutput, match="contract deployed correctly"):
+        FinalityGadgetClient(chain_env.w3, chain_env.outsiders[0].address).finalized_height()
