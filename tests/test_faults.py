@@ -91,7 +91,10 @@ def test_deleted_store_and_corrupted_block_are_repaired(cluster: Cluster) -> Non
     start = cluster.start_task(task)
     accepted = lambda r: len(c.coord.get_events("AggregateAccepted", start, taskId=task)) >= r  # noqa: E731
     cluster.wait_for("round 1", lambda: accepted(1), 120, 0.05)
-    shutil.rmtree(cluster.root / "ipfs")
+    # Gone at once, as a lost disk is: renamed away (the daemons may be writing to it), then removed.
+    lost = cluster.root / "ipfs.lost"
+    (cluster.root / "ipfs").rename(lost)
+    shutil.rmtree(lost, ignore_errors=True)
     cluster.wait_for("round 2", lambda: accepted(2), 180, 0.05)
     aggregate = c.coord.get_events("AggregateAccepted", start, taskId=task)[1].aggregate_cid
     store = EmbeddedStore(cluster.root / "ipfs")
