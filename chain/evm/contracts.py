@@ -1056,6 +1056,12 @@ def _nonce_lock(address: str) -> threading.Lock:
         return _NONCE_LOCKS.setdefault(address, threading.Lock())
 
 
+def fee_fields(block: Mapping[str, Any], tip: int = 10**9) -> dict[str, int]:
+    """EIP-1559 fees for a transaction after ``block``: the priority ``tip`` and room for the
+    base fee to double."""
+    return {"maxPriorityFeePerGas": tip, "maxFeePerGas": 2 * int(block.get("baseFeePerGas", 0) or 0) + tip}
+
+
 class TxSender:
     """Signs, sends and waits for transactions from one local account; decodes reverts."""
 
@@ -1103,9 +1109,7 @@ class TxSender:
         if "maxFeePerGas" not in tx and "gasPrice" not in tx:
             block = self.w3.eth.get_block("latest")
             tx["gas"] = min(int(tx["gas"]), int(block["gasLimit"]))
-            tip = 10**9
-            tx["maxPriorityFeePerGas"] = tip
-            tx["maxFeePerGas"] = 2 * int(block.get("baseFeePerGas", 0) or 0) + tip
+            tx.update(fee_fields(block))
         tx.setdefault("chainId", self.chain_id)
         # Threads of one process sending from the same account take nonces in turn.
         with _nonce_lock(self.account.address):
@@ -1198,9 +1202,10 @@ class AbiFunction:
     directly, without web3's contract-function machinery, which costs a local read about twice
     the node's round trip. Outputs come back as web3 returns them (checksummed addresses)."""
 
-    __slots__ = ("selector", "inputs", "outputs", "_params")
+    __slots__ = ("name", "selector", "inputs", "outputs", "_params")
 
     def __init__(self, entry: Mapping[str, Any]) -> None:
+        self.name = str(entry["name"])
         self.inputs = [_abi_type(p) for p in entry.get("inputs", [])]
         self._params = list(entry.get("outputs", []))
         self.outputs = [_abi_type(p) for p in self._params]
@@ -1219,6 +1224,20 @@ class AbiFunction:
         values = abi_decode(self.outputs, bytes(raw))
         out = [_checksummed(p, v) for p, v in zip(self._params, values, strict=True)]
         return out[0] if len(out) == 1 else out
+
+    def read(self, contract: Any, *args: Any) -> Any:
+        """Call this view on ``contract`` (a web3 contract) at the latest block. Arguments it
+        cannot encode, or an answer it cannot decode (no such contract there), go through
+        web3's own call, which names the problem."""
+        try:
+            data = self.encode(args)
+        except Exception:  # noqa: BLE001 - web3's path below names what is wrong with the arguments
+            return getattr(contract.functions, self.name)(*args).call()
+        raw = contract.w3.eth.call({"to": contract.address, "data": HexBytes(data)})
+        try:
+            return self.decode(raw)
+        except Exception:  # noqa: BLE001 - undecodable output: web3's call raises its own error
+            return getattr(contract.functions, self.name)(*args).call()
 
 
 _VIEWS: dict[str, dict[str, AbiFunction]] = {}
@@ -1288,18 +1307,9 @@ class ContractClient:
     def _call(self, fn: str, *args: Any) -> Any:
         try:
             view = self._views.get(fn)
-            if view is not None:
-                try:
-                    data = view.encode(args)
-                except Exception:  # noqa: BLE001 - web3's path below names what is wrong with the arguments
-                    view = None
             if view is None:
                 return getattr(self.contract.functions, fn)(*args).call()
-            raw = self.w3.eth.call({"to": self.address, "data": HexBytes(data)})
-            try:
-                return view.decode(raw)
-            except Exception:  # noqa: BLE001 - undecodable output: web3's call raises its own error
-                return getattr(self.contract.functions, fn)(*args).call()
+            return view.read(self.contract, *args)
         except (ContractLogicError, Web3RPCError, TesterTransactionFailed) as exc:
             helper = TxSender(self.w3, self.sender, self.decoder) if self.sender else None
             if helper is None:

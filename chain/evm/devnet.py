@@ -104,7 +104,7 @@ def _anvil_rpc(w3: Any, method: str, params: list[Any] | None = None) -> Any:
     resp = w3.provider.make_request(method, params or [])
     if "error" in resp:
         raise DevnetError(f"{method} failed: {resp['error']}")
-    return resp["result"]
+    return resp.get("result")
 
 
 @contextlib.contextmanager
@@ -442,10 +442,7 @@ class AnvilDevnet(Devnet):
         return rpc_chain_id(self.rpc_url) == self.chain_id
 
     def _rpc(self, method: str, params: list[Any]) -> Any:
-        resp = self.w3.provider.make_request(method, params)  # type: ignore[arg-type]
-        if "error" in resp:
-            raise DevnetError(f"{method} failed: {resp['error']}")
-        return resp.get("result")
+        return _anvil_rpc(self.w3, method, params)
 
     def mine(self, n: int = 1) -> None:
         self._rpc("anvil_mine", [hex(n)])

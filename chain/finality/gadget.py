@@ -275,10 +275,6 @@ def deploy_gadget(w3: Any, validators: Sequence[str], deployer: Any) -> str:
     return receipt["contractAddress"]
 
 
-# The priority fee of a certificate transaction (the devnet's usual tip).
-_TIP = 10**9
-
-
 def _send(w3: Any, account: Any, tx: dict[str, Any]) -> Any:
     signed = account.sign_transaction(tx)
     tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
@@ -305,11 +301,7 @@ class FinalityGadgetClient:
 
     def finalized_height(self) -> int:
         """The highest final block height (0 before the first certificate)."""
-        raw = self.w3.eth.call({"to": self.address, "data": HexBytes(self._height.encode(()))})
-        try:
-            return int(self._height.decode(raw))
-        except Exception:  # noqa: BLE001 - no gadget at this address: web3's call names the problem
-            return int(self.contract.functions.finalizedHeight().call())
+        return int(self._height.read(self.contract))
 
     def finalized(self) -> tuple[int, bytes, int]:
         """``(height, block_hash, view)`` of the latest certificate."""
@@ -336,6 +328,8 @@ class FinalityGadgetClient:
         mined into the next one, while at "latest" block.number would still equal its height.
         The gas estimate is that check (it reverts with the gadget's error); with ``gas`` given,
         or where the chain cannot estimate against "pending", a call is."""
+        from prismesh.chain.evm.contracts import fee_fields
+
         data = self._submit.encode(
             (cert.height, bytes(cert.block_hash), cert.view, list(cert.signers), [bytes(s) for s in cert.signatures])
         )
@@ -349,9 +343,7 @@ class FinalityGadgetClient:
                     gas = 100_000 + 20_000 * len(cert.signatures)
             else:
                 self.w3.eth.call(tx, "pending")
-            base_fee = int(self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0)
-            tx.update(gas=gas, chainId=int(self.w3.eth.chain_id), maxPriorityFeePerGas=_TIP,
-                      maxFeePerGas=2 * base_fee + _TIP,
+            tx.update(gas=gas, chainId=int(self.w3.eth.chain_id), **fee_fields(self.w3.eth.get_block("latest")),
                       nonce=self.w3.eth.get_transaction_count(sender.address, "pending"))
         except Exception as exc:  # web3 raises several types for reverts; decode what it carries
             decoded = decode_revert(self.abi, _revert_data(exc))
