@@ -405,8 +405,12 @@ def test_a_torn_anvil_dump_is_recognised(tmp_path: Path) -> None:
 
     dev = start_anvil()
     try:
-        for i in range(3):
+        sent = [
             dev.w3.eth.send_transaction({"from": dev.accounts[i].address, "to": dev.accounts[5].address, "value": 1})
+            for i in range(3)
+        ]
+        for tx in sent:  # anvil mines after it answers: the chain is quiet only once all three are mined
+            dev.w3.eth.wait_for_transaction_receipt(tx, timeout=30, poll_latency=0.01)
         whole = json.loads(request_anvil_dump(dev.w3))
     finally:
         dev.stop()
@@ -484,7 +488,8 @@ def test_a_chain_busier_than_its_dumps_holds_mining_for_a_whole_one(tmp_path: Pa
     try:
         w3 = dev.w3
         for i in range(3):
-            w3.eth.send_transaction({"from": dev.accounts[i].address, "to": dev.accounts[5].address, "value": 1})
+            tx = w3.eth.send_transaction({"from": dev.accounts[i].address, "to": dev.accounts[5].address, "value": 1})
+            w3.eth.wait_for_transaction_receipt(tx, timeout=30, poll_latency=0.01)
         real = w3.provider.make_request
         calls: list[tuple[str, list]] = []
         sent: list[str] = []
