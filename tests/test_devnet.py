@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -122,6 +123,53 @@ def test_anvil_errors_are_clear(monkeypatch: pytest.MonkeyPatch, anvil: AnvilDev
         find_anvil()
     with pytest.raises(ValueError, match="block_time"):
         AnvilDevnet(block_time=0)
+
+
+def test_a_local_devnet_is_reached_without_requests_and_keeps_its_errors(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A loopback endpoint's posts go over one kept-alive pool, not ``requests`` (whose
+    per-call environment lookups cost more than anvil's answer); a restarted anvil on the same
+    port is reached again on a fresh connection; a refused one raises requests' own
+    ConnectionError, which web3 retries and the daemons' retry lines name. An endpoint elsewhere
+    still goes through ``requests``."""
+    import requests
+
+    from prismesh.chain.evm.devnet import http_web3
+    from prismesh.chain.localstate import network_message
+
+    sessions: list[str] = []
+    real_post = requests.Session.post
+
+    def recorded(self, url, *args, **kwargs):
+        sessions.append(url)
+        return real_post(self, url, *args, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "post", recorded)
+    state = tmp_path / "state.json"
+    with start_anvil(state_file=state) as dev:
+        port = dev.port
+        w3 = http_web3(f"http://127.0.0.1:{port}", timeout=5)
+        assert w3.eth.chain_id == ANVIL_CHAIN_ID
+        dev.mine(2)
+        assert w3.eth.block_number == dev.block_number == 2
+        assert w3.eth.get_block("latest")["number"] == 2
+    with pytest.raises(requests.exceptions.ConnectionError) as refused:
+        w3.provider.make_request("eth_sendRawTransaction", ["0x00"])
+    assert f"127.0.0.1:{port}" in network_message(refused.value)
+    with start_anvil(state_file=state, port=port) as again:
+        assert w3.eth.block_number == again.block_number == 2  # the dropped connection is replaced
+    with socket.socket() as silent:  # accepts the connection, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        mute = http_web3(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3)
+        with pytest.raises(requests.exceptions.Timeout):
+            mute.provider.make_request("eth_sendRawTransaction", ["0x00"])
+    assert sessions == []
+    elsewhere = http_web3("http://192.0.2.1:8545", timeout=0.2)  # TEST-NET-1: nothing answers
+    with pytest.raises(requests.exceptions.RequestException):
+        elsewhere.provider.make_request("eth_sendRawTransaction", ["0x00"])
+    assert sessions == ["http://192.0.2.1:8545"]
 
 
 def test_block_time_mines_without_transactions() -> None:
