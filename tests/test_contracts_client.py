@@ -127,3 +127,40 @@ def test_direct_reads_return_what_web3s_contract_call_returns(env: str, request:
     assert coord.is_participant(task, clients[0].address) and coord.get_task_params(task).num_rounds >= 1
     with pytest.raises(Exception, match="feesOwed"):  # a wrong argument count is named by web3
         coord._call("feesOwed", task, clients[0].address)
+
+
+def test_a_receipt_is_awaited_with_a_short_back_off_and_a_lost_one_times_out() -> None:
+    """A transaction mined late is found soon after it is mined (asked for at once, then ever
+    less often, at most 50 ms apart); one never mined raises TimeExhausted naming its hash."""
+    import threading
+    import time
+
+    from web3.exceptions import TimeExhausted
+
+    from prismesh.chain.evm.contracts import await_receipt
+    from prismesh.chain.evm.devnet import start_anvil
+
+    with start_anvil() as dev:
+        w3 = dev.w3
+        w3.provider.make_request("evm_setAutomine", [False])
+        asked: list[float] = []
+        real = w3.provider.make_request
+
+        def counted(method, params):
+            if method == "eth_getTransactionReceipt":
+                asked.append(time.monotonic())
+            return real(method, params)
+
+        w3.provider.make_request = counted
+        tx = w3.eth.send_transaction({"from": dev.accounts[0].address, "to": dev.accounts[1].address, "value": 1})
+        timer = threading.Timer(0.3, lambda: real("evm_mine", []))
+        timer.start()
+        receipt = await_receipt(w3, tx, timeout=10)
+        timer.join()
+        assert receipt["status"] == 1 and receipt["blockNumber"] == 1
+        gaps = [b - a for a, b in zip(asked, asked[1:], strict=False)]
+        assert 5 <= len(asked) <= 30, len(asked)
+        assert max(gaps) < 0.5 and gaps[-1] > gaps[0]  # growing, never a long fixed wait
+        lost = w3.eth.send_transaction({"from": dev.accounts[2].address, "to": dev.accounts[1].address, "value": 1})
+        with pytest.raises(TimeExhausted, match=bytes(lost).hex()):
+            await_receipt(w3, lost, timeout=0.2)

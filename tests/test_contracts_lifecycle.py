@@ -104,3 +104,37 @@ def test_lifecycle_on_anvil(chain_env: ChainEnv) -> None:
 def test_lifecycle_on_embedded_evm(embedded_env: ChainEnv) -> None:
     assert embedded_env.devnet.kind == "embedded"
     _run_lifecycle(embedded_env)
+
+
+def test_every_transaction_is_encoded_as_web3_encodes_it(chain_env: ChainEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clients encode their transactions' calldata directly; over a whole lifecycle every
+    transaction's bytes equal web3's ``encode_abi`` for the same arguments. Arguments only web3
+    takes (a struct as a dict) still go through web3; arguments it refuses are named by it."""
+    from prismesh.chain.evm.contracts import ContractClient
+
+    encode = ContractClient._calldata
+    sent: set[str] = set()
+
+    def compared(self: ContractClient, fn: str, args: tuple) -> str:
+        data = encode(self, fn, args)
+        assert fn in self._transactions, f"{self.NAME}.{fn} is not encoded directly"
+        assert data == self.contract.encode_abi(fn, args=list(args)), f"{self.NAME}.{fn}{args}"
+        sent.add(f"{self.NAME}.{fn}")
+        return data
+
+    monkeypatch.setattr(ContractClient, "_calldata", compared)
+    _run_lifecycle(chain_env)
+    assert {"Registry.register", "Registry.approve", "Coordinator.createTask", "Coordinator.joinTask",
+            "Coordinator.startTask", "Coordinator.commitUpdate", "Coordinator.revealUpdate",
+            "Coordinator.submitAggregate", "Coordinator.reportMetric", "Coordinator.claimRewards",
+            "Coordinator.claimFees"} <= sent
+    monkeypatch.setattr(ContractClient, "_calldata", encode)
+    from tests.conftest import task_params
+
+    coord = chain_env.coordinator()
+    struct = task_params().to_abi()
+    (entry,) = [e for e in coord.abi if e.get("name") == "createTask"]
+    as_dict = dict(zip([c["name"] for c in entry["inputs"][0]["components"]], struct, strict=True))
+    assert coord._calldata("createTask", (as_dict,)) == coord.contract.encode_abi("createTask", args=[struct])
+    with pytest.raises(Exception, match="commitUpdate"):  # noqa: B017 - web3's own error names the function
+        coord._calldata("commitUpdate", (7, "one", b"\x01" * 32))

@@ -58,6 +58,36 @@ def test_committee_size_must_be_3f_plus_1() -> None:
         ValidatorSet(tuple(k.public_key for k in KEYS[:3]), verify_vote_signature)
 
 
+def test_vote_signatures_are_low_s_and_both_forms_of_a_valid_one_count() -> None:
+    """Votes are signed by libsecp256k1 (always the low-s form); a valid high-s signature of
+    the same vote (OpenSSL's other form, from an older or another signer) counts too; a
+    signature of another digest, by another key, or not DER does not."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+    from cryptography.hazmat.primitives.asymmetric.utils import (
+        decode_dss_signature,
+        encode_dss_signature,
+    )
+
+    order = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+    digest = vote_digest(DOMAIN, 3, b"\x22" * 32)
+    key = KEYS[0]
+    sig = key.sign_vote(digest)
+    r, s = decode_dss_signature(sig)
+    assert s <= order // 2 and sig == key.sign_vote(digest)  # low s, deterministic (RFC 6979)
+    high = encode_dss_signature(r, order - s)
+    assert verify_vote_signature(key.public_key, digest, sig)
+    assert verify_vote_signature(key.public_key, digest, high)
+    openssl = ec.derive_private_key(int.from_bytes(key.private_key, "big"), ec.SECP256K1())
+    assert verify_vote_signature(key.public_key, digest, openssl.sign(digest, ec.ECDSA(utils.Prehashed(hashes.SHA256()))))
+    assert not verify_vote_signature(key.public_key, vote_digest(DOMAIN, 4, b"\x22" * 32), sig)
+    assert not verify_vote_signature(KEYS[1].public_key, digest, sig)
+    assert not verify_vote_signature(key.public_key, digest, sig[:-1])
+    assert not verify_vote_signature(key.public_key[:-1], digest, sig)
+    with pytest.raises(ValueError, match="32 bytes"):
+        key.sign_vote(digest[:31])
+
+
 def test_qc_needs_quorum_of_distinct_valid_signatures() -> None:
     rep, ledger, genesis = _setup()
     node = _chain(ledger, genesis, [1])[0]

@@ -1062,6 +1062,27 @@ def fee_fields(block: Mapping[str, Any], tip: int = 10**9) -> dict[str, int]:
     return {"maxPriorityFeePerGas": tip, "maxFeePerGas": 2 * int(block.get("baseFeePerGas", 0) or 0) + tip}
 
 
+def await_receipt(w3: Web3, tx_hash: bytes, timeout: float = 120.0) -> TxReceipt:
+    """The receipt of a sent transaction, asked for at once and then after 2, 4, 8, ... ms (at
+    most 50 ms apart). anvil answers a send before it mines, by well under a millisecond to a
+    few: a fixed poll interval would have most transactions wait that interval in full."""
+    import time
+
+    from web3.exceptions import TimeExhausted, TransactionIndexingInProgress, TransactionNotFound
+
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while True:
+        try:
+            return w3.eth.get_transaction_receipt(tx_hash)
+        except (TransactionNotFound, TransactionIndexingInProgress):
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeExhausted(f"transaction 0x{bytes(tx_hash).hex()} is not in the chain after {timeout} seconds")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 class TxSender:
     """Signs, sends and waits for transactions from one local account; decodes reverts."""
 
@@ -1120,9 +1141,7 @@ class TxSender:
             except (ContractLogicError, Web3RPCError, TesterTransactionFailed) as exc:
                 # The in-process chain executes on submission and raises instead of mining.
                 raise self._decode_exc(exc, contract, function) from exc
-        receipt = self.w3.eth.wait_for_transaction_receipt(
-            tx_hash, timeout=self.timeout, poll_latency=0.05
-        )
+        receipt = await_receipt(self.w3, tx_hash, self.timeout)
         if receipt["status"] != 1:
             raise self._replay_failure(tx, receipt, contract, function)
         return receipt
@@ -1233,28 +1252,33 @@ class AbiFunction:
             data = self.encode(args)
         except Exception:  # noqa: BLE001 - web3's path below names what is wrong with the arguments
             return getattr(contract.functions, self.name)(*args).call()
-        raw = contract.w3.eth.call({"to": contract.address, "data": HexBytes(data)})
         try:
-            return self.decode(raw)
-        except Exception:  # noqa: BLE001 - undecodable output: web3's call raises its own error
+            # The request as it goes on the wire: web3's formatting of a call's fields and of
+            # its answer costs as much again as the read itself.
+            raw = contract.w3.manager.request_blocking(
+                "eth_call", [{"to": contract.address, "data": "0x" + data.hex()}, "latest"])
+            return self.decode(HexBytes(raw))
+        except Exception:  # noqa: BLE001 - a revert or an undecodable answer: web3's call raises its own error
             return getattr(contract.functions, self.name)(*args).call()
 
 
-_VIEWS: dict[str, dict[str, AbiFunction]] = {}
+_FUNCTIONS: dict[str, tuple[dict[str, AbiFunction], dict[str, AbiFunction]]] = {}
 
 
-def _views_of(abi: Sequence[Mapping[str, Any]], key: str) -> dict[str, AbiFunction]:
-    """The ABI's view and pure functions by name (overloaded names are left to web3), kept per
-    ABI hash ``key``."""
-    views = _VIEWS.get(key)
-    if views is None:
+def _functions_of(abi: Sequence[Mapping[str, Any]], key: str) -> tuple[dict[str, AbiFunction], dict[str, AbiFunction]]:
+    """The ABI's view and pure functions by name, and its other (transaction) functions by
+    name; overloaded names are left to web3. Kept per ABI hash ``key``."""
+    found = _FUNCTIONS.get(key)
+    if found is None:
         entries = [e for e in abi if e.get("type") == "function"]
         names = [e["name"] for e in entries]
-        views = _VIEWS[key] = {
-            e["name"]: AbiFunction(e) for e in entries
-            if e.get("stateMutability") in ("view", "pure") and names.count(e["name"]) == 1
-        }
-    return views
+        single = [e for e in entries if names.count(e["name"]) == 1]
+        is_view = [e.get("stateMutability") in ("view", "pure") for e in single]
+        found = _FUNCTIONS[key] = (
+            {e["name"]: AbiFunction(e) for e, view in zip(single, is_view, strict=True) if view},
+            {e["name"]: AbiFunction(e) for e, view in zip(single, is_view, strict=True) if not view},
+        )
+    return found
 
 
 # ------------------------------------------------------------------------------ clients
@@ -1289,7 +1313,7 @@ class ContractClient:
         self.address = to_checksum_address(manifest.addresses[self.NAME])
         self.abi = manifest.abis[self.NAME]
         self.contract = w3.eth.contract(address=self.address, abi=self.abi)
-        self._views = _views_of(self.abi, manifest.abi_hashes[self.NAME])
+        self._views, self._transactions = _functions_of(self.abi, manifest.abi_hashes[self.NAME])
         self.decoder = _decoder_for(manifest)
         self.sender = sender
         self._tx = TxSender(w3, sender, self.decoder) if sender is not None else None
@@ -1319,11 +1343,21 @@ class ContractClient:
                 raise
             raise helper._decode_exc(exc, self.NAME, fn) from exc
 
+    def _calldata(self, fn: str, args: Sequence[Any]) -> str:
+        """``fn``'s calldata, encoded directly; arguments only web3 accepts (a struct as a dict,
+        bytes as hex text) or refuses go through web3's encoder, which names the problem."""
+        direct = self._transactions.get(fn)
+        if direct is not None:
+            try:
+                return "0x" + direct.encode(args).hex()
+            except Exception:  # noqa: BLE001 - web3's encoder below accepts or names it
+                pass
+        return self.contract.encode_abi(fn, args=list(args))
+
     def _transact(self, fn: str, *args: Any, gas: int | None = None) -> TxReceipt:
         if self._tx is None:
             raise PermissionError(f"{self.NAME} client is read-only: cannot send {fn}()")
-        data = self.contract.encode_abi(fn, args=list(args))
-        tx: dict[str, Any] = {"to": self.address, "data": data, "value": 0}
+        tx: dict[str, Any] = {"to": self.address, "data": self._calldata(fn, args), "value": 0}
         if gas is not None:
             tx["gas"] = gas
         try:
