@@ -401,6 +401,7 @@ def _tear(dump: dict) -> dict:
 def test_a_torn_anvil_dump_is_recognised(tmp_path: Path) -> None:
     """The three ways a dump can tear (accounts ahead of the blocks, a block without its
     transaction records, records without their block) are each named; a whole dump passes."""
+    from prismesh.chain.evm.contracts import await_receipt
     from prismesh.chain.evm.devnet import anvil_dump_inconsistency, request_anvil_dump, start_anvil
 
     dev = start_anvil()
@@ -410,7 +411,7 @@ def test_a_torn_anvil_dump_is_recognised(tmp_path: Path) -> None:
             for i in range(3)
         ]
         for tx in sent:  # anvil mines after it answers: the chain is quiet only once all three are mined
-            dev.w3.eth.wait_for_transaction_receipt(tx, timeout=30, poll_latency=0.01)
+            await_receipt(dev.w3, tx, 30.0)
         whole = json.loads(request_anvil_dump(dev.w3))
     finally:
         dev.stop()
@@ -482,6 +483,7 @@ def test_a_chain_busier_than_its_dumps_holds_mining_for_a_whole_one(tmp_path: Pa
     of the held chain."""
     import gzip
 
+    from prismesh.chain.evm.contracts import await_receipt
     from prismesh.chain.evm.devnet import anvil_dump_inconsistency, dump_anvil_state, start_anvil
 
     dev = start_anvil()
@@ -489,7 +491,7 @@ def test_a_chain_busier_than_its_dumps_holds_mining_for_a_whole_one(tmp_path: Pa
         w3 = dev.w3
         for i in range(3):
             tx = w3.eth.send_transaction({"from": dev.accounts[i].address, "to": dev.accounts[5].address, "value": 1})
-            w3.eth.wait_for_transaction_receipt(tx, timeout=30, poll_latency=0.01)
+            await_receipt(w3, tx, 30.0)
         real = w3.provider.make_request
         calls: list[tuple[str, list]] = []
         sent: list[str] = []

@@ -1272,12 +1272,13 @@ def _functions_of(abi: Sequence[Mapping[str, Any]], key: str) -> tuple[dict[str,
     if found is None:
         entries = [e for e in abi if e.get("type") == "function"]
         names = [e["name"] for e in entries]
-        single = [e for e in entries if names.count(e["name"]) == 1]
-        is_view = [e.get("stateMutability") in ("view", "pure") for e in single]
-        found = _FUNCTIONS[key] = (
-            {e["name"]: AbiFunction(e) for e, view in zip(single, is_view, strict=True) if view},
-            {e["name"]: AbiFunction(e) for e, view in zip(single, is_view, strict=True) if not view},
-        )
+        views: dict[str, AbiFunction] = {}
+        transactions: dict[str, AbiFunction] = {}
+        for e in entries:
+            if names.count(e["name"]) == 1:
+                kind = views if e.get("stateMutability") in ("view", "pure") else transactions
+                kind[e["name"]] = AbiFunction(e)
+        found = _FUNCTIONS[key] = (views, transactions)
     return found
 
 

@@ -333,23 +333,28 @@ class _PooledPosts:
         import requests
         import urllib3
 
-        request = requests.Request("POST", self.endpoint_uri)
         try:
             response = self.pool.urlopen("POST", self.path, body=data, headers=headers, retries=self.retries,
                                          timeout=urllib3.Timeout(connect=timeout, read=timeout))
         except urllib3.exceptions.MaxRetryError as exc:
             timed_out = isinstance(exc.reason, urllib3.exceptions.TimeoutError)
             if timed_out and not isinstance(exc.reason, urllib3.exceptions.NewConnectionError):
-                raise requests.exceptions.Timeout(exc.reason, request=request) from exc
-            raise requests.exceptions.ConnectionError(exc.reason, request=request) from exc
+                raise self._failure(requests.exceptions.Timeout, exc.reason) from exc
+            raise self._failure(requests.exceptions.ConnectionError, exc.reason) from exc
         except urllib3.exceptions.TimeoutError as exc:
-            raise requests.exceptions.Timeout(exc, request=request) from exc
+            raise self._failure(requests.exceptions.Timeout, exc) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise requests.exceptions.ConnectionError(exc, request=request) from exc
+            raise self._failure(requests.exceptions.ConnectionError, exc) from exc
         if response.status >= 400:
-            raise requests.exceptions.HTTPError(f"{response.status} {response.reason} for url: {self.endpoint_uri}",
-                                               request=request)
+            raise self._failure(requests.exceptions.HTTPError,
+                                f"{response.status} {response.reason} for url: {self.endpoint_uri}")
         return response.data
+
+    def _failure(self, kind: type[Exception], reason: Any) -> Exception:
+        """requests' exception ``kind``, carrying a request with this endpoint's URL as its own do."""
+        import requests
+
+        return kind(reason, request=requests.Request("POST", self.endpoint_uri))
 
 
 def _pooled_session_manager(endpoint_uri: str) -> Any:
