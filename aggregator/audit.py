@@ -81,7 +81,12 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
     """Run every check for ``task_id``; never raises on a failed check, only records it.
     ``key`` is an auditor's X25519 private key, for tasks whose updates are sealed."""
     from prismesh.aggregator.adapters import load_adapter, save_adapter
-    from prismesh.aggregator.contribution import published_before, score_updates
+    from prismesh.aggregator.contribution import (
+        PublishedAdapters,
+        cids_published_before,
+        published_before,
+        score_updates,
+    )
     from prismesh.aggregator.history import aggregation_base
     from prismesh.aggregator.strategies import aggregate, get_strategy
     from prismesh.aggregator.verify import expected_lora_shapes
@@ -108,9 +113,11 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
         report.add("task spec", params.hyper_params_cid, False, str(exc))
         return report
 
-    opened = {ev.round: ev for ev in coord.get_events("RoundOpened", start, taskId=task_id)}
+    opened_events = coord.get_events("RoundOpened", start, taskId=task_id)
+    opened = {ev.round: ev for ev in opened_events}
+    revealed_events = coord.get_events("UpdateRevealed", start, taskId=task_id)
     reveals: dict[int, dict[str, Any]] = {}
-    for ev in coord.get_events("UpdateRevealed", start, taskId=task_id):
+    for ev in revealed_events:
         reveals.setdefault(ev.round, {})[ev.client] = ev
     accepted = coord.get_events("AggregateAccepted", start, taskId=task_id)
     if not accepted:
@@ -133,6 +140,7 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
 
     with tempfile.TemporaryDirectory(prefix="prismesh-audit-") as tmp:
         work = Path(tmp)
+        history = PublishedAdapters()
         adapters: dict[str, Any] = {}
         problems: dict[str, str] = {}
         for r, by_client in sorted(reveals.items()):
@@ -232,7 +240,9 @@ def audit_task(w3: Any, manifest: Any, store: Any, task_id: int, *, check_finali
                         continue
                 else:
                     out = save_adapter(result.adapter, work / "recomputed" / f"round{r}")
-                known = published_before(coord, store, task_id, r, work / "published", private_key=key)
+                known = published_before(coord, store, task_id, r, work / "published", private_key=key,
+                                         cids=cids_published_before(opened_events, revealed_events, r),
+                                         cache=history)
                 scored[r] = score_updates(kept, glob, known)
             except Exception as exc:  # noqa: BLE001 - recorded as a failed check
                 report.add("aggregate recomputed", subject, False, f"{type(exc).__name__}: {exc}")

@@ -8,14 +8,20 @@ test_free_riders.py and tests/benchmarks/bench_free_riders.py.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from prismesh.aggregator.adapters import Adapter
 from prismesh.aggregator.contribution import (
     SCORE_SCALE,
+    PublishedAdapters,
     contribution_scores,
     inner_products,
+    measure,
+    published_before,
     score_updates,
     split_pool,
     to_fixed,
@@ -182,3 +188,103 @@ def test_weight_rules_bound_every_claim() -> None:
         sample_cap = 64
 
     assert WeightRule.of_task(Params()) == WeightRule("uniform", 64)
+
+
+def _history(seed: int, rounds: int) -> tuple[Round, list[Adapter]]:
+    """A round after ``rounds`` earlier ones: its known adapters are every earlier global and
+    update, plus one rejected update with a NaN and one of another layout (both left out)."""
+    known: list[Adapter] = []
+    for r in range(rounds):
+        earlier = Round(seed=seed + r, honest=3)
+        known += [earlier.glob, *earlier.honest]
+    nan = _adapter(_factors(known[1]))
+    nan.tensors[_key("q", "B")][0, 0] = np.nan
+    other = _adapter({m: (np.ones((R + 1, IN)), np.ones((OUT, R + 1))) for m in MODULES})
+    return Round(seed=seed + rounds, honest=4), [*known, nan, other]
+
+
+def test_measured_history_scores_exactly_as_the_raw_history() -> None:
+    rnd, known = _history(seed=40, rounds=3)
+    ups = [ClientUpdate(f"0x{i:040x}", 1, ad) for i, ad in enumerate(rnd.honest)]
+    measured = [measure(k) for k in known]
+    assert [m.finite for m in measured[-2:]] == [False, True]
+    assert np.isnan(measured[-2].sq_norm)
+    assert measured[0].sq_norm == inner_products([known[0]], [known[0]])[0, 0]
+    raw = contribution_scores(rnd.honest, rnd.glob, [rnd.glob, *known])
+    cached = contribution_scores(rnd.honest, rnd.glob, [measure(rnd.glob), *measured])
+    assert np.array_equal(raw, cached)  # bit for bit: the chain's scores and the audit's agree
+    assert score_updates(ups, rnd.glob, [rnd.glob, *known]) == score_updates(ups, rnd.glob, [measure(rnd.glob), *measured])
+    # A factor pair that does not fit together is measured as NaN, not an error.
+    broken = Adapter(dict(CONFIG), {_key("q", "A"): np.ones((R, IN)), _key("q", "B"): np.ones((OUT, R + 2))})
+    assert np.isnan(measure(broken).sq_norm)
+
+
+def test_published_adapters_are_loaded_and_measured_once_per_cid(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prismesh.aggregator.contribution as contribution
+
+    _, known = _history(seed=50, rounds=2)
+    measured: list[int] = []
+    real_measure = contribution.measure
+    monkeypatch.setattr(contribution, "measure", lambda ad: measured.append(1) or real_measure(ad))
+    loads: list[str] = []
+
+    def loader(i: int):
+        return lambda: loads.append(f"cid{i}") or known[i]
+
+    cache = PublishedAdapters()
+    first = [cache.get(f"cid{i}", loader(i)) for i in range(4)]
+    again = [cache.get(f"cid{i}", loader(i)) for i in range(6)]  # the next round knows two more
+    assert loads == [f"cid{i}" for i in range(6)] and len(measured) == 6 and len(cache) == 6
+    assert [k.adapter for k in again[:4]] == [k.adapter for k in first]
+    assert cache.bytes_kept == sum(v.nbytes for k in known[:6] for v in k.tensors.values())
+
+    # Past its budget the cache reads the adapter again but keeps its measures.
+    tight = PublishedAdapters(max_bytes=0)
+    measured.clear()
+    loads.clear()
+    one = tight.get("cid0", loader(0))
+    two = tight.get("cid0", loader(0))
+    assert loads == ["cid0", "cid0"] and len(measured) == 1 and tight.bytes_kept == 0
+    assert one.sq_norm == two.sq_norm
+
+    def unavailable():
+        raise OSError("store down")
+
+    with pytest.raises(OSError):
+        tight.get("cid9", unavailable)
+    assert tight.get("cid9", loader(1)).finite  # a failed load is tried again, not remembered
+    with pytest.raises(ValueError, match="max_bytes"):
+        PublishedAdapters(max_bytes=-1)
+
+
+def test_published_before_reads_a_cid_from_the_store_once_per_task(tmp_path: Path) -> None:
+    from prismesh.aggregator.adapters import save_adapter
+    from prismesh.chain.storage import EmbeddedStore, add_adapter
+
+    _, known = _history(seed=60, rounds=1)
+    store = EmbeddedStore(tmp_path / "ipfs")
+    cids = [add_adapter(store, save_adapter(ad, tmp_path / f"ad{i}")) for i, ad in enumerate(known[:3])]
+    cache = PublishedAdapters()
+    work = tmp_path / "published"
+    before = published_before(None, store, 1, 2, work, cids=cids[:2], cache=cache)
+    for cid in cids[:2]:  # the store and the fetched copies are gone: the kept ones still count
+        store.unpin(cid)
+    assert store.gc() > 0
+    shutil.rmtree(work)
+    after = published_before(None, store, 1, 3, work, cids=cids, cache=cache)
+    assert [k.adapter for k in after[:2]] == [k.adapter for k in before]
+    assert len(after) == 3 and all(k.finite for k in after)
+    # Without the cache the same call loses the two it can no longer fetch.
+    assert len(published_before(None, store, 1, 3, tmp_path / "fresh", cids=cids)) == 1
+
+
+def test_an_added_adapter_is_a_copy_the_caller_cannot_change() -> None:
+    _, known = _history(seed=70, rounds=1)
+    cache = PublishedAdapters()
+    ad = _adapter(_factors(known[1]))
+    cache.add("cid-a", ad)
+    before = cache.get("cid-a", lambda: pytest.fail("an added adapter is not loaded again"))
+    ad.tensors[_key("q", "B")][:] = 0.0  # e.g. a strategy clipping the update in place
+    kept = cache.get("cid-a", lambda: pytest.fail("an added adapter is not loaded again"))
+    assert kept is before and np.array_equal(kept.adapter.tensors[_key("q", "B")], known[1].tensors[_key("q", "B")])
+    assert kept.sq_norm == inner_products([known[1]], [known[1]])[0, 0]
