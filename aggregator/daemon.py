@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from prismesh.aggregator.history import (  # noqa: F401 - aggregation_base and config_only_adapter are re-exported
+    ReplayMemo,
     aggregation_base,
     config_only_adapter,
     server_state_before,
@@ -132,6 +133,7 @@ class AggregatorDaemon:
         self._params: dict[int, Any] = {}
         self._specs: dict[int, Any] = {}
         self._published: dict[int, Any] = {}
+        self._replayed: dict[int, ReplayMemo] = {}
         self._owns_ray = False
         if config.parallel:
             # Ray starts now, on a thread, while the first round's clients train.
@@ -568,7 +570,7 @@ class AggregatorDaemon:
         global_adapter = aggregation_base(spec, global_raw)
         # A server optimiser's state is rebuilt from the chain and the store, never kept here.
         state = server_state_before(self.coordinator, self.manifest.deploy_block, self.store, spec, strategy,
-                                    task, rnd, work / "history")
+                                    task, rnd, work / "history", memo=self._replayed.setdefault(task, ReplayMemo()))
         result = aggregate(strategy, updates, global_adapter, state)
         excluded = dict(result.metrics.get("excluded", {}))
         for client, reason in sorted(excluded.items()):

@@ -71,30 +71,50 @@ def replay_round(strategy: Any, spec: Any, global_adapter: Any | None, updates: 
     return aggregate(strategy, updates, aggregation_base(spec, global_adapter), state)
 
 
+@dataclass
+class ReplayMemo:
+    """The last state :func:`server_state_before` rebuilt for one task and the accepted rounds
+    it covers, ``(round, aggregate CID)`` in order: the next round replays only what was
+    accepted since, while the chain's accepted rounds still begin with these (otherwise it
+    replays the whole history again). A strategy's step returns a new state and leaves the one
+    it was given alone, so a kept state is never changed under the memo."""
+
+    covered: tuple[tuple[int, str], ...] = ()
+    state: Any = None
+
+
 def server_state_before(coordinator: Any, start_block: int, store: Any, spec: Any, strategy: Any,
-                        task_id: int, round_no: int, work: Path) -> Any:
+                        task_id: int, round_no: int, work: Path, memo: ReplayMemo | None = None) -> Any:
     """The state of ``strategy`` after every accepted round of ``task_id`` before ``round_no``,
-    replayed from the chain's events and the store's adapters (``None`` for a stateless one)."""
+    replayed from the chain's events and the store's adapters (``None`` for a stateless one).
+    With ``memo`` (one per task, kept by the caller) each accepted round is replayed once, not
+    once for every later round."""
     if not getattr(strategy, "stateful", False):
         return None
     from prismesh.aggregator.adapters import load_adapter
     from prismesh.aggregator.weights import WeightRule
     from prismesh.chain.storage import fetch_adapter
 
-    rule = WeightRule.of_task(coordinator.get_task_params(task_id))
-    opened = {ev.round: ev for ev in coordinator.get_events("RoundOpened", start_block, taskId=task_id)}
-    reveals: dict[int, dict[str, Any]] = {}
-    for ev in coordinator.get_events("UpdateRevealed", start_block, taskId=task_id):
-        reveals.setdefault(ev.round, {})[ev.client] = ev
-    state = None
-    for acc in sorted(coordinator.get_events("AggregateAccepted", start_block, taskId=task_id), key=lambda e: e.round):
-        if acc.round >= round_no:
-            break
-        contributions = [
-            Contribution(c, reveals[acc.round][c].cid, int(reveals[acc.round][c].num_samples)) for c in acc.included
-        ]
-        dirs = {c.cid: fetch_adapter(store, c.cid, work / "updates" / c.cid) for c in contributions}
-        global_cid = opened[acc.round].global_adapter_cid if acc.round in opened else ""
-        glob = load_adapter(fetch_adapter(store, global_cid, work / "global" / global_cid)) if global_cid else None
-        state = replay_round(strategy, spec, glob, round_updates(contributions, dirs, rule), state).state
+    accepted = sorted((acc for acc in coordinator.get_events("AggregateAccepted", start_block, taskId=task_id)
+                       if acc.round < round_no), key=lambda e: e.round)
+    history = tuple((int(acc.round), str(acc.aggregate_cid)) for acc in accepted)
+    done, state = 0, None
+    if memo is not None and memo.covered and history[: len(memo.covered)] == memo.covered:
+        done, state = len(memo.covered), memo.state
+    if done < len(accepted):
+        rule = WeightRule.of_task(coordinator.get_task_params(task_id))
+        opened = {ev.round: ev for ev in coordinator.get_events("RoundOpened", start_block, taskId=task_id)}
+        reveals: dict[int, dict[str, Any]] = {}
+        for ev in coordinator.get_events("UpdateRevealed", start_block, taskId=task_id):
+            reveals.setdefault(ev.round, {})[ev.client] = ev
+        for acc in accepted[done:]:
+            contributions = [
+                Contribution(c, reveals[acc.round][c].cid, int(reveals[acc.round][c].num_samples)) for c in acc.included
+            ]
+            dirs = {c.cid: fetch_adapter(store, c.cid, work / "updates" / c.cid) for c in contributions}
+            global_cid = opened[acc.round].global_adapter_cid if acc.round in opened else ""
+            glob = load_adapter(fetch_adapter(store, global_cid, work / "global" / global_cid)) if global_cid else None
+            state = replay_round(strategy, spec, glob, round_updates(contributions, dirs, rule), state).state
+    if memo is not None:
+        memo.covered, memo.state = history, state
     return state

@@ -117,8 +117,8 @@ def test_full_task_with_finality_pays_every_client(tmp_path, bench):
         # against round 1's reveals and global without fetching them again.
         kept = fed.aggregator._published[task]
         assert len(kept) >= len(set(published_cids(coord, task, 2)))
-        assert all(kept.get(cid, lambda: pytest.fail(f"{cid} fetched again")).finite
-                   for cid in published_cids(coord, task, 2))
+        for cid in published_cids(coord, task, 2):
+            assert kept.get(cid, lambda cid=cid: pytest.fail(f"{cid} fetched again")).finite
 
         # Tamper with one stored client adapter: the audit must fail and name it.
         victim = coord.get_events("UpdateRevealed", fed.manifest.deploy_block, taskId=task)[0]

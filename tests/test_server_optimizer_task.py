@@ -13,6 +13,7 @@ from prismesh.aggregator.audit import audit_task
 from prismesh.aggregator.daemon import AGGREGATOR_EVENTS, AggregatorConfig, AggregatorDaemon
 from prismesh.aggregator.history import (
     Contribution,
+    ReplayMemo,
     replay_round,
     round_updates,
     server_state_before,
@@ -78,6 +79,23 @@ def test_fedavgm_task_is_restart_safe_and_audited(tmp_path: Path) -> None:
         # The state matters: round 3 recomputed without it is a different adapter.
         state = server_state_before(coord, start, fed.store, spec, strategy, task, 3, tmp_path / "h")
         assert state.step == 2
+
+        # Kept from round to round, the replay covers each accepted round once: round 3's state
+        # replays only round 2 on top of round 1's, and is the same as the whole replay's.
+        memo = ReplayMemo()
+        first = server_state_before(coord, start, fed.store, spec, strategy, task, 2, tmp_path / "m1", memo=memo)
+        assert first.step == 1 and memo.covered == ((1, accepted[1].aggregate_cid),)
+        again = server_state_before(coord, start, fed.store, spec, strategy, task, 3, tmp_path / "m2", memo=memo)
+        assert again.step == 2 and memo.covered == ((1, accepted[1].aggregate_cid), (2, accepted[2].aggregate_cid))
+        fetched = {p.name for p in (tmp_path / "m2" / "updates").iterdir()}
+        assert fetched == {reveals[(2, c)].cid for c in accepted[2].included}  # round 1's not fetched again
+        assert all((again.m[k] == state.m[k]).all() for k in state.m) and again.m.keys() == state.m.keys()
+        assert first.step == 1  # the kept state was not changed by the step after it
+        # A memo that no longer matches the chain (another history) is not trusted: whole replay.
+        memo.covered = ((1, "QmSomethingElse"),)
+        redone = server_state_before(coord, start, fed.store, spec, strategy, task, 3, tmp_path / "m3", memo=memo)
+        assert redone.step == 2 and all((redone.m[k] == state.m[k]).all() for k in state.m)
+        assert {p.name for p in (tmp_path / "m3" / "updates").iterdir()} >= {reveals[(1, c)].cid for c in accepted[1].included}
         contributions = [Contribution(c, reveals[(3, c)].cid, int(reveals[(3, c)].num_samples)) for c in accepted[3].included]
         dirs = {c.cid: fetch_adapter(fed.store, c.cid, tmp_path / "u" / c.cid) for c in contributions}
         from prismesh.aggregator.adapters import load_adapter, save_adapter
