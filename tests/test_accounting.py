@@ -96,6 +96,29 @@ def test_each_evaluation_moves_to_the_round_whose_aggregate_it_scored() -> None:
         assert after["overhead_seconds"] == pytest.approx(after["wall_seconds"] - after["training_seconds"])
 
 
+def test_the_steady_ratio_swaps_only_the_shared_evaluation() -> None:
+    """The benchmark's steady figure keeps each side's own parts and other work and puts the
+    plain loop's evaluation time on both sides, so a slow evaluation on one side moves only the
+    raw ratio."""
+    from tests.benchmarks.bench_round_overhead import _figures, overheads, steady_ratio
+
+    def rows(evaluation: float, own: float, other: float) -> list[dict]:
+        def one(label: str) -> dict:
+            parts = {"training": 4.0, "evaluation": evaluation, "chain": own / 2, "finality": own / 2}
+            return make_row(label, 4.0 + evaluation + own + other, parts, 4.0)
+        return [one("round 1"), one("round 2"), one("round 3")]
+
+    def side(evaluation: float, own: float, other: float) -> dict:
+        return {"rows": rows(evaluation, own, other), "startup_seconds": 1.0, "peak_pss_mib": 1.0}
+
+    plain = _figures(side(5.0, 0.0, 0.5), 3)
+    fed = _figures(side(6.0, 0.4, 0.6), 3)  # its evaluation happened to run 1 s slower
+    assert fed["own"] == pytest.approx(0.4) and fed["other"] == pytest.approx(0.6)
+    assert fed["evaluation"] == pytest.approx(6.0) and plain["own"] == 0.0
+    assert overheads(side(6.0, 0.4, 0.6)["rows"], 3)[1] / plain["later"] == pytest.approx(7.0 / 5.5)
+    assert steady_ratio(fed, plain) == pytest.approx(6.0 / 5.5)  # 5 + 0.4 + 0.6 against 5 + 0.5
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_demo_report_rows_add_up_to_the_federated_wall_time(tmp_path) -> None:

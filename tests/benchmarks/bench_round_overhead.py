@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The federation's own parts of a round's overhead; evaluation and "other" (which holds the
+# trainer's model loading) are on both sides.
+OWN_PARTS = ("chain", "finality", "storage", "aggregation")
 TARGETS = {"all_rounds": 1.5, "rounds_2plus": 1.1, "startup_vs_plain": 3.0, "startup_seconds": 25.0, "memory": 1.3}
 
 
@@ -240,6 +243,14 @@ def main() -> int:
     for title, key, fmt, target in rows:
         ratio = f"{fed[key] / plain[key]:.2f}x" if plain[key] else "–"
         print(f"| {title} | {fmt.format(fed[key])} | {fmt.format(plain[key])} | {ratio} | {target} |")
+    print(f"\nrounds 2+, per round (s), {label}:")
+    print("| | federated (demo) | plain loop |")
+    print("|---|---:|---:|")
+    print(f"| chain + finality + storage + aggregation | {fed['own']:.2f} | {plain['own']:.2f} |")
+    print(f"| other (daemons' own work; the trainer's model loading) | {fed['other']:.2f} | {plain['other']:.2f} |")
+    print(f"| evaluation (the same work on both sides) | {fed['evaluation']:.2f} | {plain['evaluation']:.2f} |")
+    print(f"rounds 2+ with the plain loop's evaluation time on both sides: {steady_ratio(fed, plain):.2f}x "
+          f"(the shared evaluation's run-to-run spread taken out)")
     for name, side in (("federated", runs["federated"][-1]), ("plain loop", runs["plain"][-1])):
         print(f"\n{name} rows of the last run (overhead split, s):")
         for r in side["rows"]:
@@ -252,13 +263,28 @@ def main() -> int:
 
 def _figures(result: dict[str, Any], rounds: int) -> dict[str, float]:
     all_rounds, later = overheads(result["rows"], rounds)
+    steady = [r for r in result["rows"] if r["row"] != "round 1"]
+
+    def per_round(parts: tuple[str, ...]) -> float:
+        return sum(r["overhead"].get(k, 0.0) for r in steady for k in parts) / max(1, rounds - 1)
+
     return {
         "all": all_rounds,
         "later": later,
         "startup": result["startup_seconds"],
         "pss": result["peak_pss_mib"],
         "training": sum(r["training_seconds"] for r in result["rows"]),
+        "own": per_round(OWN_PARTS),
+        "evaluation": per_round(("evaluation",)),
+        "other": per_round(("other",)),
     }
+
+
+def steady_ratio(fed: dict[str, float], plain: dict[str, float]) -> float:
+    """Rounds 2+ with the plain loop's evaluation time on both sides: the evaluation is the same
+    work, and on a shared machine it varies between runs by more than the federation costs."""
+    same = plain["evaluation"]
+    return (same + fed["own"] + fed["other"]) / (same + plain["own"] + plain["other"])
 
 
 def _same_accuracy(a: list[dict[str, float]], b: list[dict[str, float]]) -> bool:
