@@ -39,6 +39,7 @@ every run. The chain stores them as integers in [0, SCORE_SCALE] (``to_fixed``),
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -215,19 +216,20 @@ def split_pool(scores: Mapping[str, int], reward_per_update: int, remaining: int
 
 
 class PublishedAdapters:
-    """A task's published adapters by CID, loaded and measured once for every later round.
+    """Published adapters by CID, loaded and measured once for every later round.
 
-    Each round's updates are scored against everything published before it, so re-reading and
-    re-measuring that history per round made scoring cost grow with the task's length (about
-    0.1 s a round by round 8 of a three-client task). Measures are kept for every CID; loaded
-    adapters while they fit in ``max_bytes``, beyond which a later round reads them again from
-    disk. An adapter that could not be loaded is not remembered: the next round tries again."""
+    Each round's updates are scored against everything its task published before it, so
+    re-reading and re-measuring that history per round made scoring cost grow with the task's
+    length (about 0.1 s a round by round 8 of a three-client task). A CID names its content, so
+    one instance can serve every task. Measures are kept for every CID; loaded adapters up to
+    ``max_bytes``, the least recently used dropped first (a later round reads those from disk
+    again). An adapter that could not be loaded is not remembered: the next round tries again."""
 
     def __init__(self, max_bytes: int = 64 << 20) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be non-negative, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._kept: dict[str, KnownAdapter] = {}
+        self._kept: OrderedDict[str, tuple[KnownAdapter, int]] = OrderedDict()
         self._measures: dict[str, tuple[bool, float]] = {}
         self._bytes = 0
 
@@ -249,7 +251,8 @@ class PublishedAdapters:
     def get(self, cid: str, load: Callable[[], Adapter]) -> KnownAdapter:
         """The adapter ``cid`` with its measures; ``load`` reads it when it is not kept."""
         if cid in self._kept:
-            return self._kept[cid]
+            self._kept.move_to_end(cid)
+            return self._kept[cid][0]
         adapter = load().as_numpy()
         if cid in self._measures:
             finite, sq_norm = self._measures[cid]
@@ -258,8 +261,11 @@ class PublishedAdapters:
             known = measure(adapter)
             self._measures[cid] = (known.finite, known.sq_norm)
         size = sum(int(np.asarray(v).nbytes) for v in adapter.tensors.values())
-        if self._bytes + size <= self.max_bytes:
-            self._kept[cid] = known
+        if size <= self.max_bytes:
+            while self._bytes + size > self.max_bytes:
+                _, (_, dropped) = self._kept.popitem(last=False)
+                self._bytes -= dropped
+            self._kept[cid] = (known, size)
             self._bytes += size
         return known
 

@@ -32,6 +32,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ HEAL_RECENT_AGGREGATES = 8
 # How many past aggregates the daemon keeps in the store (audits re-compute them).
 HEAL_HISTORY = 200
 
+# Server-optimiser states kept in memory at once, one per task.
+MAX_REPLAY_MEMOS = 4
 AGGREGATOR_EVENTS = ("RoundOpened", "UpdateRevealed", "PhaseChanged", "AggregateAccepted", "RoundFailed")
 
 
@@ -132,8 +135,8 @@ class AggregatorDaemon:
         self._box_key: Any = None
         self._params: dict[int, Any] = {}
         self._specs: dict[int, Any] = {}
-        self._published: dict[int, Any] = {}
-        self._replayed: dict[int, ReplayMemo] = {}
+        self._published: Any = None  # PublishedAdapters, made on first use (it needs numpy)
+        self._replayed: OrderedDict[int, ReplayMemo] = OrderedDict()
         self._owns_ray = False
         if config.parallel:
             # Ray starts now, on a thread, while the first round's clients train.
@@ -461,6 +464,15 @@ class AggregatorDaemon:
             spec = self._specs[task] = TaskSpec.from_bytes(self.store.cat(cid), where=f"hyper-parameter file {cid}")
         return spec
 
+    def _replay_memo(self, task: int) -> ReplayMemo:
+        """The task's replay memo; those of the least recently aggregated tasks beyond
+        ``MAX_REPLAY_MEMOS`` are dropped (a dropped task replays from round 1 again)."""
+        memo = self._replayed.pop(task, None) or ReplayMemo()
+        self._replayed[task] = memo
+        while len(self._replayed) > MAX_REPLAY_MEMOS:
+            self._replayed.popitem(last=False)
+        return memo
+
     def _claim_fees_if_done(self, task: int) -> None:
         """Mint the fees this aggregator earned once a task it aggregated is complete (a claim a
         devnet crash loses is made again with the next task's: the fees stay owed until then)."""
@@ -552,7 +564,9 @@ class AggregatorDaemon:
         for client, reason in rejected.items():
             log.warning("task %d round %d: excluding %s: %s", task, rnd, client, reason)
         # What this round fetched and checked is known to the next one without a fetch.
-        published = self._published.setdefault(task, PublishedAdapters())
+        if self._published is None:
+            self._published = PublishedAdapters()
+        published = self._published
         for v in verified:
             published.add(v.cid, v.adapter)
         if global_raw is not None:
@@ -568,9 +582,10 @@ class AggregatorDaemon:
         updates = [replace(v.to_update(), num_samples=rule.weight(v.num_samples)) for v in verified]
         strategy = get_strategy(spec.strategy, **spec.strategy_options)
         global_adapter = aggregation_base(spec, global_raw)
-        # A server optimiser's state is rebuilt from the chain and the store, never kept here.
+        # A server optimiser's state is rebuilt from the chain and the store, never stored here;
+        # in memory, the last rebuild lets the next round replay only what was accepted since.
         state = server_state_before(self.coordinator, self.manifest.deploy_block, self.store, spec, strategy,
-                                    task, rnd, work / "history", memo=self._replayed.setdefault(task, ReplayMemo()))
+                                    task, rnd, work / "history", memo=self._replay_memo(task))
         result = aggregate(strategy, updates, global_adapter, state)
         excluded = dict(result.metrics.get("excluded", {}))
         for client, reason in sorted(excluded.items()):

@@ -238,6 +238,18 @@ def test_published_adapters_are_loaded_and_measured_once_per_cid(monkeypatch: py
     assert [k.adapter for k in again[:4]] == [k.adapter for k in first]
     assert cache.bytes_kept == sum(v.nbytes for k in known[:6] for v in k.tensors.values())
 
+    # Over its budget it drops the least recently used adapter first (measures stay).
+    size = sum(v.nbytes for v in known[0].tensors.values())
+    lru = PublishedAdapters(max_bytes=2 * size)
+    lru.get("cid0", loader(0))
+    lru.get("cid1", loader(1))
+    lru.get("cid0", loader(0))  # used again: cid1 is now the oldest
+    lru.get("cid2", loader(2))
+    loads.clear()
+    lru.get("cid0", loader(0))
+    lru.get("cid1", loader(1))
+    assert loads == ["cid1"] and lru.bytes_kept == 2 * size
+
     # Past its budget the cache reads the adapter again but keeps its measures.
     tight = PublishedAdapters(max_bytes=0)
     measured.clear()

@@ -115,7 +115,7 @@ def test_full_task_with_finality_pays_every_client(tmp_path, bench):
             assert fed.aggregator._published_cids(task, rnd) == published_cids(coord, task, rnd)
         # What it verified and merged it kept, measured, for the rounds after: round 2 scored
         # against round 1's reveals and global without fetching them again.
-        kept = fed.aggregator._published[task]
+        kept = fed.aggregator._published
         assert len(kept) >= len(set(published_cids(coord, task, 2)))
         for cid in published_cids(coord, task, 2):
             assert kept.get(cid, lambda cid=cid: pytest.fail(f"{cid} fetched again")).finite

@@ -96,6 +96,13 @@ def test_fedavgm_task_is_restart_safe_and_audited(tmp_path: Path) -> None:
         redone = server_state_before(coord, start, fed.store, spec, strategy, task, 3, tmp_path / "m3", memo=memo)
         assert redone.step == 2 and all((redone.m[k] == state.m[k]).all() for k in state.m)
         assert {p.name for p in (tmp_path / "m3" / "updates").iterdir()} >= {reveals[(1, c)].cid for c in accepted[1].included}
+        # The daemon keeps one memo per task for its most recently aggregated tasks only.
+        from prismesh.aggregator.daemon import MAX_REPLAY_MEMOS
+
+        for t in range(100, 100 + MAX_REPLAY_MEMOS + 2):
+            other._replay_memo(t)
+        assert list(other._replayed) == list(range(102, 100 + MAX_REPLAY_MEMOS + 2))
+        assert other._replay_memo(103) is other._replay_memo(103)
         contributions = [Contribution(c, reveals[(3, c)].cid, int(reveals[(3, c)].num_samples)) for c in accepted[3].included]
         dirs = {c.cid: fetch_adapter(fed.store, c.cid, tmp_path / "u" / c.cid) for c in contributions}
         from prismesh.aggregator.adapters import load_adapter, save_adapter
