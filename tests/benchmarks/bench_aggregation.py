@@ -45,9 +45,10 @@ QWEN3_1_7B = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapters(n: int, lora: dict, seed: int = 0) -> list[Adapter]:
-    """Client adapters shaped like a trained LoRA: A at PEFT's init scale, small non-zero B."""
-    shapes = expected_lora_shapes(QWEN3_1_7B, lora)
+def make_adapters(n: int, lora: dict, seed: int = 0, model: dict | None = None) -> list[Adapter]:
+    """Client adapters shaped like a trained LoRA on ``model`` (Qwen3-1.7B unless told): A at
+    PEFT's init scale, small non-zero B."""
+    shapes = expected_lora_shapes(model or QWEN3_1_7B, lora)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
