@@ -300,3 +300,11 @@ def test_an_added_adapter_is_a_copy_the_caller_cannot_change() -> None:
     kept = cache.get("cid-a", lambda: pytest.fail("an added adapter is not loaded again"))
     assert kept is before and np.array_equal(kept.adapter.tensors[_key("q", "B")], known[1].tensors[_key("q", "B")])
     assert kept.sq_norm == inner_products([known[1]], [known[1]])[0, 0]
+
+
+def test_the_scoring_history_benchmark_runs_and_agrees(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.benchmarks.bench_scoring_history import main
+
+    assert main(["--rounds", "3", "--clients", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "scores identical in every round" in out and "| 3 | 7 |" in out  # 3 globals + 2 x 2 reveals
