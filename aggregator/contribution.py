@@ -201,8 +201,7 @@ def score_updates(
     ordered = sorted(updates, key=lambda u: u.client)
     if not ordered:
         return {}
-    scores = contribution_scores([u.adapter.as_numpy() for u in ordered], base,
-                                 [k if isinstance(k, KnownAdapter) else k.as_numpy() for k in known])
+    scores = contribution_scores([u.adapter.as_numpy() for u in ordered], base, known)
     return dict(zip([u.client for u in ordered], to_fixed(scores), strict=True))
 
 
@@ -260,7 +259,7 @@ class PublishedAdapters:
         else:
             known = measure(adapter)
             self._measures[cid] = (known.finite, known.sq_norm)
-        size = sum(int(np.asarray(v).nbytes) for v in adapter.tensors.values())
+        size = sum(int(v.nbytes) for v in adapter.tensors.values())
         if size <= self.max_bytes:
             while self._bytes + size > self.max_bytes:
                 _, (_, dropped) = self._kept.popitem(last=False)
@@ -268,6 +267,10 @@ class PublishedAdapters:
             self._kept[cid] = (known, size)
             self._bytes += size
         return known
+
+
+class _Unavailable(Exception):
+    """A published adapter that cannot be fetched intact, opened or loaded."""
 
 
 def published_before(coordinator: object, store: object, task_id: int, round: int, workdir: object,
@@ -310,10 +313,6 @@ def published_before(coordinator: object, store: object, task_id: int, round: in
         except _Unavailable:
             continue
     return out
-
-
-class _Unavailable(Exception):
-    """A published adapter that cannot be fetched intact, opened or loaded."""
 
 
 def published_cids(coordinator: object, task_id: int, round: int) -> list[str]:

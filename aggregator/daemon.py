@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from prismesh.aggregator.contribution import PublishedAdapters
 from prismesh.aggregator.history import (  # noqa: F401 - aggregation_base and config_only_adapter are re-exported
     ReplayMemo,
     aggregation_base,
@@ -135,7 +136,7 @@ class AggregatorDaemon:
         self._box_key: Any = None
         self._params: dict[int, Any] = {}
         self._specs: dict[int, Any] = {}
-        self._published: Any = None  # PublishedAdapters, made on first use (it needs numpy)
+        self._published = PublishedAdapters()
         self._replayed: OrderedDict[int, ReplayMemo] = OrderedDict()
         self._owns_ray = False
         if config.parallel:
@@ -492,11 +493,7 @@ class AggregatorDaemon:
         no score, so neither is included nor paid."""
         log.info("aggregating task %d round %d: fetching and verifying %d updates", task, rnd, len(rec["reveals"]))
         from prismesh.aggregator.adapters import load_adapter, save_adapter
-        from prismesh.aggregator.contribution import (
-            PublishedAdapters,
-            published_before,
-            score_updates,
-        )
+        from prismesh.aggregator.contribution import published_before, score_updates
         from prismesh.aggregator.parallel import (
             Rejected,
             SealedStoreFetch,
@@ -564,13 +561,10 @@ class AggregatorDaemon:
         for client, reason in rejected.items():
             log.warning("task %d round %d: excluding %s: %s", task, rnd, client, reason)
         # What this round fetched and checked is known to the next one without a fetch.
-        if self._published is None:
-            self._published = PublishedAdapters()
-        published = self._published
         for v in verified:
-            published.add(v.cid, v.adapter)
+            self._published.add(v.cid, v.adapter)
         if global_raw is not None:
-            published.add(rec["global_cid"], global_raw)
+            self._published.add(rec["global_cid"], global_raw)
         if len(verified) < params.min_participants:
             reason = (
                 f"{len(verified)} valid update(s), fewer than the minimum {params.min_participants}"
@@ -606,7 +600,7 @@ class AggregatorDaemon:
         else:
             out, metrics = save_adapter(result.adapter, target), dict(result.metrics)
         known = published_before(self.coordinator, self.store, task, rnd, self.config.state_dir / "work" / "published",
-                                 private_key=key, cids=self._published_cids(task, rnd), cache=published)
+                                 private_key=key, cids=self._published_cids(task, rnd), cache=self._published)
         scores = score_updates(kept, global_adapter, known)
         if privacy.sealed or privacy.client_dp is not None or spec.train.get("dp_noise_multiplier"):
             from prismesh.chain.privacy import privacy_report
