@@ -12,9 +12,10 @@ hash mismatch, a malformed file, a wrong shape, NaNs, a crashed worker, a timeou
 come back in the input order, carrying the adapter's tensors (a worker's disk may be another
 host's), ready for a strategy.
 
-A local Ray is started lean (:func:`ensure_ray`): GCS, raylet, its two mandatory agents and the
-workers, without the dashboard server, the autoscaler monitor or the log monitor, which a
-single-host instance has no use for. :func:`start_ray_in_background` overlaps its start-up with
+A local Ray is started lean (:func:`ensure_ray`): GCS, raylet and the workers, with
+:mod:`~prismesh.aggregator.idle_agent` in place of the two agents the raylet insists on, and
+without the dashboard server, the autoscaler monitor or the log monitor, which a single-host
+instance has no use for. :func:`start_ray_in_background` overlaps its start-up with
 other work.
 """
 
@@ -256,15 +257,44 @@ def stop_ray() -> None:
         starter.thread.join(timeout=10)
 
 
+IDLE_AGENT = Path(__file__).with_name("idle_agent.py")
+_AGENT_FLAGS = {"--dashboard_agent_command=": "dashboard", "--runtime_env_agent_command=": "runtime-env"}
+
+
+def _idle_agent_commands(raylet_command: Sequence[str]) -> list[str]:
+    """The raylet's command with its two agent commands replaced by :mod:`idle_agent` (same
+    interpreter, no site packages), keeping the node id and session folder they were given."""
+    import shlex
+    import subprocess
+    import sys
+
+    out = []
+    for arg in raylet_command:
+        for flag, role in _AGENT_FLAGS.items():
+            if arg.startswith(flag):
+                keep = [a for a in shlex.split(arg[len(flag):]) if a.startswith(("--node-id=", "--session-dir="))]
+                if len(keep) != 2:
+                    raise RuntimeError(f"Ray's {role} agent command lacks --node-id or --session-dir: {arg[:300]}")
+                arg = flag + subprocess.list2cmdline(
+                    [sys.executable, "-S", "-I", str(IDLE_AGENT), f"--role={role}", *keep])
+        out.append(arg)
+    return out
+
+
 @contextlib.contextmanager
 def _lean_head_node() -> Iterator[None]:
     """While ``ray.init`` starts a local head node: no autoscaler monitor (nothing to scale),
-    no log monitor (``log_to_driver`` is off, logs stay in the session folder) and no dashboard
-    server (``include_dashboard=False`` still starts one for usage statistics). Ray's public
-    ``init`` has no switch for these, so its node class is swapped for the call."""
+    no log monitor (``log_to_driver`` is off, logs stay in the session folder), no dashboard
+    server (``include_dashboard=False`` still starts one for usage statistics), and the raylet's
+    dashboard and runtime-env agents replaced by :mod:`idle_agent` (no metrics export, no runtime
+    environments: plain tasks on this host need neither; ``PRISMESH_RAY_AGENTS=ray`` keeps
+    Ray's own). Ray's public ``init`` has no switch for these, so its node class and process
+    launcher are swapped for the call."""
     import ray._private.node as ray_node
+    import ray._private.services as ray_services
 
-    base = ray_node.Node
+    base, launch = ray_node.Node, ray_services.start_ray_process
+    idle_agents = os.environ.get("PRISMESH_RAY_AGENTS", "idle") != "ray"
 
     class LeanNode(base):  # type: ignore[misc, valid-type]
         def __init__(self, ray_params: Any, *args: Any, head: bool = False, **kwargs: Any) -> None:
@@ -276,11 +306,16 @@ def _lean_head_node() -> Iterator[None]:
         def start_api_server(self, *, include_dashboard: bool | None, raise_on_failure: bool) -> None:
             self._webui_url = None
 
-    ray_node.Node = LeanNode
+    def lean_launch(command: list[str], process_type: str, *args: Any, **kwargs: Any) -> Any:
+        if idle_agents and process_type == "raylet":
+            command = _idle_agent_commands(command)
+        return launch(command, process_type, *args, **kwargs)
+
+    ray_node.Node, ray_services.start_ray_process = LeanNode, lean_launch
     try:
         yield
     finally:
-        ray_node.Node = base
+        ray_node.Node, ray_services.start_ray_process = base, launch
 
 
 # Below this many adapter bytes a Ray task costs more than the verification it parallelises.

@@ -20,6 +20,7 @@ from prismesh.aggregator.adapters import (
     save_adapter,
 )
 from prismesh.aggregator.parallel import (
+    IDLE_AGENT,
     Rejected,
     StoreFetch,
     UpdateRef,
@@ -289,43 +290,147 @@ def test_large_updates_split_over_ray_workers(ray_session, batch, tmp_path):
     check_outcome(results, items, expected_reason)
 
 
-def test_lean_local_ray_runs_only_what_it_needs():
-    """A local instance started here has no dashboard, monitor or log monitor process, and
-    none of its processes outlive ``stop_ray``."""
+LIST_RAY_TREE = (
+    "import os, time\n"
+    "from prismesh.aggregator.parallel import ensure_ray, start_ray_in_background, stop_ray\n"
+    "assert start_ray_in_background(num_cpus=1)\n"
+    "assert not ensure_ray(num_cpus=1)\n"
+    "import ray\n"
+    "assert ray.get(ray.remote(lambda: 7).remote()) == 7\n"
+    "def tree():\n"
+    "    kids, out = {}, []\n"
+    "    for d in os.listdir('/proc'):\n"
+    "        if d.isdigit():\n"
+    "            try:\n"
+    "                stat = open(f'/proc/{d}/stat').read().rsplit(')', 1)[1].split()\n"
+    "                cmd = open(f'/proc/{d}/cmdline', 'rb').read().replace(b'\\0', b' ').decode()\n"
+    "            except OSError:\n"
+    "                continue\n"
+    "            kids.setdefault(int(stat[1]), []).append((int(d), cmd))\n"
+    "    todo = [os.getpid()]\n"
+    "    while todo:\n"
+    "        for pid, cmd in kids.get(todo.pop(), []):\n"
+    "            out.append(cmd); todo.append(pid)\n"
+    "    return out\n"
+    "print('RUNNING', tree())\n"
+    "stop_ray(); time.sleep(1.5)\n"
+    "print('AFTER', tree())\n"
+)
+
+
+def ray_tree(**env: str) -> tuple[list[str], list[str]]:
+    """Start a local Ray in a fresh process, run a task, stop it: the process tree's command
+    lines while it ran and after it stopped."""
+    import ast
     import subprocess
     import sys
 
-    code = (
-        "import os, time\n"
-        "from prismesh.aggregator.parallel import ensure_ray, start_ray_in_background, stop_ray\n"
-        "assert start_ray_in_background(num_cpus=1)\n"
-        "assert not ensure_ray(num_cpus=1)\n"
-        "import ray\n"
-        "assert ray.get(ray.remote(lambda: 7).remote()) == 7\n"
-        "def tree():\n"
-        "    kids, out = {}, []\n"
-        "    for d in os.listdir('/proc'):\n"
-        "        if d.isdigit():\n"
-        "            try:\n"
-        "                stat = open(f'/proc/{d}/stat').read().rsplit(')', 1)[1].split()\n"
-        "                cmd = open(f'/proc/{d}/cmdline', 'rb').read().replace(b'\\0', b' ').decode()\n"
-        "            except OSError:\n"
-        "                continue\n"
-        "            kids.setdefault(int(stat[1]), []).append((int(d), cmd))\n"
-        "    todo = [os.getpid()]\n"
-        "    while todo:\n"
-        "        for pid, cmd in kids.get(todo.pop(), []):\n"
-        "            out.append(cmd); todo.append(pid)\n"
-        "    return out\n"
-        "print('RUNNING', tree())\n"
-        "stop_ray(); time.sleep(1)\n"
-        "print('AFTER', tree())\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", LIST_RAY_TREE], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env})
     assert out.returncode == 0, out.stderr[-2000:]
-    running = next(line for line in out.stdout.splitlines() if line.startswith("RUNNING"))
-    after = next(line for line in out.stdout.splitlines() if line.startswith("AFTER"))
-    assert "raylet" in running and "gcs_server" in running
-    for unwanted in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py", "log_monitor.py"):
-        assert unwanted not in running, unwanted
-    assert "raylet" not in after and "gcs_server" not in after and "ray::" not in after
+    lines = out.stdout.splitlines()
+    running = next(line for line in lines if line.startswith("RUNNING ")).removeprefix("RUNNING ")
+    after = next(line for line in lines if line.startswith("AFTER ")).removeprefix("AFTER ")
+    return ast.literal_eval(running), ast.literal_eval(after)
+
+
+def test_lean_local_ray_runs_only_what_it_needs():
+    """A local instance started here has no dashboard, monitor or log monitor process, idle
+    agents in place of Ray's dashboard and runtime-env agents, and none of its processes
+    outlive ``stop_ray``."""
+    running, after = ray_tree()
+    programs = [cmd.split(" ", 3)[:3] for cmd in running]
+    assert any(p[0].endswith("/raylet") for p in programs) and any(p[0].endswith("/gcs_server") for p in programs)
+    scripts = [p[-1] for p in programs]
+    for unwanted in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py", "log_monitor.py",
+                     "dashboard/agent.py", "runtime_env/agent/main.py"):
+        assert not any(s.endswith(unwanted) for s in scripts), unwanted
+    idle = [cmd for cmd in running if cmd.split(" ", 4)[3:4] == [str(IDLE_AGENT)]]
+    assert len(idle) == 2 and {c.split("--role=")[1].split()[0] for c in idle} == {"dashboard", "runtime-env"}
+    assert after == [], after
+
+
+def test_ray_own_agents_on_request():
+    """``PRISMESH_RAY_AGENTS=ray`` keeps Ray's own agents (metrics, runtime environments)."""
+    running, after = ray_tree(PRISMESH_RAY_AGENTS="ray")
+    text = "\n".join(running)
+    assert "dashboard/agent.py" in text and "runtime_env/agent/main.py" in text
+    assert not any(str(IDLE_AGENT) in cmd.split(" ", 4)[:4] for cmd in running) and after == []
+
+
+def test_idle_agent_publishes_unused_ports_and_leaves_with_its_raylet(tmp_path):
+    """The stand-in writes ``-1`` to each port file its raylet waits for, under Ray's file
+    names, and exits once its parent is gone (here a process killed with SIGKILL)."""
+    import signal
+    import subprocess
+    import sys
+
+    from prismesh.aggregator.idle_agent import PORTS
+
+    node = "ab" * 28
+    agent = [sys.executable, "-S", "-I", str(IDLE_AGENT), f"--session-dir={tmp_path}", f"--node-id={node}"]
+    raylet = subprocess.Popen(  # stands for the raylet: starts both agents, says their pids, waits
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         f"kids = [subprocess.Popen({agent!r} + [r]) for r in ('--role=dashboard', '--role=runtime-env')]\n"
+         "print(*[k.pid for k in kids], flush=True)\ntime.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in raylet.stdout.readline().split()]
+    names = [n for role in PORTS.values() for n in role]
+    deadline = time.time() + 20
+    while time.time() < deadline and not all((tmp_path / f"{n}_{node}").exists() for n in names):
+        time.sleep(0.05)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}_{node}" for n in names)
+    assert {(tmp_path / f"{n}_{node}").read_text() for n in names} == {"-1"}
+
+    def alive() -> list[int]:
+        def running(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+        return [pid for pid in pids if running(pid)]
+
+    assert alive() == pids and len(pids) == 2
+    raylet.send_signal(signal.SIGKILL)
+    raylet.wait()
+    deadline = time.time() + 10
+    while alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert alive() == []
+
+
+def test_idle_agent_refuses_incomplete_arguments(tmp_path):
+    """Without a role, session folder or node id it names what is missing and writes nothing."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-S", "-I", str(IDLE_AGENT), "--role=dashboard", f"--session-dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "node-id" in out.stderr
+    out = subprocess.run([sys.executable, "-S", "-I", str(IDLE_AGENT), "--role=metrics", f"--session-dir={tmp_path}",
+                          "--node-id=ab"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "role" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_idle_agent_commands_replace_only_the_two_agents():
+    """The raylet's other flags stay as they are; each agent command becomes the idle agent with
+    the node id and session folder Ray gave it; a command without them is refused."""
+    import shlex
+
+    from prismesh.aggregator.parallel import _idle_agent_commands
+
+    raylet = ["/ray/raylet", "--node_id=n1", "--num_prestart_python_workers=1",
+              "--dashboard_agent_command=/py /ray/dashboard/agent.py --node-id=n1 --grpc-port=0 "
+              "--session-dir=/tmp/ray/s1 --head",
+              "--runtime_env_agent_command=/py /ray/runtime_env/agent/main.py --node-id=n1 "
+              "--runtime-env-agent-port=0 --session-dir=/tmp/ray/s1"]
+    out = _idle_agent_commands(raylet)
+    assert out[:3] == raylet[:3]
+    for arg, role in ((out[3], "dashboard"), (out[4], "runtime-env")):
+        flag, command = arg.split("=", 1)
+        words = shlex.split(command)
+        assert words[1:4] == ["-S", "-I", str(IDLE_AGENT)] and IDLE_AGENT.is_file()
+        assert words[4:] == [f"--role={role}", "--node-id=n1", "--session-dir=/tmp/ray/s1"]
+    with pytest.raises(RuntimeError, match="runtime-env agent command lacks"):
+        _idle_agent_commands(["--runtime_env_agent_command=/py main.py --node-id=n1"])

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import os
 import re
+import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, get_type_hints
 from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
 from eth_account.signers.local import LocalAccount
-from eth_tester.exceptions import TransactionFailed as TesterTransactionFailed
 from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
 from hexbytes import HexBytes
 from web3 import Web3
@@ -38,6 +38,19 @@ from prismesh.chain import telemetry
 
 if TYPE_CHECKING:
     from prismesh.chain.evm.manifest import Manifest
+
+def _in_process_failure() -> tuple[type[Exception], ...]:
+    """The in-process chain's own revert exception, once that chain is loaded. Only the embedded
+    chain imports eth-tester (half a second and about 6 MiB), so a process that talks to anvil
+    never pays for it, and nothing can raise it there."""
+    tester = sys.modules.get("eth_tester.exceptions")
+    return (tester.TransactionFailed,) if tester is not None else ()
+
+
+def _reverts(*more: type[Exception]) -> tuple[type[Exception], ...]:
+    """The exceptions a revert (or a failed estimate, with ``ValueError``) arrives as."""
+    return (ContractLogicError, Web3RPCError, *more, *_in_process_failure())
+
 
 # ------------------------------------------------------------------------------- enums
 
@@ -1125,7 +1138,7 @@ class TxSender:
                 else:
                     estimate = self.w3.eth.estimate_gas(probe)  # type: ignore[arg-type]
                     tx["gas"] = int(estimate * 1.2) + 10_000
-            except (ContractLogicError, Web3RPCError, ValueError, TesterTransactionFailed) as exc:
+            except _reverts(ValueError) as exc:
                 raise self._decode_exc(exc, contract, function) from exc
         if "maxFeePerGas" not in tx and "gasPrice" not in tx:
             block = self.w3.eth.get_block("latest")
@@ -1138,7 +1151,7 @@ class TxSender:
             signed = self.account.sign_transaction(tx)
             try:
                 tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-            except (ContractLogicError, Web3RPCError, TesterTransactionFailed) as exc:
+            except _reverts() as exc:
                 # The in-process chain executes on submission and raises instead of mining.
                 raise self._decode_exc(exc, contract, function) from exc
         receipt = await_receipt(self.w3, tx_hash, self.timeout)
@@ -1158,9 +1171,7 @@ class TxSender:
             raw = _to_bytes((rpc.get("error") or {}).get("data"))
         if not raw:
             message = getattr(exc, "message", None) or str(exc)
-            if isinstance(exc, (ContractLogicError, TesterTransactionFailed)) and "revert" in str(
-                message
-            ):
+            if isinstance(exc, (ContractLogicError, *_in_process_failure())) and "revert" in str(message):
                 return UnknownRevert(
                     "UnknownRevert",
                     {"data": "0x", "message": str(message)},
@@ -1176,7 +1187,7 @@ class TxSender:
         call = {k: tx[k] for k in ("from", "to", "data", "value", "gas") if k in tx}
         try:
             self.w3.eth.call(call, int(receipt["blockNumber"]) - 1)  # type: ignore[arg-type]
-        except (ContractLogicError, Web3RPCError, ValueError, TesterTransactionFailed) as exc:
+        except _reverts(ValueError) as exc:
             try:
                 return self._decode_exc(exc, contract, function)
             except Exception:
@@ -1335,7 +1346,7 @@ class ContractClient:
             if view is None:
                 return getattr(self.contract.functions, fn)(*args).call()
             return view.read(self.contract, *args)
-        except (ContractLogicError, Web3RPCError, TesterTransactionFailed) as exc:
+        except _reverts() as exc:
             helper = TxSender(self.w3, self.sender, self.decoder) if self.sender else None
             if helper is None:
                 data = _to_bytes(getattr(exc, "data", None))
