@@ -208,9 +208,19 @@ class AggregatorDaemon:
 
     def step(self) -> int:
         actions = 0
-        for ev in self.stream.poll():
-            self._record(ev)
-            self.stream.ack(ev)
+        events = self.stream.poll()
+        if events:
+            # A batch's records are saved once, then the cursor moves past the batch once:
+            # recording is idempotent, so a crash in between only delivers the batch again.
+            changed = [self._record(ev) for ev in events]
+            if any(changed):
+                self.state.save()
+            for ev, new in zip(events, changed, strict=True):
+                if new and ev.event == "RoundOpened":
+                    self._keep_spec(ev.task_id)
+            for ev in events:
+                self.stream.ack(ev, durable=False)
+            self.stream.flush()
         for _key, rec in sorted(self.state.section("rounds").items()):
             if rec.get("status") in ("submitted", "failed"):
                 self._check_landed(rec)
@@ -302,7 +312,8 @@ class AggregatorDaemon:
 
     # ------------------------------------------------------------------ events
 
-    def _record(self, ev: Any) -> None:
+    def _record(self, ev: Any) -> bool:
+        """Note ``ev`` in the rounds' records (unsaved); whether anything changed."""
         from prismesh.chain.evm.contracts import Phase
 
         rounds = self.state.section("rounds")
@@ -319,8 +330,7 @@ class AggregatorDaemon:
                     "reveals": {},
                     "opened_block": ev.block_number,
                 }
-                self.state.save()
-                self._keep_spec(ev.task_id)
+                return True
         elif name == "UpdateRevealed":
             rec = rounds.get(f"{ev.task_id}:{ev.round}")
             if rec is not None:
@@ -330,17 +340,18 @@ class AggregatorDaemon:
                     "num_samples": int(ev.num_samples),
                     "block": ev.block_number,
                 }
-                self.state.save()
+                return True
         elif name == "PhaseChanged":
             rec = rounds.get(f"{ev.task_id}:{ev.round}")
             if rec is not None and int(ev.current) == int(Phase.AGGREGATING):
                 rec["aggregating_final"] = True
-                self.state.save()
+                return True
         elif name in ("AggregateAccepted", "RoundFailed"):
             rec = rounds.get(f"{ev.task_id}:{ev.round}")
             if rec is not None and rec.get("status") != "done":
                 rec["status"] = "done"
-                self.state.save()
+                return True
+        return False
 
     def _ready(self, rec: dict) -> bool:
         """Aggregating on chain, and every reveal of the round delivered to this daemon.

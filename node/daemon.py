@@ -246,7 +246,11 @@ class NodeDaemon:
         actions = 0
         for event in self.stream.poll():
             actions += self._handle(event)
-            self.stream.ack(event)
+            # The cursor moves past the whole batch in one write. Handling is idempotent (what
+            # an event made this node do is in its state before the handler returns), so a
+            # crash before that write only delivers the batch again.
+            self.stream.ack(event, durable=False)
+        self.stream.flush()
         actions += self._advance_joins()
         actions += self._advance_pending()
         actions += self._advance_claims()

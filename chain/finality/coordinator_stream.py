@@ -51,9 +51,14 @@ class CoordinatorStream:
             out.append(typed)
         return out
 
-    def ack(self, event: Event) -> None:
+    def ack(self, event: Event, durable: bool = True) -> None:
+        """Mark ``event`` handled (see :meth:`FinalEventStream.ack`; ``durable=False`` defers
+        the cursor's write to the next durable ack or :meth:`flush`)."""
         raw = self._pending.pop((event.block_number, event.log_index))
-        self.raw.ack(raw)
+        self.raw.ack(raw, durable=durable)
+
+    def flush(self) -> None:
+        self.raw.flush()
 
     def final_height(self) -> int:
         return self.raw.final_height()

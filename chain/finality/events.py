@@ -5,8 +5,11 @@ final height (the FinalityGadget's, or any ``final_height()`` callable), in ``(b
 order, each once. The cursor is the position of the last *acknowledged* event; it is written
 atomically (temp file, fsync, rename) so that after a crash or restart a new stream resumes right
 after it: an event acknowledged is never delivered again, an event not yet acknowledged is
-delivered again (acknowledge after acting on it). With ``auto_ack=True`` events count as handled
-once returned. ``finality=False`` treats the latest block as final (fast unit tests of other
+delivered again (acknowledge after acting on it). An acknowledgement may be deferred
+(``ack(event, durable=False)``) and written with the next durable one, :meth:`flush` or
+``poll``: a consumer that handles a batch of events idempotently writes its cursor once for the
+batch, and a crash in between delivers the batch's handled events again. With ``auto_ack=True``
+events count as handled once returned. ``finality=False`` treats the latest block as final (fast unit tests of other
 parts, where no committee runs).
 
 The cursor also records the hash of its block and a few earlier checkpoints. Before scanning
@@ -340,17 +343,22 @@ class FinalEventStream:
             self._hashes = {h: x for h, x in self._hashes.items() if h >= keep}
         return found
 
-    def ack(self, event: FinalEvent) -> None:
-        """Mark ``event`` (and every event delivered before it) handled, durably."""
+    def ack(self, event: FinalEvent, durable: bool = True) -> None:
+        """Mark ``event`` (and every event delivered before it) handled; on disk now unless
+        ``durable`` is False, then with the next durable ack, :meth:`flush` or ``poll``."""
         if event.position > self._delivered:
             raise ValueError(f"event at {event.position} was never delivered by this stream")
-        if event.position <= self._acked:
-            return
-        self._acked = event.position
-        self._outstanding = [e for e in self._outstanding if e.position > event.position]
-        if not self._outstanding and self._scanned > self._acked[0]:
-            self._acked = (self._scanned, WHOLE_BLOCK)
-        self._save_cursor()
+        if event.position > self._acked:
+            self._acked = event.position
+            self._outstanding = [e for e in self._outstanding if e.position > event.position]
+            if not self._outstanding and self._scanned > self._acked[0]:
+                self._acked = (self._scanned, WHOLE_BLOCK)
+        if durable:
+            self._save_cursor_if_moved()
+
+    def flush(self) -> None:
+        """Write the deferred acknowledgements (a no-op when none is pending)."""
+        self._save_cursor_if_moved()
 
     def _save_cursor_if_moved(self) -> None:
         if self._saved != self._acked:
