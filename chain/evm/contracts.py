@@ -39,6 +39,7 @@ from prismesh.chain import telemetry
 if TYPE_CHECKING:
     from prismesh.chain.evm.manifest import Manifest
 
+
 def _in_process_failure() -> tuple[type[Exception], ...]:
     """The in-process chain's own revert exception, once that chain is loaded. Only the embedded
     chain imports eth-tester (half a second and about 6 MiB), so a process that talks to anvil
