@@ -125,6 +125,25 @@ def test_deferred_acks_reach_disk_together(chain_env: ChainEnv, tmp_path: Path) 
         stream.ack(dataclasses.replace(more[1], log_index=more[1].log_index + 99))
 
 
+def test_deferred_acks_are_bounded(chain_env: ChainEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However long a batch, at most ``MAX_DEFERRED_ACKS`` acknowledgements wait for a write:
+    a crash while catching up on a long history replays no more than that."""
+    from prismesh.chain.finality import events as events_module
+
+    monkeypatch.setattr(events_module, "MAX_DEFERRED_ACKS", 3)
+    committee = in_process_committee(chain_env.devnet, chain_env.manifest)
+    cursor = tmp_path / "cursor.json"
+    stream = _registry_stream(chain_env, cursor)
+    _register(chain_env, chain_env.clients[:2])
+    committee.run_until_final()
+    events = stream.poll()
+    for e in events[:2]:
+        stream.ack(e, durable=False)
+    assert [e.position for e in _registry_stream(chain_env, cursor).poll()] == [e.position for e in events]
+    stream.ack(events[2], durable=False)  # the third pending one: written
+    assert [e.position for e in _registry_stream(chain_env, cursor).poll()] == [events[3].position]
+
+
 def test_auto_ack_and_finality_disabled(chain_env: ChainEnv, tmp_path: Path) -> None:
     cursor = tmp_path / "c.json"
     fast = _registry_stream(chain_env, cursor, auto_ack=True)

@@ -38,6 +38,9 @@ WHOLE_BLOCK = 2**31  # a cursor log index meaning "every log of this block is ha
 CURSOR_FORMAT = 2
 MAX_CHECKPOINTS = 32
 VERIFY_EVERY_S = 2.0
+# Deferred acknowledgements written anyway once this many are pending, so a daemon catching up
+# on a long history never has more than this many events to handle again after a crash.
+MAX_DEFERRED_ACKS = 64
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,7 @@ class FinalEventStream:
                     raise
                 self.damaged = (set_aside(self.cursor_path), str(exc))
         self._saved = self._acked
+        self._deferred = 0
         self._verified_at: int | None = None
         self._verified_time = 0.0
         self.behind = False
@@ -180,6 +184,7 @@ class FinalEventStream:
         }
         atomic_write_json(self.cursor_path, data)
         self._saved = self._acked
+        self._deferred = 0
 
     def _move_anchor(self) -> None:
         """Anchor the cursor to its block's hash; the previous anchor becomes a checkpoint."""
@@ -345,7 +350,8 @@ class FinalEventStream:
 
     def ack(self, event: FinalEvent, durable: bool = True) -> None:
         """Mark ``event`` (and every event delivered before it) handled; on disk now unless
-        ``durable`` is False, then with the next durable ack, :meth:`flush` or ``poll``."""
+        ``durable`` is False, then with the next durable ack, :meth:`flush` or ``poll`` (or once
+        ``MAX_DEFERRED_ACKS`` are pending)."""
         if event.position > self._delivered:
             raise ValueError(f"event at {event.position} was never delivered by this stream")
         if event.position > self._acked:
@@ -353,7 +359,8 @@ class FinalEventStream:
             self._outstanding = [e for e in self._outstanding if e.position > event.position]
             if not self._outstanding and self._scanned > self._acked[0]:
                 self._acked = (self._scanned, WHOLE_BLOCK)
-        if durable:
+        self._deferred += 1
+        if durable or self._deferred >= MAX_DEFERRED_ACKS:
             self._save_cursor_if_moved()
 
     def flush(self) -> None:
