@@ -293,8 +293,11 @@ def _lean_head_node() -> Iterator[None]:
     import ray._private.node as ray_node
     import ray._private.services as ray_services
 
+    agents = os.environ.get("PRISMESH_RAY_AGENTS", "idle")
+    if agents not in ("idle", "ray"):
+        raise ValueError(f"PRISMESH_RAY_AGENTS must be 'idle' (the default) or 'ray' (Ray's own agents), got {agents!r}")
+    idle_agents = agents == "idle"
     base, launch = ray_node.Node, ray_services.start_ray_process
-    idle_agents = os.environ.get("PRISMESH_RAY_AGENTS", "idle") != "ray"
 
     class LeanNode(base):  # type: ignore[misc, valid-type]
         def __init__(self, ray_params: Any, *args: Any, head: bool = False, **kwargs: Any) -> None:

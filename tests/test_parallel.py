@@ -358,6 +358,16 @@ def test_ray_own_agents_on_request():
     assert not any(str(IDLE_AGENT) in cmd.split(" ", 4)[:4] for cmd in running) and after == []
 
 
+def test_unknown_ray_agents_setting_is_refused(monkeypatch):
+    """A misspelt ``PRISMESH_RAY_AGENTS`` is named before any Ray process starts."""
+    from prismesh.aggregator.parallel import _lean_head_node
+
+    monkeypatch.setenv("PRISMESH_RAY_AGENTS", "Ray")
+    with pytest.raises(ValueError, match="PRISMESH_RAY_AGENTS must be 'idle'.*got 'Ray'"):
+        with _lean_head_node():
+            pass
+
+
 def test_idle_agent_publishes_unused_ports_and_leaves_with_its_raylet(tmp_path):
     """The stand-in writes ``-1`` to each port file its raylet waits for, under Ray's file
     names, and exits once its parent is gone (here a process killed with SIGKILL)."""
