@@ -89,38 +89,48 @@ def test_restart_resumes_after_last_ack_exactly_once(chain_env: ChainEnv, tmp_pa
     assert _registry_stream(chain_env, cursor).poll() == []
 
 
+def _two_registered(env: ChainEnv, cursor: Path) -> tuple[FinalEventStream, list]:
+    """A stream on ``cursor`` that has delivered two clients' final registrations (four events)."""
+    committee = in_process_committee(env.devnet, env.manifest)
+    stream = _registry_stream(env, cursor)
+    _register(env, env.clients[:2])
+    committee.run_until_final()
+    events = stream.poll()
+    assert len(events) == 4
+    return stream, events
+
+
+def _replayed(env: ChainEnv, cursor: Path) -> list[tuple[int, int]]:
+    """What a daemon restarted from ``cursor`` is delivered: the positions not yet on disk."""
+    return [e.position for e in _registry_stream(env, cursor).poll()]
+
+
 def test_deferred_acks_reach_disk_together(chain_env: ChainEnv, tmp_path: Path) -> None:
     """Acknowledgements made with ``durable=False`` leave the cursor file as it was (a crash
     then delivers those events again) until ``flush`` writes them in one write; a later
     durable ack carries the deferred ones with it."""
-    committee = in_process_committee(chain_env.devnet, chain_env.manifest)
     cursor = tmp_path / "cursor.json"
-    stream = _registry_stream(chain_env, cursor)
-    _register(chain_env, chain_env.clients[:2])
-    committee.run_until_final()
-    events = stream.poll()
-    assert len(events) == 4
+    stream, events = _two_registered(chain_env, cursor)
     before = cursor.read_text() if cursor.exists() else None
     for e in events[:3]:
         stream.ack(e, durable=False)
     assert (cursor.read_text() if cursor.exists() else None) == before
-    crashed = _registry_stream(chain_env, cursor)
-    assert [e.position for e in crashed.poll()] == [e.position for e in events]
+    assert _replayed(chain_env, cursor) == [e.position for e in events]
     writes = []
     real = stream._save_cursor
     stream._save_cursor = lambda: (writes.append(1), real())[1]  # type: ignore[method-assign]
     stream.flush()
     stream.flush()  # nothing more to write
     assert len(writes) == 1
-    assert [e.position for e in _registry_stream(chain_env, cursor).poll()] == [events[3].position]
+    assert _replayed(chain_env, cursor) == [events[3].position]
     stream.ack(events[3], durable=False)
     _register(chain_env, chain_env.clients[2:3])
-    committee.run_until_final()
+    in_process_committee(chain_env.devnet, chain_env.manifest).run_until_final()
     more = stream.poll()  # a poll writes what was deferred before it
-    assert [e.position for e in _registry_stream(chain_env, cursor).poll()] == [e.position for e in more]
+    assert _replayed(chain_env, cursor) == [e.position for e in more]
     stream.ack(more[0], durable=False)
     stream.ack(more[1])  # durable: carries the deferred one
-    assert _registry_stream(chain_env, cursor).poll() == []
+    assert _replayed(chain_env, cursor) == []
     with pytest.raises(ValueError, match="never delivered"):
         stream.ack(dataclasses.replace(more[1], log_index=more[1].log_index + 99))
 
@@ -131,17 +141,13 @@ def test_deferred_acks_are_bounded(chain_env: ChainEnv, tmp_path: Path, monkeypa
     from prismesh.chain.finality import events as events_module
 
     monkeypatch.setattr(events_module, "MAX_DEFERRED_ACKS", 3)
-    committee = in_process_committee(chain_env.devnet, chain_env.manifest)
     cursor = tmp_path / "cursor.json"
-    stream = _registry_stream(chain_env, cursor)
-    _register(chain_env, chain_env.clients[:2])
-    committee.run_until_final()
-    events = stream.poll()
+    stream, events = _two_registered(chain_env, cursor)
     for e in events[:2]:
         stream.ack(e, durable=False)
-    assert [e.position for e in _registry_stream(chain_env, cursor).poll()] == [e.position for e in events]
+    assert _replayed(chain_env, cursor) == [e.position for e in events]
     stream.ack(events[2], durable=False)  # the third pending one: written
-    assert [e.position for e in _registry_stream(chain_env, cursor).poll()] == [events[3].position]
+    assert _replayed(chain_env, cursor) == [events[3].position]
 
 
 def test_auto_ack_and_finality_disabled(chain_env: ChainEnv, tmp_path: Path) -> None:
