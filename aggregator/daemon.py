@@ -208,19 +208,17 @@ class AggregatorDaemon:
 
     def step(self) -> int:
         actions = 0
+        # A batch's records are saved once, then the cursor moves past the batch once:
+        # recording is idempotent, so a crash in between only delivers the batch again.
         events = self.stream.poll()
-        if events:
-            # A batch's records are saved once, then the cursor moves past the batch once:
-            # recording is idempotent, so a crash in between only delivers the batch again.
-            changed = [self._record(ev) for ev in events]
-            if any(changed):
-                self.state.save()
-            for ev, new in zip(events, changed, strict=True):
-                if new and ev.event == "RoundOpened":
-                    self._keep_spec(ev.task_id)
-            for ev in events:
-                self.stream.ack(ev, durable=False)
-            self.stream.flush()
+        changed = [self._record(ev) for ev in events]
+        if any(changed):
+            self.state.save()
+        for ev, new in zip(events, changed, strict=True):
+            if new and ev.event == "RoundOpened":
+                self._keep_spec(ev.task_id)
+            self.stream.ack(ev, durable=False)
+        self.stream.flush()
         for _key, rec in sorted(self.state.section("rounds").items()):
             if rec.get("status") in ("submitted", "failed"):
                 self._check_landed(rec)

@@ -27,7 +27,10 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -264,10 +267,6 @@ _AGENT_FLAGS = {"--dashboard_agent_command=": "dashboard", "--runtime_env_agent_
 def _idle_agent_commands(raylet_command: Sequence[str]) -> list[str]:
     """The raylet's command with its two agent commands replaced by :mod:`idle_agent` (same
     interpreter, no site packages), keeping the node id and session folder they were given."""
-    import shlex
-    import subprocess
-    import sys
-
     out = []
     for arg in raylet_command:
         for flag, role in _AGENT_FLAGS.items():

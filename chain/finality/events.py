@@ -9,8 +9,8 @@ delivered again (acknowledge after acting on it). An acknowledgement may be defe
 (``ack(event, durable=False)``) and written with the next durable one, :meth:`flush` or
 ``poll``: a consumer that handles a batch of events idempotently writes its cursor once for the
 batch, and a crash in between delivers the batch's handled events again. With ``auto_ack=True``
-events count as handled once returned. ``finality=False`` treats the latest block as final (fast unit tests of other
-parts, where no committee runs).
+events count as handled once returned. ``finality=False`` treats the latest block as final
+(fast unit tests of other parts, where no committee runs).
 
 The cursor also records the hash of its block and a few earlier checkpoints. Before scanning
 further, the stream checks that block is still on the chain with the same hash: a chain that
