@@ -291,12 +291,13 @@ def _lean_head_node() -> Iterator[None]:
     launcher are swapped for the call."""
     import ray._private.node as ray_node
     import ray._private.services as ray_services
+    import ray._private.utils as ray_utils
 
     agents = os.environ.get("PRISMESH_RAY_AGENTS", "idle")
     if agents not in ("idle", "ray"):
         raise ValueError(f"PRISMESH_RAY_AGENTS must be 'idle' (the default) or 'ray' (Ray's own agents), got {agents!r}")
     idle_agents = agents == "idle"
-    base, launch = ray_node.Node, ray_services.start_ray_process
+    base, launch, deps = ray_node.Node, ray_services.start_ray_process, ray_utils.get_dashboard_dependency_error
 
     class LeanNode(base):  # type: ignore[misc, valid-type]
         def __init__(self, ray_params: Any, *args: Any, head: bool = False, **kwargs: Any) -> None:
@@ -313,11 +314,19 @@ def _lean_head_node() -> Iterator[None]:
             command = _idle_agent_commands(command)
         return launch(command, process_type, *args, **kwargs)
 
+    def no_agent_deps() -> ImportError:
+        # Asked only to shape the agents' commands; answering it imports aiohttp, grpc,
+        # OpenTelemetry and Prometheus into this process (12 MiB) for agents that do not run.
+        return ImportError("Ray's own agents are replaced by idle agents")
+
     ray_node.Node, ray_services.start_ray_process = LeanNode, lean_launch
+    if idle_agents:
+        ray_utils.get_dashboard_dependency_error = no_agent_deps
     try:
         yield
     finally:
         ray_node.Node, ray_services.start_ray_process = base, launch
+        ray_utils.get_dashboard_dependency_error = deps
 
 
 # Below this many adapter bytes a Ray task costs more than the verification it parallelises.

@@ -291,7 +291,7 @@ def test_large_updates_split_over_ray_workers(ray_session, batch, tmp_path):
 
 
 LIST_RAY_TREE = (
-    "import os, time\n"
+    "import os, sys, time\n"
     "from prismesh.aggregator.parallel import ensure_ray, start_ray_in_background, stop_ray\n"
     "assert start_ray_in_background(num_cpus=1)\n"
     "assert not ensure_ray(num_cpus=1)\n"
@@ -313,14 +313,16 @@ LIST_RAY_TREE = (
     "            out.append(cmd); todo.append(pid)\n"
     "    return out\n"
     "print('RUNNING', tree())\n"
+    "print('AGENT_DEPS', 'ray.dashboard.optional_deps' in sys.modules)\n"
     "stop_ray(); time.sleep(1.5)\n"
     "print('AFTER', tree())\n"
 )
 
 
-def ray_tree(**env: str) -> tuple[list[str], list[str]]:
+def ray_tree(**env: str) -> tuple[list[str], list[str], bool]:
     """Start a local Ray in a fresh process, run a task, stop it: the process tree's command
-    lines while it ran and after it stopped."""
+    lines while it ran and after it stopped, and whether the driver imported the agents'
+    dependencies."""
     import ast
     import subprocess
     import sys
@@ -331,14 +333,17 @@ def ray_tree(**env: str) -> tuple[list[str], list[str]]:
     lines = out.stdout.splitlines()
     running = next(line for line in lines if line.startswith("RUNNING ")).removeprefix("RUNNING ")
     after = next(line for line in lines if line.startswith("AFTER ")).removeprefix("AFTER ")
-    return ast.literal_eval(running), ast.literal_eval(after)
+    deps = next(line for line in lines if line.startswith("AGENT_DEPS ")).removeprefix("AGENT_DEPS ")
+    return ast.literal_eval(running), ast.literal_eval(after), deps == "True"
 
 
 def test_lean_local_ray_runs_only_what_it_needs():
     """A local instance started here has no dashboard, monitor or log monitor process, idle
     agents in place of Ray's dashboard and runtime-env agents, and none of its processes
-    outlive ``stop_ray``."""
-    running, after = ray_tree()
+    outlive ``stop_ray``. The driver does not import what only Ray's own agents use (aiohttp,
+    OpenTelemetry, Prometheus: 12 MiB)."""
+    running, after, agent_deps = ray_tree()
+    assert not agent_deps
     programs = [cmd.split(" ", 3)[:3] for cmd in running]
     assert any(p[0].endswith("/raylet") for p in programs) and any(p[0].endswith("/gcs_server") for p in programs)
     scripts = [p[-1] for p in programs]
@@ -352,10 +357,28 @@ def test_lean_local_ray_runs_only_what_it_needs():
 
 def test_ray_own_agents_on_request():
     """``PRISMESH_RAY_AGENTS=ray`` keeps Ray's own agents (metrics, runtime environments)."""
-    running, after = ray_tree(PRISMESH_RAY_AGENTS="ray")
+    running, after, agent_deps = ray_tree(PRISMESH_RAY_AGENTS="ray")
+    assert agent_deps
     text = "\n".join(running)
     assert "dashboard/agent.py" in text and "runtime_env/agent/main.py" in text
     assert not any(str(IDLE_AGENT) in cmd.split(" ", 4)[:4] for cmd in running) and after == []
+
+
+def test_agent_dependency_check_is_answered_only_while_the_head_starts(monkeypatch):
+    """While a lean head node starts, Ray's check for its agents' dependencies is answered
+    without importing them (the idle agents need none); afterwards Ray's own check is back."""
+    import ray._private.utils as ray_utils
+
+    from prismesh.aggregator.parallel import _lean_head_node
+
+    own = ray_utils.get_dashboard_dependency_error
+    monkeypatch.delenv("PRISMESH_RAY_AGENTS", raising=False)
+    with _lean_head_node():
+        assert isinstance(ray_utils.get_dashboard_dependency_error(), ImportError)
+    assert ray_utils.get_dashboard_dependency_error is own
+    monkeypatch.setenv("PRISMESH_RAY_AGENTS", "ray")
+    with _lean_head_node():
+        assert ray_utils.get_dashboard_dependency_error is own
 
 
 def test_unknown_ray_agents_setting_is_refused(monkeypatch):
