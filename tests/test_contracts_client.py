@@ -85,6 +85,63 @@ def test_concurrent_senders_share_one_account(chain_env: ChainEnv) -> None:
     assert all(gov.is_aggregator(a.address) for a in targets)
 
 
+def _requests(w3, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every request ``w3`` makes from now on, as it goes to the node: a method name, or a list
+    of them for a batch."""
+    seen: list = []
+    single, batch = w3.manager._make_request, w3.provider.make_batch_request
+    monkeypatch.setattr(w3.manager, "_make_request", lambda m, p: (seen.append(m), single(m, p))[1])
+    monkeypatch.setattr(w3.provider, "make_batch_request",
+                        lambda calls: (seen.append([m for m, _ in calls]), batch(calls))[1])
+    return seen
+
+
+def test_a_transaction_asks_for_gas_fees_and_nonce_in_one_batch(chain_env: ChainEnv, monkeypatch) -> None:
+    """Over HTTP a transaction is one batch (estimate, latest block, pending nonce), the send and
+    the receipt; a revert in the estimate is named and nothing is sent."""
+    acct = chain_env.outsiders[0]
+    reg = Registry(chain_env.manifest, chain_env.w3, acct)
+    nonce = chain_env.w3.eth.get_transaction_count(acct.address)
+    seen = _requests(chain_env.w3, monkeypatch)
+    with pytest.raises(EmptyDescriptor):
+        reg.register(b"\x00" * 32)
+    assert seen == [["eth_estimateGas", "eth_getBlockByNumber", "eth_getTransactionCount"]]
+    seen.clear()
+    receipt = reg.register(b"\x07" * 32)
+    assert seen[0] == ["eth_estimateGas", "eth_getBlockByNumber", "eth_getTransactionCount"]
+    sent = [m for m in seen[1:] if m != "eth_chainId"]  # asked once per sender, then cached
+    assert receipt["status"] == 1 and reg.get_client(acct.address).descriptor_hash == b"\x07" * 32
+    assert sent[0] == "eth_sendRawTransaction" and set(sent[1:]) == {"eth_getTransactionReceipt"}
+    tx = chain_env.w3.eth.get_transaction(receipt["transactionHash"])
+    assert tx["nonce"] == nonce and tx["gas"] > receipt["gasUsed"] and tx["maxFeePerGas"] > 0
+
+
+def test_a_node_without_batches_gets_one_request_each(chain_env: ChainEnv, monkeypatch) -> None:
+    """A node that answers a batch with one error (batches unsupported) gets web3's requests
+    one by one from then on; the transaction lands all the same. Other failures of a batched
+    request are raised as web3 raises them, naming the request."""
+    from eth_account import Account
+    from web3.exceptions import Web3RPCError
+
+    acct = chain_env.outsiders[1]
+    sender = TxSender(chain_env.w3, acct)
+    refused = {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "batch requests are not supported"}}
+    monkeypatch.setattr(chain_env.w3.provider, "make_batch_request", lambda calls: refused)
+    receipt = sender.send({"to": chain_env.outsiders[2].address, "value": 1})
+    assert receipt["status"] == 1 and sender._batched is False
+    monkeypatch.undo()
+    broke = TxSender(chain_env.w3, Account.create())  # no ether for the value: the send says so
+    with pytest.raises(Web3RPCError, match="Insufficient funds"):
+        broke.send({"to": acct.address, "value": 10**18})
+    lost = [{"jsonrpc": "2.0", "id": 0, "error": {"code": -32000, "message": "header not found"}},
+            {"jsonrpc": "2.0", "id": 1, "result": hex(7)}]
+    monkeypatch.setattr(chain_env.w3.provider, "make_batch_request", lambda calls: lost)
+    with pytest.raises(Web3RPCError) as exc:
+        TxSender(chain_env.w3, acct).send({"to": acct.address, "value": 1, "maxFeePerGas": 10**10,
+                                           "maxPriorityFeePerGas": 10**9})
+    assert exc.value.message == "eth_estimateGas: header not found"
+
+
 def _sample_args(entry: dict, addresses: list[str], task: int) -> list:
     """Arguments of each ABI input type: a live address, the open task (round 1), a role id."""
     values = {"address": addresses, "uint256": [task], "uint32": [1], "string": ["accuracy"],

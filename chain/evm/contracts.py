@@ -30,7 +30,7 @@ from eth_abi import encode as abi_encode
 from eth_account.signers.local import LocalAccount
 from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
 from hexbytes import HexBytes
-from web3 import Web3
+from web3 import HTTPProvider, Web3
 from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.types import TxReceipt
 
@@ -1070,6 +1070,12 @@ def _nonce_lock(address: str) -> threading.Lock:
         return _NONCE_LOCKS.setdefault(address, threading.Lock())
 
 
+def _gas_limit(estimate: int) -> int:
+    """The gas limit sent for an estimate: a fifth more and 10k, for state that moves between
+    the estimate and the block."""
+    return int(estimate * 1.2) + 10_000
+
+
 def fee_fields(block: Mapping[str, Any], tip: int = 10**9) -> dict[str, int]:
     """EIP-1559 fees for a transaction after ``block``: the priority ``tip`` and room for the
     base fee to double."""
@@ -1113,6 +1119,7 @@ class TxSender:
         self.timeout = timeout
         self._chain_id: int | None = None
         self._in_process = type(w3.provider).__name__ == "EthereumTesterProvider"
+        self._batched = isinstance(w3.provider, HTTPProvider)
 
     @property
     def chain_id(self) -> int:
@@ -1127,6 +1134,27 @@ class TxSender:
         tx = dict(tx)
         tx["from"] = self.account.address
         tx.setdefault("value", 0)
+        # Threads of one process sending from the same account take nonces in turn.
+        with _nonce_lock(self.account.address):
+            if self._batched and self._fill_in_one_batch(tx, contract, function):
+                signed = self.account.sign_transaction(tx)
+                tx_hash = HexBytes(self.w3.manager.request_blocking(
+                    "eth_sendRawTransaction", ["0x" + bytes(signed.raw_transaction).hex()]))
+            else:
+                self._fill(tx, contract, function)
+                signed = self.account.sign_transaction(tx)
+                try:
+                    tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+                except _reverts() as exc:
+                    # The in-process chain executes on submission and raises instead of mining.
+                    raise self._decode_exc(exc, contract, function) from exc
+        receipt = await_receipt(self.w3, tx_hash, self.timeout)
+        if receipt["status"] != 1:
+            raise self._replay_failure(tx, receipt, contract, function)
+        return receipt
+
+    def _fill(self, tx: dict[str, Any], contract: str | None, function: str | None) -> None:
+        """Gas, fees and nonce through web3, one request each (any provider)."""
         if "gas" not in tx:
             # Estimate without chainId/nonce: web3's validation would add an eth_chainId call.
             probe = {k: tx[k] for k in ("from", "to", "data", "value") if k in tx}
@@ -1137,8 +1165,7 @@ class TxSender:
                     self.w3.eth.call(probe)  # type: ignore[arg-type]
                     tx["gas"] = _IN_PROCESS_GAS
                 else:
-                    estimate = self.w3.eth.estimate_gas(probe)  # type: ignore[arg-type]
-                    tx["gas"] = int(estimate * 1.2) + 10_000
+                    tx["gas"] = _gas_limit(self.w3.eth.estimate_gas(probe))  # type: ignore[arg-type]
             except _reverts(ValueError) as exc:
                 raise self._decode_exc(exc, contract, function) from exc
         if "maxFeePerGas" not in tx and "gasPrice" not in tx:
@@ -1146,19 +1173,54 @@ class TxSender:
             tx["gas"] = min(int(tx["gas"]), int(block["gasLimit"]))
             tx.update(fee_fields(block))
         tx.setdefault("chainId", self.chain_id)
-        # Threads of one process sending from the same account take nonces in turn.
-        with _nonce_lock(self.account.address):
-            tx["nonce"] = self.w3.eth.get_transaction_count(self.account.address, "pending")
-            signed = self.account.sign_transaction(tx)
-            try:
-                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-            except _reverts() as exc:
-                # The in-process chain executes on submission and raises instead of mining.
-                raise self._decode_exc(exc, contract, function) from exc
-        receipt = await_receipt(self.w3, tx_hash, self.timeout)
-        if receipt["status"] != 1:
-            raise self._replay_failure(tx, receipt, contract, function)
-        return receipt
+        tx["nonce"] = self.w3.eth.get_transaction_count(self.account.address, "pending")
+
+    def _fill_in_one_batch(self, tx: dict[str, Any], contract: str | None, function: str | None) -> bool:
+        """Gas, fees and nonce in one JSON-RPC batch, as the requests go on the wire: three round
+        trips and web3's formatting of each cost about 3 ms a transaction, the batch 0.6. False
+        (and web3's requests from then on) when the node does not answer batches."""
+        calls: list[tuple[str, list[Any]]] = []
+        if "gas" not in tx:
+            probe = {"from": tx["from"], "value": hex(int(tx["value"]))}
+            if tx.get("to") is not None:
+                probe["to"] = tx["to"]
+            if tx.get("data") is not None:
+                probe["data"] = tx["data"] if isinstance(tx["data"], str) else "0x" + bytes(tx["data"]).hex()
+            calls.append(("eth_estimateGas", [probe]))
+        fees = "maxFeePerGas" not in tx and "gasPrice" not in tx
+        if fees:
+            calls.append(("eth_getBlockByNumber", ["latest", False]))
+        calls.append(("eth_getTransactionCount", [tx["from"], "pending"]))
+        answers = self.w3.provider.make_batch_request(calls)  # type: ignore[attr-defined]
+        if not isinstance(answers, list) or len(answers) != len(calls):
+            self._batched = False
+            return False
+        results = []
+        for (method, _), answer in zip(calls, answers, strict=True):
+            if answer.get("error") is not None:
+                raise self._rpc_failure(method, answer, contract, function)
+            results.append(answer["result"])
+        if "gas" not in tx:
+            tx["gas"] = _gas_limit(int(results.pop(0), 16))
+        if fees:
+            block = results.pop(0)
+            tx["gas"] = min(int(tx["gas"]), int(block["gasLimit"], 16))
+            tx.update(fee_fields({"baseFeePerGas": int(block.get("baseFeePerGas") or "0x0", 16)}))
+        tx.setdefault("chainId", self.chain_id)
+        tx["nonce"] = int(results.pop(0), 16)
+        return True
+
+    def _rpc_failure(self, method: str, answer: Mapping[str, Any], contract: str | None,
+                     function: str | None) -> Exception:
+        """A batched request's error as web3 would have raised it: a revert decoded by name."""
+        error = answer["error"]
+        message = str(error.get("message", ""))
+        raw = _to_bytes(error.get("data"))
+        if raw:
+            return self.decoder.decode(raw, contract, function)
+        if "revert" in message:
+            return UnknownRevert("UnknownRevert", {"data": "0x", "message": message}, contract=contract, function=function)
+        return Web3RPCError(f"{method}: {message}", rpc_response=answer)  # type: ignore[arg-type]
 
     def _decode_exc(
         self, exc: Exception, contract: str | None, function: str | None

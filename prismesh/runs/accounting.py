@@ -131,6 +131,8 @@ def instrument(fed: Any, ledger: Ledger) -> None:
     """Time an in-process federation's work by part: its chain connection, committee, store,
     aggregation and each node's training and evaluation."""
     ledger.wrap(fed.w3.manager, "_make_request", "chain")
+    if hasattr(fed.w3.provider, "make_batch_request"):  # a transaction's gas, fees and nonce
+        ledger.wrap(fed.w3.provider, "make_batch_request", "chain")
     ledger.wrap(fed, "finalize", "finality")
     for name in dir(fed.store):
         if not name.startswith("_") and callable(getattr(fed.store, name)):
