@@ -142,17 +142,25 @@ class StateFile:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.damaged: tuple[Path, str] | None = None
         self.data: dict[str, Any] = {}
+        self._on_disk: bytes | None = None
         if path.exists():
             try:
-                data = json.loads(path.read_text())
+                raw = path.read_bytes()
+                data = json.loads(raw)
                 if not isinstance(data, dict):
                     raise ValueError(f"expected a JSON object, found {type(data).__name__}")
-                self.data = data
+                self.data, self._on_disk = data, raw
             except (ValueError, UnicodeDecodeError) as exc:
                 self.damaged = (set_aside(path), str(exc).splitlines()[0][:200])
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.data, indent=1)
+        """Write the state durably; a state equal to the one on disk is not written again (a
+        save is a commit point, so callers save after every change, often of nothing new)."""
+        data = _json_bytes(self.data, indent=1)
+        if data == self._on_disk and self.path.exists():
+            return
+        atomic_write_bytes(self.path, data)
+        self._on_disk = data
 
     def section(self, name: str) -> dict[str, Any]:
         return self.data.setdefault(name, {})
@@ -170,9 +178,13 @@ def set_aside(path: Path) -> Path:
     return aside
 
 
+def _json_bytes(data: Any, **dump_kwargs: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, **dump_kwargs).encode()
+
+
 def atomic_write_json(path: Path, data: Any, **dump_kwargs: Any) -> None:
     """Write JSON through a synced temp file renamed over ``path``."""
-    atomic_write_bytes(path, json.dumps(data, sort_keys=True, **dump_kwargs).encode())
+    atomic_write_bytes(path, _json_bytes(data, **dump_kwargs))
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:

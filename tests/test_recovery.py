@@ -191,6 +191,27 @@ def test_a_truncated_state_file_is_set_aside(tmp_path: Path) -> None:
     assert not path.exists()  # rebuilt from the chain, saved on the first change
 
 
+def test_a_state_equal_to_the_file_is_not_written_again(tmp_path: Path) -> None:
+    """A save is a durable write only when the state changed; a file removed behind the
+    daemon's back is written again, and a state loaded from disk counts as written."""
+    path = tmp_path / "node-state.json"
+    state = StateFile(path)
+    rec = state.section("rounds").setdefault("1:1", {"stage": "trained"})
+    state.save()
+    first = path.stat().st_ino
+    state.save()
+    assert path.stat().st_ino == first  # not replaced: nothing changed
+    rec["stage"] = "committed"  # changed in place, as the daemons do
+    state.save()
+    assert path.stat().st_ino != first and json.loads(path.read_text())["rounds"]["1:1"]["stage"] == "committed"
+    path.unlink()
+    state.save()
+    assert json.loads(path.read_text()) == state.data
+    again, kept = StateFile(path), path.stat().st_ino
+    again.save()
+    assert path.stat().st_ino == kept
+
+
 # ------------------------------------------------------------------ storage
 
 
