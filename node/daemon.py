@@ -157,6 +157,7 @@ class NodeDaemon:
         self._data: tuple[list, list] | None = None
         self._data_key: str | None = None
         self._evaluator: Any = None
+        self._salts: dict[str, bytes] = {}
         self._fingerprint: str | None = None
         self._healed_at = 0.0
         self._behind_logged = False
@@ -699,10 +700,13 @@ class NodeDaemon:
         return self._data_key
 
     def salt(self, task: int, rnd: int) -> bytes:
-        """A secret, reproducible salt: a hash of this key's signature over the round's identity."""
+        """A secret, reproducible salt: a hash of this key's signature over the round's identity
+        (deterministic, so kept once made: every pass over a pending round compares commitments)."""
         text = f"prismesh-commit-salt/{self.manifest.chain_id}/{self.coordinator.address}/{task}/{rnd}"
-        sig = self.account.sign_message(encode_defunct(text=text)).signature
-        return keccak(bytes(sig))
+        salt = self._salts.get(text)
+        if salt is None:
+            salt = self._salts[text] = keccak(bytes(self.account.sign_message(encode_defunct(text=text)).signature))
+        return salt
 
     def commitment(self, task: int, rnd: int, rec: dict) -> bytes:
         """The commitment this node makes for the update recorded in ``rec``."""
