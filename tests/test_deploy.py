@@ -176,6 +176,9 @@ def _brownie_project(tmp: Path, port: int) -> Path:
 
 
 def _brownie_deploy(proj: Path, out: Path) -> subprocess.CompletedProcess:
+    from prismesh.chain.evm.toolchain import install_bridge
+
+    install_bridge()  # brownie runs ~/.solcx's solc: the bridge must be this checkout's
     env = dict(os.environ)
     env["PATH"] = (
         f"{ROOT / 'node_modules' / '.bin'}{os.pathsep}{ROOT / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"

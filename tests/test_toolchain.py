@@ -53,6 +53,28 @@ def test_install_bridge_is_idempotent(bridge: Path) -> None:
         assert json.dumps(str(ROOT / "node_modules" / "solc")) in bridge.read_text()
 
 
+def test_a_bridge_whose_checkout_is_gone_says_how_to_mend_it(tmp_path: Path) -> None:
+    """A bridge installed from a checkout since moved or deleted answers a compile the way solc
+    answers a failed one, naming the missing solc-js and the command that rewrites the bridge;
+    ``install_bridge`` rewrites a bridge written for another checkout (or an older bridge)."""
+    from prismesh.chain.evm.toolchain import _bridge_source
+
+    gone = tmp_path / "gone" / "node_modules" / "solc"
+    stale = tmp_path / f"solc-v{SOLC_VERSION}"
+    stale.write_text(_bridge_source(gone, SOLC_VERSION + "+commit.00000000"))
+    stale.chmod(0o755)
+    out = subprocess.run([str(stale), "--standard-json"], input=json.dumps({"language": "Solidity", "sources": {}}),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    (error,) = json.loads(out.stdout)["errors"]
+    assert error["severity"] == "error" and str(gone) in error["message"] and "install-bridge" in error["message"]
+    env = dict(os.environ, SOLCX_BINARY_PATH=str(tmp_path))
+    cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "prismesh.chain.evm.toolchain", "install-bridge"]
+    subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    if not stale.is_symlink():
+        assert json.dumps(str(ROOT / "node_modules" / "solc")) in stale.read_text()
+
+
 def test_install_bridge_entry_point(tmp_path: Path) -> None:
     env = dict(os.environ, SOLCX_BINARY_PATH=str(tmp_path))
     cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "prismesh.chain.evm.toolchain", "install-bridge"]

@@ -66,8 +66,11 @@ class ToolchainError(RuntimeError):
     """The compiler could not be found, installed or run, or the sources did not compile."""
 
 
+# Raised when the bridge's own code changes, so installed bridges are rewritten.
+BRIDGE_REVISION = "bridge-r2"
+
 _BRIDGE_JS = r"""#!__NODE__
-// __MARKER__ __VERSION__: solc's --version / --standard-json command line over solc-js.
+// __MARKER__ __VERSION__ (__REVISION__): solc's --version / --standard-json command line over solc-js.
 // Written by `python -m prismesh.chain.evm.toolchain install-bridge`; regenerate rather than edit.
 "use strict";
 const fs = require("fs");
@@ -129,7 +132,17 @@ function main() {
     return 1;
   }
   const input = fs.readFileSync(0, "utf8");
-  const solc = require(SOLC_MODULE);
+  let solc;
+  try {
+    solc = require(SOLC_MODULE);
+  } catch (e) {
+    // Answered as solc answers a failed compile, so brownie and py-solc-x show the reason.
+    const message = "solc-js is not at " + SOLC_MODULE + " (this bridge was installed from a checkout that " +
+      "has moved or gone): run `python -m prismesh.chain.evm.toolchain install-bridge` in the checkout you compile from";
+    process.stdout.write(JSON.stringify({ errors: [{ severity: "error", type: "BridgeError", component: "general",
+      message: message, formattedMessage: message }] }));
+    return 0;
+  }
   const output = solc.compile(input, { import: makeImportCallback(opts) });
   process.stdout.write(output);
   return 0;
@@ -224,6 +237,7 @@ def _bridge_source(module: Path, long_version: str) -> str:
         _BRIDGE_JS.replace("__NODE__", node_executable())
         .replace("__MARKER__", BRIDGE_MARKER)
         .replace("__VERSION__", SOLC_VERSION)
+        .replace("__REVISION__", BRIDGE_REVISION)
         .replace("__SOLC_MODULE__", json.dumps(str(module)))
         .replace("__LONG_VERSION__", json.dumps(long_version))
     )
@@ -261,9 +275,9 @@ def install_bridge(force: bool = False) -> Path:
     module = solcjs_module()
     if not force and target.is_file() and not target.is_symlink():
         current = target.read_text(errors="replace")
-        # Current if written by us for this solc-js location and node binary.
+        # Current if written by this code for this solc-js location and node binary.
         if (
-            BRIDGE_MARKER in current
+            f"{BRIDGE_MARKER} {SOLC_VERSION} ({BRIDGE_REVISION})" in current
             and json.dumps(str(module)) in current
             and current.startswith(f"#!{node_executable()}\n")
         ):
