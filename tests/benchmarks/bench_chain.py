@@ -7,17 +7,20 @@
 * deploy: the three core contracts (+ gadget) on each chain;
 * one 3-client round (3 commits, 3 reveals, 1 aggregate) through the typed client on each
   chain, with its gas (the same on both up to calldata: same bytecode, same fork rules; the
-  commitments bind the chain id, so their zero bytes, at 4 gas instead of 16, differ).
+  commitments bind the chain id, so their zero bytes, at 4 gas instead of 16, differ);
+* a transaction on anvil with its gas, fees and nonce asked in one JSON-RPC batch vs one
+  web3 request each (``TxSender``'s two paths; a fresh anvil per run, runs alternating).
 """
 
 from __future__ import annotations
 
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from prismesh.chain.evm.contracts import Coordinator, Registry, TaskParams, Weighting
+from prismesh.chain.evm.contracts import Coordinator, Registry, TaskParams, TxSender, Weighting
 from prismesh.chain.evm.deploy import deploy_to_devnet
 from prismesh.chain.evm.devnet import Devnet, start_anvil, start_embedded
 from prismesh.chain.evm.toolchain import compile_contracts, repo_root
@@ -59,6 +62,24 @@ def _round(dev: Devnet) -> tuple[float, int, int]:
     return time.perf_counter() - t0, 7, gas
 
 
+def _per_transaction_ms(batched: bool, n: int = 150) -> float:
+    """Milliseconds a transaction (calldata and a value, as the clients send) takes on a fresh
+    anvil, through one of ``TxSender``'s two paths."""
+    dev = start_anvil()
+    try:
+        sender = TxSender(dev.w3, dev.accounts[1])
+        sender._batched = batched
+        tx = {"to": dev.accounts[2].address, "value": 1, "data": b"\x01" * 68}
+        for _ in range(5):
+            sender.send(tx)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            sender.send(tx)
+        return (time.perf_counter() - t0) / n * 1000
+    finally:
+        dev.stop()
+
+
 def main() -> None:
     root = repo_root()
     tmp = Path(tempfile.mkdtemp(prefix="prismesh-bench-"))
@@ -89,6 +110,13 @@ def main() -> None:
     )
     print(f"gas of that round: anvil {gas_a:,}, embedded {gas_e:,} "
           f"(difference {gas_a - gas_e:+,}, a multiple of 12 from calldata zero bytes: {(gas_a - gas_e) % 12 == 0})")
+    runs: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(3):
+        for batched in (True, False):
+            runs[batched].append(_per_transaction_ms(batched))
+    one, each = statistics.median(runs[True]), statistics.median(runs[False])
+    print(f"a transaction on anvil (median of 3 runs of 150): gas/fees/nonce in one batch {one:.2f} ms, "
+          f"one request each {each:.2f} ms ({each / one:.2f}x)")
 
 
 if __name__ == "__main__":
