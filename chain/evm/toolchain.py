@@ -68,9 +68,11 @@ class ToolchainError(RuntimeError):
 
 # Raised when the bridge's own code changes, so installed bridges are rewritten.
 BRIDGE_REVISION = "bridge-r2"
+# The bridge's first comment: what install_bridge looks for to call an installed bridge current.
+_BRIDGE_HEADER = f"{BRIDGE_MARKER} {SOLC_VERSION} ({BRIDGE_REVISION})"
 
 _BRIDGE_JS = r"""#!__NODE__
-// __MARKER__ __VERSION__ (__REVISION__): solc's --version / --standard-json command line over solc-js.
+// __HEADER__: solc's --version / --standard-json command line over solc-js.
 // Written by `python -m prismesh.chain.evm.toolchain install-bridge`; regenerate rather than edit.
 "use strict";
 const fs = require("fs");
@@ -235,9 +237,7 @@ def _solcjs_long_version(module: Path) -> str:
 def _bridge_source(module: Path, long_version: str) -> str:
     return (
         _BRIDGE_JS.replace("__NODE__", node_executable())
-        .replace("__MARKER__", BRIDGE_MARKER)
-        .replace("__VERSION__", SOLC_VERSION)
-        .replace("__REVISION__", BRIDGE_REVISION)
+        .replace("__HEADER__", _BRIDGE_HEADER)
         .replace("__SOLC_MODULE__", json.dumps(str(module)))
         .replace("__LONG_VERSION__", json.dumps(long_version))
     )
@@ -277,7 +277,7 @@ def install_bridge(force: bool = False) -> Path:
         current = target.read_text(errors="replace")
         # Current if written by this code for this solc-js location and node binary.
         if (
-            f"{BRIDGE_MARKER} {SOLC_VERSION} ({BRIDGE_REVISION})" in current
+            _BRIDGE_HEADER in current
             and json.dumps(str(module)) in current
             and current.startswith(f"#!{node_executable()}\n")
         ):
