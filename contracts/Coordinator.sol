@@ -257,6 +257,10 @@ contract Coordinator {
     error InvalidMetricName();
     /// @notice The client already reported this metric for this round.
     error MetricAlreadyReported(uint256 taskId, uint32 round, address client, string metric);
+    /// @notice A multicall with no calls.
+    error EmptyBatch();
+    /// @notice Call `index` of a multicall reverted without a reason (e.g. an unknown function).
+    error BatchCallFailed(uint256 index);
 
     /// @notice A task was created (its full parameters are in `params`).
     event TaskCreated(uint256 indexed taskId, address indexed creator, TaskParams params);
@@ -631,6 +635,24 @@ contract Coordinator {
         rewardToken.mint(msg.sender, amount);
     }
 
+    // ------------------------------------------------------------------ batching
+
+    /// @notice Make several calls of this contract as the caller, in order, in one transaction:
+    ///         a client folds its metric report into its next commitment or reward claim.
+    ///         Any call's revert reverts the whole batch with that call's error.
+    /// @dev Each call is a delegatecall into this contract, so `msg.sender` and every check of
+    ///      the called function are those of a direct call. No function here is payable, so no
+    ///      `msg.value` can be counted once per call.
+    /// @param calls ABI-encoded calls of this contract's external functions.
+    /// @return results The return data of each call, in order.
+    function multicall(bytes[] calldata calls) external returns (bytes[] memory results) {
+        if (calls.length == 0) revert EmptyBatch();
+        results = new bytes[](calls.length);
+        for (uint256 i = 0; i < calls.length; ++i) {
+            results[i] = _selfCall(i, calls[i]);
+        }
+    }
+
     // ------------------------------------------------------------------ views
 
     /// @notice Number of tasks created (ids are 1..taskCount).
@@ -805,6 +827,16 @@ contract Coordinator {
         return keccak256(
             abi.encode(block.chainid, address(this), taskId, round, sender, cid, sha256_, numSamples, salt)
         );
+    }
+
+    function _selfCall(uint256 index, bytes calldata data) private returns (bytes memory ret) {
+        bool ok;
+        (ok, ret) = address(this).delegatecall(data);
+        if (ok) return ret;
+        if (ret.length == 0) revert BatchCallFailed(index);
+        assembly ("memory-safe") {
+            revert(add(ret, 0x20), mload(ret))
+        }
     }
 
     function _task(uint256 taskId) private view returns (TaskState storage t) {

@@ -9,11 +9,13 @@ from prismesh.chain.evm.contracts import (
     AlreadyCommitted,
     AlreadyParticipant,
     AlreadyRevealed,
+    BatchCallFailed,
     ClientNotApproved,
     ClientStatus,
     CommitDeadlinePassed,
     CommitmentMismatch,
     DuplicateIncluded,
+    EmptyBatch,
     EmptyCid,
     EmptyCommitment,
     EmptyContentHash,
@@ -550,6 +552,61 @@ def test_report_metric(chain_env: ChainEnv) -> None:
         coord.report_metric(task, 2, "accuracy", 0.5)
     with pytest.raises(NotParticipant):
         chain_env.coordinator(chain_env.outsiders[0]).report_metric(task, 1, "accuracy", 0.5)
+
+
+def test_multicall_folds_a_metric_report_into_a_commitment(chain_env: ChainEnv) -> None:
+    a, b = chain_env.clients[:2]
+    task = open_task(chain_env, [a, b])
+    coord = chain_env.coordinator(a)
+    upd_a, upd_b = make_update(chain_env, a, task, 1), make_update(chain_env, b, task, 1)
+    receipt = coord.send_calls([coord.metric_call(task, 1, "accuracy", 0.5),
+                                ("commitUpdate", (task, 1, upd_a.commitment))])
+    (metric,) = coord.events_in(receipt, "MetricReported")
+    (committed,) = coord.events_in(receipt, "UpdateCommitted")
+    # Each call ran as the sender, with that function's own checks.
+    assert metric.client == committed.client == a.address
+    assert coord.get_metric(task, 1, a.address, "accuracy") == (True, 500_000)
+    assert coord.get_submission(task, 1, a.address).commitment == upd_a.commitment
+    # The same two calls sent apart cost more: one more transaction's base cost.
+    other = chain_env.coordinator(b)
+    apart = other.report_metric(task, 1, "accuracy", 0.5).gasUsed
+    apart += commit(chain_env, task, 1, upd_b).gasUsed
+    assert receipt.gasUsed < apart - 15_000
+
+
+def test_multicall_is_atomic_and_grants_nothing(chain_env: ChainEnv) -> None:
+    a, b = chain_env.clients[:2]
+    task = open_task(chain_env, [a, b])
+    coord = chain_env.coordinator(a)
+    coord.report_metric(task, 1, "accuracy", 0.5)
+    upd = make_update(chain_env, a, task, 1)
+    # A later call's revert undoes the earlier ones and surfaces as that call's own error.
+    with pytest.raises(MetricAlreadyReported) as err:
+        coord.send_calls([("commitUpdate", (task, 1, upd.commitment)), coord.metric_call(task, 1, "accuracy", 0.7)])
+    assert err.value.args["client"] == a.address
+    assert coord.get_submission(task, 1, a.address).status is SubmissionStatus.NONE
+    # A batch carries the caller's identity into every call: no governance, aggregator or
+    # membership rights come with it.
+    with pytest.raises(NotGovernance) as gov:
+        coord.send_calls([coord.metric_call(task, 1, "loss", 1), ("cancelTask", (task, "batched"))])
+    assert gov.value.args["account"] == a.address
+    with pytest.raises(NotAggregator):
+        coord.send_calls([coord.metric_call(task, 1, "loss", 1),
+                          ("submitAggregate", (task, 1, "bafyagg", b"\x01" * 32, [a.address], [1]))])
+    outsider = chain_env.coordinator(chain_env.outsiders[0])
+    with pytest.raises(NotParticipant):
+        outsider.send_calls([outsider.metric_call(task, 1, "loss", 1), ("commitUpdate", (task, 1, upd.commitment))])
+    assert coord.get_task(task).status is TaskStatus.RUNNING
+    assert coord.get_metric(task, 1, a.address, "loss") == (False, 0)
+    # Malformed batches are named.
+    with pytest.raises(EmptyBatch):
+        coord._transact("multicall", [])
+    with pytest.raises(BatchCallFailed) as unknown:
+        coord._transact("multicall", [bytes.fromhex(coord._calldata(*coord.metric_call(task, 1, "loss", 1))[2:]),
+                                      bytes.fromhex("deadbeef")])
+    assert unknown.value.args["index"] == 1
+    with pytest.raises(ValueError, match="at least one call"):
+        coord.send_calls([])
 
 
 def test_commitment_helper_matches_contract(chain_env: ChainEnv) -> None:

@@ -36,8 +36,13 @@ def _run_lifecycle(env: ChainEnv) -> None:
         # Round 2 excludes the third client's update (e.g. rejected by verification).
         included = clients if rnd != 2 else clients[:2]
         updates = [make_update(env, c, task, rnd, 50 * (i + 1)) for i, c in enumerate(clients)]
-        for u in updates:
-            commit(env, task, rnd, u)
+        for i, u in enumerate(updates):
+            if rnd == 1 or i == 2:
+                commit(env, task, rnd, u)
+            else:  # the last round's accuracy goes with this commitment, as a node sends it
+                mine = env.coordinator(u.client)
+                mine.send_calls([mine.metric_call(task, rnd - 1, "accuracy", 0.5 + 0.1 * i + 0.01 * (rnd - 1)),
+                                 ("commitUpdate", (task, rnd, u.commitment))])
         assert coord.phase_of(task, rnd) is Phase.REVEAL
         for u in updates:
             receipt = reveal(env, task, rnd, u)
@@ -63,8 +68,8 @@ def _run_lifecycle(env: ChainEnv) -> None:
         assert coord.phase_of(task, rnd) is Phase.FINALIZED
         assert coord.get_task(task).global_sha256 == agg_sha
         assert coord.included(task, rnd) == sort_included(c.address for c in included)
-        for i, c in enumerate(clients):
-            env.coordinator(c).report_metric(task, rnd, "accuracy", 0.5 + 0.1 * i + 0.01 * rnd)
+        if rnd < 3:
+            env.coordinator(clients[2]).report_metric(task, rnd, "accuracy", 0.7 + 0.01 * rnd)
         expected_global = agg_cid
 
     state = coord.get_task(task)
@@ -73,9 +78,10 @@ def _run_lifecycle(env: ChainEnv) -> None:
     total = sum(earned.values()) + 3 * agg_fee
     assert state.rewards_paid == total <= 3 * (3 * per_update + agg_fee)
     assert token.total_supply() == 0
-    for c in clients:
+    for i, c in enumerate(clients):
         assert coord.rewards_owed(task, c.address) == earned[c.address]
-        env.coordinator(c).claim_rewards(task)
+        mine = env.coordinator(c)
+        mine.send_calls([mine.metric_call(task, 3, "accuracy", 0.5 + 0.1 * i + 0.03), ("claimRewards", (task,))])
         assert token.balance_of(c.address) == earned[c.address]
     env.coordinator(agg).claim_fees()
     assert token.balance_of(agg.address) == 3 * agg_fee and token.total_supply() == total
@@ -94,6 +100,9 @@ def _run_lifecycle(env: ChainEnv) -> None:
     assert sum(e.amount for e in coord.get_events("RewardEarned", 0, taskId=task)) == total
     metrics = coord.get_events("MetricReported", start_block, taskId=task)
     assert len(metrics) == 9 and metrics[-1].value == 730_000
+    assert sorted((e.round, e.client, e.value) for e in metrics) == sorted(
+        (rnd, c.address, (500_000 + 100_000 * i + 10_000 * rnd)) for rnd in (1, 2, 3) for i, c in enumerate(clients)
+    )
     assert len(coord.get_events("TaskCompleted", start_block)) == 1
 
 
@@ -127,7 +136,7 @@ def test_every_transaction_is_encoded_as_web3_encodes_it(chain_env: ChainEnv, mo
     assert {"Registry.register", "Registry.approve", "Coordinator.createTask", "Coordinator.joinTask",
             "Coordinator.startTask", "Coordinator.commitUpdate", "Coordinator.revealUpdate",
             "Coordinator.submitAggregate", "Coordinator.reportMetric", "Coordinator.claimRewards",
-            "Coordinator.claimFees"} <= sent
+            "Coordinator.claimFees", "Coordinator.multicall"} <= sent
     monkeypatch.setattr(ContractClient, "_calldata", encode)
     from tests.conftest import task_params
 

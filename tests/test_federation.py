@@ -33,7 +33,7 @@ def bench(tmp_path_factory) -> tuple[Path, list]:
     return tiny_federation_inputs(tmp_path_factory.mktemp("bench"))
 
 
-def make_spec(base: Path, strategy: str = "fedavg", norm_bound: float = 1e4) -> TaskSpec:
+def make_spec(base: Path, strategy: str = "fedavg", norm_bound: float = 1e4, report_metrics: bool = False) -> TaskSpec:
     return TaskSpec(
         base_model_id="test/tiny-qwen3",
         base_model_sha256=model_fingerprint(base),
@@ -42,25 +42,26 @@ def make_spec(base: Path, strategy: str = "fedavg", norm_bound: float = 1e4) -> 
         train={"lr": 1e-3, "max_length": 96, "seed": 0},
         strategy=strategy,
         norm_bound=norm_bound,
-        report_metrics=False,
+        report_metrics=report_metrics,
     )
 
 
-def start(tmp: Path, bench, *, rounds: int = 1, strategy: str = "fedavg", finality: bool = True, parallel: bool = False):
+def start(tmp: Path, bench, *, rounds: int = 1, strategy: str = "fedavg", finality: bool = True, parallel: bool = False,
+          report_metrics: bool = False):
     base, clients = bench
     fed = Federation(tmp / "fed", finality=finality, parallel=parallel)
     for c in clients:
         fed.add_hospital(c.name, c.train_path, c.test_path, base, device="cpu")
     fed.add_aggregator()
     fed.approve_all()
-    spec = make_spec(base, strategy)
+    spec = make_spec(base, strategy, report_metrics=report_metrics)
     initial = create_initial_adapter(base, tmp / "initial", TrainConfig.from_dict({**spec.train_config(), "device": "cpu"}))
     task = fed.create_task(spec, TaskSettings(num_rounds=rounds, min_participants=2), initial_adapter=initial)
     return fed, task
 
 
 def test_full_task_with_finality_pays_every_client(tmp_path, bench):
-    fed, task = start(tmp_path, bench, rounds=2)
+    fed, task = start(tmp_path, bench, rounds=2, report_metrics=True)
     try:
         state = fed.run_task(task)
         assert state.status == TaskStatus.COMPLETED
@@ -94,6 +95,19 @@ def test_full_task_with_finality_pays_every_client(tmp_path, bench):
         for a in addresses:
             assert t.balance_of(a) == sum(e.amount for e in earned if e.recipient == a)
             assert coord.rewards_owed(task, a) == 0
+        # Each node reported its accuracy on both aggregates, each report inside a transaction
+        # the node sent anyway: round 1's with its round-2 commitment, round 2's with its claim.
+        metrics = coord.get_events("MetricReported", fed.manifest.deploy_block, taskId=task)
+        assert sorted((e.round, e.client) for e in metrics) == [(r, a) for r in (1, 2) for a in addresses]
+        carriers = {(e.client, e.tx_hash) for e in coord.get_events("UpdateCommitted", fed.manifest.deploy_block,
+                                                                     taskId=task) if e.round == 2}
+        carriers |= {(e.account, e.tx_hash) for e in coord.get_events("RewardsClaimed", fed.manifest.deploy_block,
+                                                                       taskId=task)}
+        assert all((e.client, e.tx_hash) in carriers for e in metrics), metrics
+        for h in fed.hospitals:
+            reports = h.daemon.state.section("metrics")
+            assert sorted(reports) == [f"{task}:1", f"{task}:2"] and all(r["sent"] for r in reports.values())
+            assert reports[f"{task}:1"]["aggregate_cid"] == accepted[0].aggregate_cid
         # The aggregator claimed its fees when the task completed.
         agg = fed.aggregator.account.address
         assert t.balance_of(agg) == 2 * TaskSettings().aggregator_reward and coord.fees_owed(agg) == 0

@@ -654,6 +654,37 @@ def test_a_deleted_store_is_refilled_without_retraining(tmp_path: Path, bench) -
         fed.close()
 
 
+def test_a_metric_report_that_reached_the_chain_before_a_crash_is_not_sent_again(tmp_path: Path, bench,
+                                                                                   caplog) -> None:
+    """A node reports round 1's accuracy, then dies before its state records it. The report is
+    still owed in its state: folded into the round-2 commitment it makes the batch revert, so
+    the commitment goes alone; at the end of the step the report is recognised as on chain."""
+    fed, task = start(tmp_path, bench, rounds=2, report_metrics=True)
+    try:
+        node = fed.hospitals[0].daemon
+        original = node._on_aggregate
+
+        def reported_then_crashed(ev):
+            done = original(ev)
+            if ev.round == 1:
+                node.coordinator.report_metric(ev.task_id, ev.round, "accuracy", 0.25)
+            return done
+
+        node._on_aggregate = reported_then_crashed
+        with caplog.at_level(logging.INFO, logger="prismesh"):
+            assert fed.run_task(task).status == TaskStatus.COMPLETED
+        assert "commitUpdate with the metric reports was refused (MetricAlreadyReported)" in caplog.text
+        coord = fed.coordinator()
+        metrics = coord.get_events("MetricReported", fed.manifest.deploy_block, taskId=task)
+        addresses = sorted(h.daemon.address for h in fed.hospitals)
+        assert sorted((e.round, e.client) for e in metrics) == [(r, a) for r in (1, 2) for a in addresses]
+        assert coord.get_metric(task, 1, node.address, "accuracy") == (True, 250_000)
+        assert node.address in coord.included(task, 2)
+        assert all(r["sent"] for r in node.state.section("metrics").values())
+    finally:
+        fed.close()
+
+
 @pytest.mark.slow
 def test_a_damaged_state_file_is_rebuilt_without_retraining(tmp_path: Path, bench) -> None:
     from prismesh.node.daemon import NODE_EVENTS, NodeDaemon

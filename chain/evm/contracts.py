@@ -334,6 +334,12 @@ class InvalidMetricName(ContractRevert): ...
 class MetricAlreadyReported(ContractRevert): ...
 
 
+class EmptyBatch(ContractRevert): ...
+
+
+class BatchCallFailed(ContractRevert): ...
+
+
 # RewardToken
 class NotMinter(ContractRevert): ...
 
@@ -572,6 +578,8 @@ def _snake(name: str) -> str:
 
 
 T = TypeVar("T")
+#: One call of a contract function: its name and arguments (``Coordinator.send_calls``).
+Call = tuple[str, Sequence[Any]]
 
 
 @functools.cache
@@ -1763,8 +1771,24 @@ class Coordinator(ContractClient):
         self, task_id: int, round: int, metric: str, value: float | int, scaled: bool = False
     ) -> TxReceipt:
         """Report a metric; ``value`` is multiplied by METRIC_SCALE unless ``scaled``."""
+        return self.send_calls([self.metric_call(task_id, round, metric, value, scaled)])
+
+    @staticmethod
+    def metric_call(task_id: int, round: int, metric: str, value: float | int, scaled: bool = False) -> Call:
+        """The ``reportMetric`` call of ``report_metric``, to be sent with others (``send_calls``)."""
         v = int(value) if scaled else round_half_even(value * METRIC_SCALE)
-        return self._transact("reportMetric", int(task_id), int(round), metric, v)
+        return ("reportMetric", (int(task_id), int(round), metric, v))
+
+    def send_calls(self, calls: Sequence[Call]) -> TxReceipt:
+        """Send ``(function, args)`` calls of this contract as one transaction, in order: one call
+        as itself, several through ``multicall``, which reverts them all with the first failing
+        call's own error (``ContractRevert`` names it as if that call had been sent alone)."""
+        if not calls:
+            raise ValueError("send_calls needs at least one call")
+        if len(calls) == 1:
+            fn, args = calls[0]
+            return self._transact(fn, *args)
+        return self._transact("multicall", [bytes.fromhex(self._calldata(fn, args)[2:]) for fn, args in calls])
 
     def claim_rewards(self, task_id: int) -> TxReceipt:
         """Mint the sender's earned rewards of a task (reverts NothingToClaim when none)."""
