@@ -380,9 +380,9 @@ class AggregatorDaemon:
         from prismesh.chain.evm.contracts import ContractRevert, Phase
 
         task, rnd = rec["task"], rec["round"]
-        onchain = self.coordinator.get_round(task, rnd)
-        if self.coordinator.phase_of(task, rnd) != Phase.AGGREGATING:
-            log.info("task %d round %d is %s on chain; nothing to do", task, rnd, onchain.phase.name)
+        phase = self.coordinator.phase_of(task, rnd)
+        if phase != Phase.AGGREGATING:
+            log.info("task %d round %d is %s on chain; nothing to do", task, rnd, phase.name)
             rec["status"] = "done"
             self.state.save()
             return None

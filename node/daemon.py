@@ -339,7 +339,11 @@ class NodeDaemon:
         if name == "RoundOpened":
             return self._on_round_opened(ev)
         if name == "PhaseChanged":
-            return self._advance_pending()
+            from prismesh.chain.evm.contracts import Phase
+
+            # Only a move to Reveal asks something of this node before the step's own pass (a
+            # reveal has a deadline; other events of the batch may mean long work).
+            return self._advance_pending() if ev.current == Phase.REVEAL else 0
         if name in ("AggregateAccepted", "RoundFailed"):
             self._close_round(ev.task_id, ev.round)
         if name == "AggregateAccepted":
