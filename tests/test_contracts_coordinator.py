@@ -600,11 +600,13 @@ def test_multicall_is_atomic_and_grants_nothing(chain_env: ChainEnv) -> None:
     assert coord.get_metric(task, 1, a.address, "loss") == (False, 0)
     # Malformed batches are named.
     with pytest.raises(EmptyBatch):
-        coord._transact("multicall", [])
+        coord.multicall([])
     with pytest.raises(BatchCallFailed) as unknown:
         coord._transact("multicall", [bytes.fromhex(coord._calldata(*coord.metric_call(task, 1, "loss", 1))[2:]),
                                       bytes.fromhex("deadbeef")])
     assert unknown.value.args["index"] == 1
+    # The error of a batch names the functions it carried.
+    assert err.value.function == "commitUpdate+reportMetric"
     with pytest.raises(ValueError, match="at least one call"):
         coord.send_calls([])
 
