@@ -557,8 +557,11 @@ class NodeDaemon:
         return self.coordinator.send_calls([call])
 
     def _flush_metrics(self) -> int:
-        """Send the metric reports no transaction of this step carried, in one transaction; a
-        report that reached the chain before a crash is recognised and not sent again."""
+        """Send the metric reports no transaction of this step carried, in one transaction.
+
+        A refused batch is sent report by report: one already on chain (sent before a crash) is
+        recognised, and one the contract refuses for good (this node was suspended, say) is
+        recorded as refused and not tried again, so that it cannot stall every later step."""
         from prismesh.chain.evm.contracts import ContractRevert
 
         pending = self._unsent_metrics()
@@ -566,15 +569,15 @@ class NodeDaemon:
             return 0
         try:
             self.coordinator.send_calls(self._metric_calls(pending))
-        except ContractRevert as exc:
-            if exc.error_name != "MetricAlreadyReported":
-                raise
-            for item in pending:
+        except ContractRevert:
+            for key, rec in pending:
                 try:
-                    self.coordinator.send_calls(self._metric_calls([item]))
+                    self.coordinator.send_calls(self._metric_calls([(key, rec)]))
                 except ContractRevert as one:
                     if one.error_name != "MetricAlreadyReported":
-                        raise
+                        log.warning("%s: metric report %s was refused (%s); not sending it again",
+                                    self.config.name, key, one)
+                        rec["refused"] = one.error_name or str(one)
         self._mark_sent(pending)
         return len(pending)
 

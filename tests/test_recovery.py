@@ -685,6 +685,44 @@ def test_a_metric_report_that_reached_the_chain_before_a_crash_is_not_sent_again
         fed.close()
 
 
+def test_a_metric_report_the_chain_refuses_for_good_does_not_stall_the_node(tmp_path: Path, bench,
+                                                                             caplog) -> None:
+    """A node is suspended between evaluating the last aggregate and reporting it. Its reward
+    claim, refused with the report folded in, goes alone; the report is refused alone too, is
+    recorded as refused and is not tried again at every later step."""
+    from prismesh.chain.evm.contracts import RewardToken
+
+    fed, task = start(tmp_path, bench, rounds=1, report_metrics=True)
+    try:
+        node = fed.hospitals[0].daemon
+        original = node._on_aggregate
+
+        def evaluated_then_suspended(ev):
+            done = original(ev)
+            fed.registry().suspend(node.address)
+            return done
+
+        node._on_aggregate = evaluated_then_suspended
+        with caplog.at_level(logging.INFO, logger="prismesh"):
+            assert fed.run_task(task).status == TaskStatus.COMPLETED
+        assert "claimRewards with the metric reports was refused (ClientNotApproved)" in caplog.text
+        assert f"metric report {task}:1 was refused" in caplog.text
+        coord = fed.coordinator()
+        (claim,) = coord.get_events("RewardsClaimed", fed.manifest.deploy_block, taskId=task, account=node.address)
+        assert claim.amount > 0 and RewardToken(fed.manifest, fed.w3).balance_of(node.address) == claim.amount
+        assert not coord.events_in(fed.w3.eth.get_transaction_receipt(claim.tx_hash), "MetricReported")
+        reporters = {e.client for e in coord.get_events("MetricReported", fed.manifest.deploy_block, taskId=task)}
+        assert node.address not in reporters and len(reporters) == len(fed.hospitals) - 1
+        (rec,) = node.state.section("metrics").values()
+        assert rec["sent"] and rec["refused"] == "ClientNotApproved"
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="prismesh"):
+            node.step()
+        assert "refused" not in caplog.text
+    finally:
+        fed.close()
+
+
 @pytest.mark.slow
 def test_a_damaged_state_file_is_rebuilt_without_retraining(tmp_path: Path, bench) -> None:
     from prismesh.node.daemon import NODE_EVENTS, NodeDaemon
