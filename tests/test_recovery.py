@@ -654,6 +654,19 @@ def test_a_deleted_store_is_refilled_without_retraining(tmp_path: Path, bench) -
         fed.close()
 
 
+def _after_evaluating(node, then) -> None:
+    """Run ``then(event)`` right after ``node`` has evaluated an aggregate and recorded the
+    report it owes, before anything sends it."""
+    original = node._on_aggregate
+
+    def wrapped(ev):
+        done = original(ev)
+        then(ev)
+        return done
+
+    node._on_aggregate = wrapped
+
+
 def test_a_metric_report_that_reached_the_chain_before_a_crash_is_not_sent_again(tmp_path: Path, bench,
                                                                                    caplog) -> None:
     """A node reports round 1's accuracy, then dies before its state records it. The report is
@@ -662,15 +675,8 @@ def test_a_metric_report_that_reached_the_chain_before_a_crash_is_not_sent_again
     fed, task = start(tmp_path, bench, rounds=2, report_metrics=True)
     try:
         node = fed.hospitals[0].daemon
-        original = node._on_aggregate
-
-        def reported_then_crashed(ev):
-            done = original(ev)
-            if ev.round == 1:
-                node.coordinator.report_metric(ev.task_id, ev.round, "accuracy", 0.25)
-            return done
-
-        node._on_aggregate = reported_then_crashed
+        _after_evaluating(node, lambda ev: ev.round == 1 and node.coordinator.report_metric(
+            ev.task_id, ev.round, "accuracy", 0.25))
         with caplog.at_level(logging.INFO, logger="prismesh"):
             assert fed.run_task(task).status == TaskStatus.COMPLETED
         assert "commitUpdate with the metric reports was refused (MetricAlreadyReported)" in caplog.text
@@ -695,14 +701,7 @@ def test_a_metric_report_the_chain_refuses_for_good_does_not_stall_the_node(tmp_
     fed, task = start(tmp_path, bench, rounds=1, report_metrics=True)
     try:
         node = fed.hospitals[0].daemon
-        original = node._on_aggregate
-
-        def evaluated_then_suspended(ev):
-            done = original(ev)
-            fed.registry().suspend(node.address)
-            return done
-
-        node._on_aggregate = evaluated_then_suspended
+        _after_evaluating(node, lambda ev: fed.registry().suspend(node.address))
         with caplog.at_level(logging.INFO, logger="prismesh"):
             assert fed.run_task(task).status == TaskStatus.COMPLETED
         assert "claimRewards with the metric reports was refused (ClientNotApproved)" in caplog.text
